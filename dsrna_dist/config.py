@@ -1,0 +1,456 @@
+"""Plain frozen-dataclass configs for every stage, loaded from YAML with dotted overrides.
+
+Why this shape: one YAML per experiment, a few ``--section.key=value`` overrides on the command
+line, and every typo, wrong type or out-of-range value rejected *before* any work starts, with
+an error naming the key and the file. A YAML file may start from another one with
+``_base_: relative/path.yaml`` (deep-merged, the including file wins).
+
+Field constraints live in ``field(metadata=...)`` through :func:`fld`; help text too, so
+``--help`` is generated from the same place as validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range; the message names it."""
+
+
+def fld(default: Any = dataclasses.MISSING, *, help: str = "", ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None,
+        choices: tuple | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with help text and range/choice constraints checked at load time."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+DARTS_PRIMITIVES: Tuple[str, ...] = (
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = fld("run", help="run name; outputs go to <out_dir>/<name>/")
+    out_dir: str = fld("runs", help="parent directory of run directories")
+    seed: int = fld(0, ge=0, help="global seed (each rank derives its own stream from it)")
+    deterministic: bool = fld(False, help="torch deterministic algorithms (slower)")
+    resume: bool = fld(True, help="continue from <run>/checkpoints/last.pt when it exists")
+    log_every: int = fld(20, ge=1, help="steps between logged scalars")
+    progress: bool = fld(True, help="show a progress bar on rank 0")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: int = fld(1800, ge=1, help="process-group timeout: a stuck peer fails after this")
+    backend: str = fld("auto", choices=("auto", "gloo", "nccl"), help="auto: nccl on CUDA, gloo on CPU")
+    mixed_precision: str = fld("no", choices=("no", "bf16", "fp16"), help="GPU only; ignored on CPU")
+    channels_last: bool = fld(True, help="channels_last memory format (fast for depthwise convs)")
+    compile: bool = fld(False, help="torch.compile the model (GPU only)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = fld("fashion_mnist", help="dataset: fashion_mnist, mnist, cifar10, imagenet, synthetic")
+    root: str = fld("", help="dataset root; empty = the dataset's default location")
+    download: bool = fld(False, help="allow torchvision-style download when files are missing")
+    loader: str = fld("memory", choices=("memory", "ffcv", "torchvision"), help="data loading backend")
+    ffcv_dir: str = fld("", help="directory of .beton files (loader=ffcv)")
+    batch_size: int = fld(64, ge=1, help="batch size per process")
+    eval_batch_size: int = fld(256, ge=1, help="evaluation batch size per process")
+    num_workers: int = fld(2, ge=0, help="loader workers (ffcv/torchvision loaders)")
+    train_portion: float = fld(0.5, gt=0.0, lt=1.0, help="search: fraction of train set for weights")
+    train_subset: int = fld(0, ge=0, help="use only the first N training images (0 = all)")
+    test_subset: int = fld(0, ge=0, help="use only the first N test images (0 = all)")
+    crop_padding: int = fld(4, ge=0, help="random-crop padding in pixels (0 disables)")
+    flip: bool = fld(True, help="random horizontal flip")
+    cutout: int = fld(0, ge=0, help="cutout square size in pixels (0 disables)")
+    image_size: int = fld(224, ge=8, help="ImageNet crop size")
+    synthetic_size: int = fld(512, ge=1, help="synthetic: number of train images")
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    init_channels: int = fld(16, ge=1, help="C of the first cell")
+    layers: int = fld(8, ge=1, help="number of cells (reduction cells at 1/3 and 2/3 depth)")
+    nodes: int = fld(4, ge=1, help="intermediate nodes per cell (DARTS 4, DSRNA paper 3)")
+    stem_multiplier: int = fld(3, ge=1, help="stem output channels = stem_multiplier * C")
+    primitives: Tuple[str, ...] = fld(DARTS_PRIMITIVES, help="candidate ops, by registered name")
+    partial_channels: int = fld(1, ge=1, help="PC-DARTS K: 1/K of channels go through the ops (1 = off)")
+    edge_normalization: bool = fld(False, help="PC-DARTS edge betas (softmax over a node's inputs)")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = fld("darts", help="search strategy: darts, pcdarts, sdarts_rs, sdarts_adv, pcdarts_adv")
+    order: int = fld(1, choices=(1, 2), help="DARTS 1st or 2nd order (unrolled) architecture gradient")
+    arch_start_epoch: int = fld(0, ge=0, help="first epoch with architecture updates (PC-DARTS: 15)")
+    fd_r: float = fld(0.01, gt=0.0, help="2nd order: finite-difference step r / ||v||")
+    perturb_eps: float = fld(0.03, ge=0.0, help="SDARTS: perturbation radius on softmax(alpha) at start")
+    perturb_eps_max: float = fld(0.3, ge=0.0, help="SDARTS: radius at the last epoch (linear ramp)")
+    adv_steps: int = fld(7, ge=1, help="SDARTS-ADV: PGD steps on alpha")
+    max_skip: int = fld(-1, ge=-1, help="derive(): at most this many skip_connect per normal cell (-1 = no cap)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = fld("sgd", choices=("sgd", "adamw"), help="weight optimizer")
+    lr: float = fld(0.025, gt=0.0, help="learning rate (for the per-process batch; see README scaling rule)")
+    lr_min: float = fld(0.001, ge=0.0, help="cosine schedule floor")
+    schedule: str = fld("cosine", choices=("cosine", "step", "constant"), help="lr schedule")
+    step_size: int = fld(1, ge=1, help="step schedule: epochs per decay")
+    step_gamma: float = fld(0.97, gt=0.0, help="step schedule: decay factor")
+    warmup_epochs: int = fld(0, ge=0, help="linear warmup epochs")
+    momentum: float = fld(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = fld(False)
+    weight_decay: float = fld(3e-4, ge=0.0)
+    grad_clip: float = fld(5.0, ge=0.0, help="gradient-norm clip (0 = off)")
+    label_smoothing: float = fld(0.0, ge=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class ArchOptimConfig:
+    lr: float = fld(3e-4, gt=0.0, help="Adam lr for alpha (and beta)")
+    beta1: float = fld(0.5, ge=0.0, lt=1.0)
+    beta2: float = fld(0.999, ge=0.0, lt=1.0)
+    weight_decay: float = fld(1e-3, ge=0.0)
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    name: str = fld("none", help="robustness metric R: none, jacobian, certified")
+    gamma: float = fld(0.01, ge=0.0, help="architecture objective = val_loss - gamma * R")
+    norm: str = fld("inf", choices=("inf", "2"), help="threat model of the metric")
+    eps: float = fld(0.03, gt=0.0, help="jacobian: delta; certified: initial eps (pixel scale)")
+    method: str = fld("crown-ibp", choices=("ibp", "crown-ibp", "crown"), help="certified: bound method")
+    eps_step: float = fld(0.001, ge=0.0, help="certified: eps moves by eps_step * sign/size of the bound gap rule")
+    eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target mean (upper - lower) margin gap")
+    eps_min: float = fld(1e-4, gt=0.0)
+    eps_max: float = fld(0.3, gt=0.0)
+    projections: int = fld(1, ge=1, help="jacobian l2: random projections (Hoffman et al. 2019)")
+    estimator: str = fld("paper", choices=("paper", "frobenius_sq"), help="jacobian: formula (15) or squared Frobenius")
+    batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    run: RunConfig = fld(default_factory=RunConfig)
+    dist: DistConfig = fld(default_factory=DistConfig)
+    data: DataConfig = fld(default_factory=DataConfig)
+    model: SupernetConfig = fld(default_factory=SupernetConfig)
+    strategy: StrategyConfig = fld(default_factory=StrategyConfig)
+    optim: OptimConfig = fld(default_factory=OptimConfig)
+    arch_optim: ArchOptimConfig = fld(default_factory=ArchOptimConfig)
+    robustness: RobustnessConfig = fld(default_factory=RobustnessConfig)
+    epochs: int = fld(50, ge=1, help="search epochs")
+    steps_per_epoch: int = fld(0, ge=0, help="cap on steps per epoch (0 = full epoch); for smoke runs")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    genotype: str = fld("", help="genotype JSON path or a published genotype name (e.g. DARTS_V2)")
+    style: str = fld("auto", choices=("auto", "cifar", "imagenet"), help="auto: imagenet for imagenet data")
+    init_channels: int = fld(36, ge=1)
+    layers: int = fld(20, ge=1)
+    auxiliary: bool = fld(True, help="auxiliary head at 2/3 depth")
+    auxiliary_weight: float = fld(0.4, ge=0.0)
+    drop_path: float = fld(0.3, ge=0.0, lt=1.0, help="final drop-path prob (ramped linearly by epoch)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: RunConfig = fld(default_factory=RunConfig)
+    dist: DistConfig = fld(default_factory=DistConfig)
+    data: DataConfig = fld(default_factory=DataConfig)
+    model: NetworkConfig = fld(default_factory=NetworkConfig)
+    optim: OptimConfig = fld(default_factory=OptimConfig)
+    epochs: int = fld(600, ge=1)
+    steps_per_epoch: int = fld(0, ge=0, help="cap on steps per epoch (0 = full epoch)")
+    engine: str = fld("accelerate", choices=("accelerate", "deepspeed"), help="DDP via Accelerate or DeepSpeed ZeRO")
+    zero_stage: int = fld(2, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
+    ema: float = fld(0.0, ge=0.0, lt=1.0, help="weight EMA decay (0 = off)")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    name: str = fld("pgd", help="attack: fgsm, pgd, cw, autoattack")
+    eps: float = fld(8 / 255, ge=0.0, help="radius in [0,1] pixel units")
+    norm: str = fld("inf", choices=("inf", "2"))
+    steps: int = fld(10, ge=0)
+    step_size: float = fld(2 / 255, ge=0.0)
+    restarts: int = fld(1, ge=1)
+    random_start: bool = fld(True)
+    c: float = fld(1.0, gt=0.0, help="C&W: constant c")
+    kappa: float = fld(0.0, ge=0.0, help="C&W: confidence")
+    lr: float = fld(0.01, gt=0.0, help="C&W: Adam lr")
+    label: str = fld("", help="column name in reports (default derived from name/steps)")
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    enabled: bool = fld(True)
+    methods: Tuple[str, ...] = fld(("crown-ibp",), help="bound methods: ibp, crown-ibp, crown")
+    norms: Tuple[str, ...] = fld(("inf", "2"), help="norms to certify")
+    num_examples: int = fld(100, ge=1, help="first N correctly classified test examples")
+    bisection_steps: int = fld(15, ge=1)
+    eps_init: float = fld(0.05, gt=0.0)
+    random_target: bool = fld(True, help="also report the CNN-Cert style random-target radius")
+    batch_size: int = fld(32, ge=1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: RunConfig = fld(default_factory=RunConfig)
+    dist: DistConfig = fld(default_factory=DistConfig)
+    data: DataConfig = fld(default_factory=DataConfig)
+    checkpoint: str = fld("", help="checkpoint to evaluate (a train run's .pt)")
+    attacks: Tuple[AttackConfig, ...] = fld(
+        (AttackConfig(name="fgsm", eps=2 / 255, steps=1, random_start=False),
+         AttackConfig(name="pgd", steps=10), AttackConfig(name="pgd", steps=20),
+         AttackConfig(name="cw", steps=60)), help="attacks to run, in order")
+    certify: CertifyConfig = fld(default_factory=CertifyConfig)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: str = fld("runs", help="directory holding run directories")
+    out: str = fld("report.md", help="markdown report path; plots go next to it")
+
+
+# --------------------------------------------------------------------------- machinery
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` against the annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"key {key!r}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"key {key!r}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"key {key!r}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, Tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            if isinstance(value, str) and args and args[-1] is Ellipsis and args[0] is str:
+                value = [v for v in value.split(",") if v]  # --x=a,b convenience
+            else:
+                raise ConfigError(f"key {key!r}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"key {key!r}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"key {key!r}: expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"key {key!r}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads "1e-3" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"key {key!r}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)  # fire parses --norm=2 as an int
+            raise ConfigError(f"key {key!r}: expected str, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"key {key!r}: unsupported field type {_type_name(tp)}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"key {key!r}: {value!r} is not one of {list(meta['choices'])}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for op, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                           ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        bound = meta.get(op)
+        if bound is not None and not test(value, bound):
+            raise ConfigError(f"key {key!r}: {value!r} must be {word} {bound}")
+
+
+def _build(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r}; valid keys here: "
+                          f"{', '.join(prefix + n for n in fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        v = _coerce(value, hints[name], key)
+        _check_range(v, fields[name].metadata, key)
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def _deep_merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Read a YAML mapping, following ``_base_`` includes (relative to the including file)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"config {path}: _base_ include cycle")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: invalid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    base = data.pop("_base_", None)
+    if base:
+        base_path = os.path.join(os.path.dirname(path), base)
+        data = _deep_merge(read_yaml(base_path, _seen + (os.path.abspath(path),)), data)
+    return dict(data)
+
+
+def set_dotted(d: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.replace("-", "_").split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = dict(nxt) if isinstance(nxt, Mapping) else {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def load_config(cls: Type[T], path: str | None = None, overrides: Mapping[str, Any] | None = None) -> T:
+    """Build ``cls`` from an optional YAML file plus dotted overrides; errors name key and file."""
+    data: Dict[str, Any] = read_yaml(path) if path else {}
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    try:
+        return _build(cls, data)
+    except ConfigError as e:
+        src = f"config {path}" if path else "config"
+        if overrides:
+            src += " + command-line overrides"
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain dict/list form of a config (tuples become lists) for YAML/JSON/checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any]) -> T:
+    """Inverse of :func:`to_dict` with full validation (used when reading checkpoints)."""
+    return _build(cls, data)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: T, **dotted: Any) -> T:
+    """Copy of a frozen config with dotted keys replaced, re-validated."""
+    data = to_dict(cfg)
+    for k, v in dotted.items():
+        set_dotted(data, k, v)
+    return _build(type(cfg), data)
+
+
+def format_help(cls: Type[Any], prog: str, doc: str = "") -> str:
+    """``--help`` text generated from the dataclass fields, their defaults and help strings."""
+    lines = [f"usage: {prog} [--config PATH.yaml] [--section.key=value ...]", ""]
+    if doc:
+        lines += [doc.strip(), ""]
+    lines += ["options:", "  --config PATH        YAML config (may use _base_: to include another)",
+              "  --help               show this message", ""]
+
+    def walk(c: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"[{prefix}{f.name}]")
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = to_dict(default)
+            meta = f.metadata
+            extra = f" one of {list(meta['choices'])}" if meta.get("choices") else ""
+            text = meta.get("help", "")
+            lines.append(f"  --{prefix}{f.name}={default!r}  ({_type_name(tp)}{extra}) {text}".rstrip())
+
+    walk(cls, "")
+    return "\n".join(lines)
+
+
+def parse_cli(cls: Type[T], prog: str, doc: str, config: Optional[str], overrides: Mapping[str, Any]) -> T:
+    """Shared entry for the stage CLIs: real ``--help``, then validated config or a one-line error."""
+    if "help" in overrides or "h" in overrides or any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(format_help(cls, prog, doc))
+        sys.exit(0)
+    try:
+        return load_config(cls, config or None, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

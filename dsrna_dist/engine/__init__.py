@@ -1,0 +1,1 @@
+"""Distributed runtime: accelerator setup, logging, checkpoints, sharded evaluation."""

@@ -1,0 +1,1 @@
+"""The DARTS search space: primitives, cells, supernet and derived networks."""
