@@ -53,6 +53,7 @@ class RunConfig:
     resume: bool = fld(True, help="continue from <run>/checkpoints/last.pt when it exists")
     log_every: int = fld(20, ge=1, help="steps between logged scalars")
     progress: bool = fld(True, help="show a progress bar on rank 0")
+    tensorboard: bool = fld(True, help="write TensorBoard events to <run_dir>/tb (rank 0 only)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class DistConfig:
     mixed_precision: str = fld("no", choices=("no", "bf16", "fp16"), help="GPU only; ignored on CPU")
     channels_last: bool = fld(True, help="channels_last memory format (fast for depthwise convs)")
     compile: bool = fld(False, help="torch.compile the model (GPU only)")
+    own_process_group: bool = fld(True, help="create the process group on a store prefixed by the "
+                                  "torchelastic restart count (restart-safe); false = Accelerate's env://")
+    find_unused_parameters: bool = fld(False, help="DDP find_unused_parameters (needed when some "
+                                       "parameters get no gradient in a step)")
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,24 @@ class DataConfig:
     train_subset: int = fld(0, ge=0, help="use only the first N training images (0 = all)")
     test_subset: int = fld(0, ge=0, help="use only the first N test images (0 = all)")
     crop_padding: int = fld(4, ge=0, help="random-crop padding in pixels (0 disables)")
-    flip: bool = fld(True, help="random horizontal flip")
+    flip: Optional[bool] = fld(None, help="random horizontal flip; unset = the dataset's default "
+                               "(off for mnist/fashion_mnist/synthetic, on for cifar10/imagenet)")
     cutout: int = fld(0, ge=0, help="cutout square size in pixels (0 disables)")
     image_size: int = fld(224, ge=8, help="ImageNet crop size")
     synthetic_size: int = fld(512, ge=1, help="synthetic: number of train images")
+    synthetic_test_size: int = fld(256, ge=1, help="synthetic: number of test images")
+    synthetic_shape: Tuple[int, int, int] = fld((3, 32, 32), help="synthetic: image shape C,H,W")
+    synthetic_classes: int = fld(10, ge=2, help="synthetic: number of classes")
+    synthetic_seed: int = fld(0, ge=0, help="synthetic: seed of the class patterns and noise")
+    eval_crop_ratio: float = fld(0.875, gt=0.0, le=1.0,
+                                 help="ImageNet eval: resize to image_size / ratio, then center-crop image_size")
+    min_scale: float = fld(0.08, gt=0.0, le=1.0, help="ImageNet train: RandomResizedCrop smallest area fraction")
+    res_start: int = fld(0, ge=0, help="progressive resolution (ffcv): first training resolution (0 = off: image_size)")
+    res_start_epoch: int = fld(0, ge=0, help="progressive resolution: epoch where the ramp starts")
+    res_end_epoch: int = fld(0, ge=0, help="progressive resolution: epoch where image_size is reached")
+    ffcv_max_resolution: int = fld(256, ge=8, help="ffcv_write: longest side of stored JPEGs (ImageNet)")
+    ffcv_jpeg_quality: int = fld(90, ge=1, le=100, help="ffcv_write: JPEG quality (ImageNet)")
+    ffcv_os_cache: bool = fld(True, help="ffcv: use the OS page cache (false: FFCV's own process cache)")
 
 
 @dataclass(frozen=True)
@@ -138,12 +157,21 @@ class RobustnessConfig:
     norm: str = fld("inf", choices=("inf", "2"), help="threat model of the metric")
     eps: float = fld(0.03, gt=0.0, help="jacobian: delta; certified: initial eps (pixel scale)")
     method: str = fld("crown-ibp", choices=("ibp", "crown-ibp", "crown"), help="certified: bound method")
-    eps_step: float = fld(0.001, ge=0.0, help="certified: eps moves by eps_step * sign/size of the bound gap rule")
-    eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target mean (upper - lower) margin gap")
-    eps_min: float = fld(1e-4, gt=0.0)
-    eps_max: float = fld(0.3, gt=0.0)
-    projections: int = fld(1, ge=1, help="jacobian l2: random projections (Hoffman et al. 2019)")
-    estimator: str = fld("paper", choices=("paper", "frobenius_sq"), help="jacobian: formula (15) or squared Frobenius")
+    reduction: str = fld("min", choices=("min", "mean"),
+                         help="certified: per-example margin bound = min (the certificate) or mean over j != y")
+    eps_rule: str = fld("sign", choices=("sign", "proportional", "fixed"),
+                        help="certified eps after each call: sign: eps += eps_step * sign(target_gap - gap); "
+                             "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); fixed: never")
+    eps_step: float = fld(0.001, ge=0.0, help="certified: eps change per arch step (see eps_rule)")
+    eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target global mean (upper - lower) margin bound gap")
+    eps_min: float = fld(1e-4, gt=0.0, help="certified: eps never goes below this")
+    eps_max: float = fld(0.3, gt=0.0, help="certified: eps never goes above this")
+    projections: int = fld(1, ge=1, help="jacobian frobenius_sq: random projections (VJPs) per step (Hoffman et al. 2019)")
+    estimator: str = fld("paper", choices=("paper", "frobenius_sq"),
+                         help="jacobian: paper = formula (15), exact row norms ||J_k||_q (K VJPs); "
+                              "frobenius_sq = unbiased random-projection estimate of ||J||_F^2 / K (norm 2 only)")
+    vjp: str = fld("auto", choices=("auto", "loop", "batched"),
+                   help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")
 
 
@@ -170,6 +198,8 @@ class NetworkConfig:
     auxiliary: bool = fld(True, help="auxiliary head at 2/3 depth")
     auxiliary_weight: float = fld(0.4, ge=0.0)
     drop_path: float = fld(0.3, ge=0.0, lt=1.0, help="final drop-path prob (ramped linearly by epoch)")
+    nodes: int = fld(0, ge=0, help="intermediate nodes the genotype must have (0 = whatever it has)")
+    stem_multiplier: int = fld(3, ge=1, help="CIFAR-style stem output channels = stem_multiplier * C")
 
 
 @dataclass(frozen=True)
@@ -184,33 +214,38 @@ class TrainConfig:
     engine: str = fld("accelerate", choices=("accelerate", "deepspeed"), help="DDP via Accelerate or DeepSpeed ZeRO")
     zero_stage: int = fld(2, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
     ema: float = fld(0.0, ge=0.0, lt=1.0, help="weight EMA decay (0 = off)")
+    scale_lr: bool = fld(False, help="linear scaling: lr *= world_size * batch_size / base_batch_size")
+    base_batch_size: int = fld(128, ge=1, help="global batch the configured optim.lr was tuned for (scale_lr)")
+    eval_every: int = fld(1, ge=1, help="epochs between test-set evaluations (the last epoch always evaluates)")
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    name: str = fld("pgd", help="attack: fgsm, pgd, cw, autoattack")
-    eps: float = fld(8 / 255, ge=0.0, help="radius in [0,1] pixel units")
-    norm: str = fld("inf", choices=("inf", "2"))
-    steps: int = fld(10, ge=0)
-    step_size: float = fld(2 / 255, ge=0.0)
-    restarts: int = fld(1, ge=1)
-    random_start: bool = fld(True)
-    c: float = fld(1.0, gt=0.0, help="C&W: constant c")
+    name: str = fld("pgd", help="attack: clean, fgsm, pgd, cw, autoattack")
+    eps: float = fld(8 / 255, ge=0.0, help="radius in [0,1] pixel units (cw: 0 = unbounded, paper style)")
+    norm: str = fld("inf", choices=("inf", "2"), help="threat model (cw is always l2)")
+    steps: int = fld(10, ge=0, help="pgd: iterations; cw: Adam iterations per c")
+    step_size: float = fld(2 / 255, ge=0.0, help="pgd: step (l_inf: per pixel; l_2: step length)")
+    restarts: int = fld(1, ge=1, help="pgd: random restarts (an example counts as broken if any breaks it)")
+    random_start: bool = fld(True, help="pgd: start uniformly in the eps ball (seeded per example)")
+    loss: str = fld("ce", choices=("ce", "margin"), help="fgsm/pgd: cross-entropy or logit-margin loss")
+    c: float = fld(1.0, gt=0.0, help="C&W: constant c (initial value when binary searching)")
     kappa: float = fld(0.0, ge=0.0, help="C&W: confidence")
-    lr: float = fld(0.01, gt=0.0, help="C&W: Adam lr")
-    label: str = fld("", help="column name in reports (default derived from name/steps)")
+    lr: float = fld(0.01, gt=0.0, help="C&W: Adam lr (in tanh space)")
+    binary_search_steps: int = fld(1, ge=1, help="C&W: binary-search rounds over c (1 = fixed c)")
+    label: str = fld("", help="column name in reports (default derived from name/steps, e.g. PGD-20)")
 
 
 @dataclass(frozen=True)
 class CertifyConfig:
-    enabled: bool = fld(True)
+    enabled: bool = fld(True, help="compute certified radii (needs dsrna_dist.bounds)")
     methods: Tuple[str, ...] = fld(("crown-ibp",), help="bound methods: ibp, crown-ibp, crown")
-    norms: Tuple[str, ...] = fld(("inf", "2"), help="norms to certify")
+    norms: Tuple[str, ...] = fld(("inf", "2"), help="norms to certify: inf, 2")
     num_examples: int = fld(100, ge=1, help="first N correctly classified test examples")
-    bisection_steps: int = fld(15, ge=1)
-    eps_init: float = fld(0.05, gt=0.0)
+    bisection_steps: int = fld(15, ge=1, help="bisection steps on eps per example (CNN-Cert: 15)")
+    eps_init: float = fld(0.05, gt=0.0, help="first eps tried by the bisection (pixel units)")
     random_target: bool = fld(True, help="also report the CNN-Cert style random-target radius")
-    batch_size: int = fld(32, ge=1)
+    batch_size: int = fld(32, ge=1, help="examples per bound computation")
 
 
 @dataclass(frozen=True)
@@ -222,14 +257,22 @@ class EvalConfig:
     attacks: Tuple[AttackConfig, ...] = fld(
         (AttackConfig(name="fgsm", eps=2 / 255, steps=1, random_start=False),
          AttackConfig(name="pgd", steps=10), AttackConfig(name="pgd", steps=20),
-         AttackConfig(name="cw", steps=60)), help="attacks to run, in order")
+         AttackConfig(name="cw", eps=0.0, steps=60)), help="attacks to run, in order (clean always runs)")
+    eps_sweep: Tuple[float, ...] = fld((), help="also run sweep_attack at each of these eps (robust-accuracy-vs-eps plot)")
+    sweep_attack: AttackConfig = fld(default_factory=lambda: AttackConfig(name="pgd", steps=20),
+                                     help="attack template for eps_sweep (its eps is replaced)")
     certify: CertifyConfig = fld(default_factory=CertifyConfig)
+    chunk_size: int = fld(0, ge=0, help="examples per rank between result writes (0 = data.eval_batch_size)")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    runs: str = fld("runs", help="directory holding run directories")
+    runs: str = fld("runs", help="directory holding run directories (searched recursively)")
     out: str = fld("report.md", help="markdown report path; plots go next to it")
+    plots_dir: str = fld("", help="where PNGs go (default: <out stem>_plots/ next to the report)")
+    plots: bool = fld(True, help="draw PNG plots (alpha heatmaps, cells, eps sweep, radius histograms)")
+    std_ddof: int = fld(1, choices=(0, 1), help="std over seeds: 1 = sample std (n-1), 0 = population")
+    decimals: int = fld(2, ge=0, le=6, help="decimals for accuracies (%)")
 
 
 # --------------------------------------------------------------------------- machinery

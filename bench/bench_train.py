@@ -1,0 +1,159 @@
+"""Retraining throughput on this machine, measured side by side in one run.
+
+1. images/s of one training step (forward + aux head + backward + SGD) of the derived
+   Fashion-MNIST (1x28x28) and CIFAR (3x32x32) networks, single process;
+2. the engine overhead: the same step under DDP (Accelerate-style, gloo on CPU) and under
+   DeepSpeed ZeRO-2, 2 ranks each (torchrun), printed as the ratio ZeRO-2 / DDP step time.
+
+    .venv/bin/python bench/bench_train.py --quick      # ~2 min on 2 busy cores
+    .venv/bin/python bench/bench_train.py              # the DARTS-size networks (C=36, 20 cells)
+
+Inputs are random tensors (no loader cost): this isolates the model and the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dsrna_dist.config import NetworkConfig  # noqa: E402
+from dsrna_dist.space.network import build_network, count_parameters  # noqa: E402
+
+INFOS = {
+    "fashion_mnist": SimpleNamespace(name="fashion_mnist", in_channels=1, image_size=28, num_classes=10,
+                                     mean=(0.286,), std=(0.353,)),
+    "cifar10": SimpleNamespace(name="cifar10", in_channels=3, image_size=32, num_classes=10,
+                               mean=(0.491, 0.482, 0.447), std=(0.247, 0.243, 0.262)),
+}
+
+
+def make(dataset: str, c: int, layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_network(NetworkConfig(genotype="DARTS_V2", init_channels=c, layers=layers), None,
+                         INFOS[dataset]).train()
+
+
+def step_fn(model, opt, x, y, backward=None, step=None):
+    logits, aux = model(x, drop_prob=0.2)
+    loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
+    if backward is None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    else:
+        backward(loss)
+        step()
+
+
+def timed(fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def single(args) -> dict:
+    out = {}
+    for ds in ("fashion_mnist", "cifar10"):
+        m = make(ds, args.c, args.layers)
+        info = INFOS[ds]
+        x = torch.rand(args.batch, info.in_channels, info.image_size, info.image_size)
+        y = torch.randint(0, 10, (args.batch,))
+        opt = torch.optim.SGD(m.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+        sec = timed(lambda: step_fn(m, opt, x, y), args.warmup, args.steps)
+        out[ds] = {"img_per_s": args.batch / sec, "step_s": sec, "params": count_parameters(m)}
+    return out
+
+
+def worker(args) -> None:
+    """One rank of the 2-rank engine comparison (started by torchrun)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    m = make(args.dataset, args.c, args.layers)
+    info = INFOS[args.dataset]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.rand(args.batch, info.in_channels, info.image_size, info.image_size, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    opt = torch.optim.SGD(m.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    if args.worker == "ddp":
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        fn = lambda: step_fn(ddp, opt, x, y)  # noqa: E731
+    else:
+        from dsrna_dist.engine import deepspeed_engine as DS
+        eng = DS.initialize(m, opt, DS.ds_config(micro_batch=args.batch, world_size=dist.get_world_size(),
+                                                 zero_stage=2, grad_clip=5.0))
+        fn = lambda: step_fn(eng, None, x, y, eng.backward, eng.step)  # noqa: E731
+    sec = timed(fn, args.warmup, args.steps)
+    t = torch.tensor([sec])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        print("RESULT " + json.dumps({"engine": args.worker, "step_s": t.item(),
+                                      "img_per_s": 2 * args.batch / t.item()}), flush=True)
+    dist.destroy_process_group()
+
+
+def launch(args, engine: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), "--worker", engine, "--dataset", args.dataset, "--c", str(args.c),
+           "--layers", str(args.layers), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{engine} run failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small network, few steps")
+    ap.add_argument("--c", type=int, default=None, help="init channels (default 36, quick 8)")
+    ap.add_argument("--layers", type=int, default=None, help="cells (default 20, quick 5)")
+    ap.add_argument("--batch", type=int, default=None, help="per-process batch (default 64, quick 32)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10, quick 4)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dataset", default="fashion_mnist", choices=sorted(INFOS), help="engine comparison network")
+    ap.add_argument("--worker", choices=("ddp", "deepspeed"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    q = args.quick
+    args.c = args.c or (8 if q else 36)
+    args.layers = args.layers or (5 if q else 20)
+    args.batch = args.batch or (32 if q else 64)
+    args.steps = args.steps or (4 if q else 10)
+    if args.worker:
+        worker(args)
+        return
+    torch.set_num_threads(1)  # as each rank of the engine comparison; 2 threads thrash a shared box
+    print(f"derived DARTS_V2 networks, C={args.c}, {args.layers} cells, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    res = single(args)
+    for ds, r in res.items():
+        print(f"  {ds:14s} {r['img_per_s']:8.1f} img/s  ({r['step_s'] * 1e3:.0f} ms/step, {r['params'] / 1e6:.3f}M params)")
+    print(f"  ratio cifar10 / fashion_mnist step time: {res['cifar10']['step_s'] / res['fashion_mnist']['step_s']:.2f}")
+    print(f"engines, 2 ranks x batch {args.batch} ({args.dataset}), gloo, 1 thread per rank:")
+    ddp = launch(args, "ddp")
+    ds = launch(args, "deepspeed")
+    for r in (ddp, ds):
+        print(f"  {r['engine']:10s} {r['img_per_s']:8.1f} img/s  ({r['step_s'] * 1e3:.0f} ms/step)")
+    print(f"  overhead ratio DeepSpeed ZeRO-2 / DDP step time: {ds['step_s'] / ddp['step_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

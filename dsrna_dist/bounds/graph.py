@@ -1,0 +1,422 @@
+"""The bound engine: trace a model with torch.fx and propagate bounds over its graph.
+
+* Tracing: modules whose type has a bound class are leaves; any other module (cells, MixedOp,
+  SepConv, FactorizedReduce...) is traced through into registered primitives. Extra
+  ``forward`` arguments with defaults (``drop_prob=0.``, ``arch_weights=None``) are fixed to
+  their defaults.
+* Evaluation: the graph is interpreted against the *live* model on every call (parameters
+  replaced or moved later are picked up). Nodes that do not depend on the input (softmax(alpha),
+  weight slices...) are computed concretely with autograd, so bounds stay differentiable in
+  alpha/beta; perturbed nodes get a bound class.
+* Methods: ``ibp``; ``crown-ibp`` (IBP intermediate bounds, one backward pass from the
+  specification); ``crown`` (a backward pass for every input of a ReLU / max pool, chunked
+  over neurons and examples, intersected with IBP; the output bound is intersected with IBP
+  too, so CROWN is never looser than IBP).
+* Input set: ``{x' : ||x' - x||_p <= eps} intersected with [x_min, x_max]``. l_inf: the exact
+  box. l_2: IBP starts from the box hull of the set; a linear bound ``a.x'`` is concretized as
+  the better (both are sound) of the l_2-ball value ``a.x -/+ eps ||a||_2`` (dual norm) and
+  the box-hull value, i.e. a sound bound over the intersection.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import ops_linear, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
+from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
+                   method_key, module_key)
+from .ops_nonlinear import RELU_LOWER
+
+METHODS = ("ibp", "crown-ibp", "crown")
+NORMS = ("inf", "2")
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if has_module_bound(type(m)):
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """fx graph of ``model.forward(x)``, other arguments fixed at their defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+    try:
+        return _Tracer().trace(model, concrete_args=concrete or None)
+    except Exception as e:  # noqa: BLE001 - report the tracing failure in one line
+        raise BoundError(f"cannot trace {type(model).__name__} with torch.fx "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _map(a: Any, fn) -> Any:
+    return fx.node.map_aggregate(a, lambda n: fn(n) if isinstance(n, fx.Node) else n)
+
+
+class BoundedModel:
+    """Bounds on the outputs of ``model`` for inputs in an l_inf / l_2 ball clipped to a range.
+
+    ``relu_lower``: "adaptive" (CROWN) or "zero" lower lines for unstable ReLUs.
+    ``max_memory_mb``: size target of one chunk of coefficient matrices in backward passes
+    (spec rows and examples are chunked to stay near it; one row/example at least).
+    """
+
+    def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0) -> None:
+        if relu_lower not in RELU_LOWER:
+            raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
+        self.model = model
+        self.max_memory_mb = float(max_memory_mb)
+        self.graph = trace(model)
+        self.nodes: List[fx.Node] = list(self.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise BoundError(f"{type(model).__name__}.forward takes no input")
+        self.input = placeholders[0]
+        outs = [n for n in self.nodes if n.op == "output"]
+        out = outs[0].args[0]
+        if not isinstance(out, fx.Node):
+            raise BoundError("the model must return a single logits tensor (eval mode, no auxiliary head)")
+        self.output = out
+        self.perturbed = self._perturbed_nodes()
+        if self.output not in self.perturbed:
+            raise BoundError("the model output does not depend on its input")
+        self.ops: Dict[fx.Node, BoundOp] = {}
+        missing = []
+        for n in self.nodes:
+            if n in self.perturbed and n is not self.input:
+                try:
+                    self.ops[n] = self._make_op(n, relu_lower)
+                except BoundError as e:
+                    missing.append(str(e))
+        if missing:
+            raise BoundError("no bound class for: " + "; ".join(sorted(set(missing))))
+        # nodes whose bounds a relaxation needs (inputs of ReLU / max pool)
+        self.pre_act = {a for n, op in self.ops.items() if op.needs_input_bounds
+                        for a in n.all_input_nodes if a in self.perturbed}
+
+    # ------------------------------------------------------------------ building
+    def _perturbed_nodes(self) -> set:
+        pert = {self.input}
+        for n in self.nodes:
+            if n is self.input or n.op in ("placeholder", "get_attr", "output"):
+                continue
+            if self._is_shape_query(n):
+                continue
+            if any(a in pert for a in n.all_input_nodes):
+                pert.add(n)
+        return pert
+
+    @staticmethod
+    def _is_shape_query(n: fx.Node) -> bool:
+        return ((n.op == "call_method" and n.target in _SHAPE_METHODS)
+                or (n.op == "call_function" and n.target is getattr and len(n.args) > 1
+                    and n.args[1] in _SHAPE_ATTRS))
+
+    def _make_op(self, n: fx.Node, relu_lower: str) -> BoundOp:
+        module = None
+        if n.op == "call_module":
+            module = self.model.get_submodule(n.target)
+            key = module_key(type(module))
+            what = f"module {type(module).__module__}.{type(module).__qualname__} ({n.target})"
+        elif n.op == "call_function":
+            key = function_key(n.target)
+            what = f"function {getattr(n.target, '__module__', '')}.{getattr(n.target, '__name__', n.target)}"
+        elif n.op == "call_method":
+            key = method_key(n.target)
+            what = f"tensor method .{n.target}()"
+        else:
+            raise BoundError(f"node {n.name}: unexpected op {n.op}")
+        if key is None or key not in BOUND_OPS:
+            raise BoundError(what)
+        op = BOUND_OPS.get(key)(n, module)
+        op.perturbed_inputs = frozenset(a for a in n.all_input_nodes if a in self.perturbed)
+        if hasattr(op, "lower_mode"):
+            op.lower_mode = relu_lower
+        return op
+
+    def _module_of(self, n: fx.Node) -> Optional[nn.Module]:
+        return self.model.get_submodule(n.target) if n.op == "call_module" else None
+
+    # ------------------------------------------------------------------ forward passes
+    def _input_box(self, x: Tensor, eps: Tensor, x_min: float, x_max: float) -> Interval:
+        e = eps.view((-1,) + (1,) * (x.dim() - 1))
+        return Interval((x - e).clamp(min=x_min), (x + e).clamp(max=x_max))
+
+    def _propagate(self, x: Tensor, eps: Tensor, norm: str, method: str, x_min: float,
+                   x_max: float) -> "_Run":
+        run = _Run(self, x, eps, norm, x_min, x_max)
+        for n in self.nodes:
+            if n.op == "output":
+                break
+            if n is self.input:
+                run.val[n] = x
+                run.bnd[n] = self._input_box(x, eps, x_min, x_max)
+                continue
+            if n not in self.perturbed:
+                run.val[n] = self._eval_concrete(n, run)
+                continue
+            op = self.ops[n]
+            ctx: Dict[str, Any] = {}
+            args = _map(n.args, lambda a: run.val[a])
+            kwargs = _map(n.kwargs, lambda a: run.val[a])
+            run.val[n] = op.forward(ctx, *args, **kwargs)
+            run.ctx[n] = ctx
+            run.max_numel = max(run.max_numel, run.val[n][0].numel())
+            iargs = _map(n.args, run.arg_bound)
+            ikwargs = _map(n.kwargs, run.arg_bound)
+            box = op.ibp(ctx, *iargs, **ikwargs)
+            if method == "crown" and n in self.pre_act:
+                box = self._crown_intermediate(run, n, box)
+            run.bnd[n] = box
+        return run
+
+    def _eval_concrete(self, n: fx.Node, run: "_Run") -> Any:
+        if n.op == "placeholder":
+            if not n.args:
+                raise BoundError(f"forward argument {n.name!r} has no default value")
+            return n.args[0]
+        if n.op == "get_attr":
+            return _fetch_attr(self.model, n.target)
+        args = _map(n.args, lambda a: run.val[a])
+        kwargs = _map(n.kwargs, lambda a: run.val[a])
+        if n.op == "call_module":
+            return self.model.get_submodule(n.target)(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)
+
+    # ------------------------------------------------------------------ backward passes
+    def _chunks(self, run: "_Run", b: int, rows: int) -> Tuple[int, int]:
+        """(examples, rows) per chunk so that one [b, rows, largest node] matrix fits the budget."""
+        per = max(run.max_numel, 1) * run.x.element_size() * 3  # lA + uA + a temporary
+        budget = max(1.0, self.max_memory_mb * 2 ** 20 / per)  # rows*examples per chunk
+        rows_c = int(max(1, min(rows, budget)))
+        ex_c = int(max(1, min(b, budget // rows_c)))
+        return ex_c, rows_c
+
+    def _backward(self, run: "_Run", start: fx.Node, lA: Optional[Tensor], uA: Optional[Tensor],
+                  bs: slice) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Linear bounds of ``spec . start`` over the input set for examples ``bs``."""
+        As: Dict[fx.Node, List[Optional[Tensor]]] = {start: [lA, uA]}
+        lbias: Any = 0.0
+        ubias: Any = 0.0
+        for n in reversed(self.nodes[: self.index[start] + 1]):
+            if n not in As:
+                continue
+            cl, cu = As.pop(n)
+            if n is self.input:
+                lo, up = run.concretize(cl, cu, bs)
+                lbias = lbias + lo if lo is not None else lbias
+                ubias = ubias + up if up is not None else ubias
+                continue
+            op = self.ops[n]
+            args = _map(n.args, lambda a: run.arg_bound(a, bs))
+            kwargs = _map(n.kwargs, lambda a: run.arg_bound(a, bs))
+            res, lb, ub = op.backward(run.ctx[n], cl, cu, *args, **kwargs)
+            if cl is not None:
+                lbias = lbias + lb
+            if cu is not None:
+                ubias = ubias + ub
+            self._accumulate(As, n.args, res)
+        ref = lA if lA is not None else uA
+        zero = ref.new_zeros(ref.shape[:2])
+        return (lbias + zero if lA is not None else None), (ubias + zero if uA is not None else None)
+
+    def _accumulate(self, As, args, res) -> None:
+        if isinstance(args, fx.Node):
+            if res is None or args not in self.perturbed:
+                return
+            slot = As.setdefault(args, [None, None])
+            for i in range(2):
+                if res[i] is not None:
+                    slot[i] = res[i] if slot[i] is None else slot[i] + res[i]
+            return
+        if isinstance(args, (list, tuple)) and isinstance(res, (list, tuple)):
+            for a, r in zip(args, res):
+                self._accumulate(As, a, r)
+
+    def _spec_bounds(self, run: "_Run", node: fx.Node, C: Tensor, need_upper: bool = True):
+        """CROWN bounds of ``C[b] @ node[b]`` (C: [B, S, *node_shape]), chunked."""
+        B, S = C.shape[:2]
+        ex_c, rows_c = self._chunks(run, B, S)
+        lows, ups = [], []
+        for b0 in range(0, B, ex_c):
+            bs = slice(b0, min(B, b0 + ex_c))
+            lr, ur = [], []
+            for s0 in range(0, S, rows_c):
+                Cc = C[bs, s0:s0 + rows_c]
+                lo, up = self._backward(run, node, Cc, Cc if need_upper else None, bs)
+                lr.append(lo)
+                ur.append(up)
+            lows.append(torch.cat(lr, 1))
+            if need_upper:
+                ups.append(torch.cat(ur, 1))
+        return torch.cat(lows, 0), (torch.cat(ups, 0) if need_upper else None)
+
+    def _crown_intermediate(self, run: "_Run", node: fx.Node, box: Interval) -> Interval:
+        """Bounds of every neuron of ``node`` by backward passes from an identity spec."""
+        val = run.val[node]
+        B = val.shape[0]
+        shape = tuple(val.shape[1:])
+        N = math.prod(shape)
+        ex_c, rows_c = self._chunks(run, B, N)
+        lows, ups = [], []
+        for b0 in range(0, B, ex_c):
+            bs = slice(b0, min(B, b0 + ex_c))
+            b = bs.stop - bs.start
+            lr, ur = [], []
+            for s0 in range(0, N, rows_c):
+                k = min(rows_c, N - s0)
+                eye = val.new_zeros((k, N))
+                eye[torch.arange(k), torch.arange(s0, s0 + k)] = 1.0
+                Cc = eye.view((1, k) + shape).expand((b, k) + shape)
+                lo, up = self._backward(run, node, Cc, Cc, bs)
+                lr.append(lo)
+                ur.append(up)
+            lows.append(torch.cat(lr, 1))
+            ups.append(torch.cat(ur, 1))
+        lo = torch.cat(lows, 0).view(val.shape)
+        up = torch.cat(ups, 0).view(val.shape)
+        return Interval(torch.maximum(lo, box.lower), torch.minimum(up, box.upper))
+
+    # ------------------------------------------------------------------ public API
+    def _prepare(self, x: Tensor, eps: Union[float, Tensor], norm: str, method: str,
+                 x_min: float, x_max: float) -> Tensor:
+        if norm not in NORMS:
+            raise BoundError(f"norm: {norm!r} not in {NORMS}")
+        if method not in METHODS:
+            raise BoundError(f"method: {method!r} not in {METHODS}")
+        if x_min > x_max:
+            raise BoundError(f"x_min={x_min} > x_max={x_max}")
+        if x.numel() and (x.min() < x_min - 1e-6 or x.max() > x_max + 1e-6):
+            raise BoundError(f"input outside the valid range [{x_min}, {x_max}]")
+        eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+        eps_t = eps_t.expand(x.shape[0]) if eps_t.dim() == 0 else eps_t
+        if eps_t.shape != (x.shape[0],):
+            raise BoundError(f"eps: expected a number or a [{x.shape[0]}] tensor, got shape {tuple(eps_t.shape)}")
+        if (eps_t < 0).any():
+            raise BoundError("eps must be >= 0")
+        return eps_t
+
+    def bounds(self, x: Tensor, eps: Union[float, Tensor], norm: str = "inf", method: str = "crown-ibp",
+               C: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
+               need_upper: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+        """(lb, ub) of ``C @ logits`` for every input in the set; C: [S, K] or [B, S, K] or None
+        (identity: bounds of the logits). Returns [B, S] tensors (ub None if not needed)."""
+        return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper)
+
+    def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper):
+        eps_t = self._prepare(x, eps, norm, method, x_min, x_max)
+        run = self._propagate(x, eps_t, norm, method, x_min, x_max)
+        out = run.val[self.output]
+        B = out.shape[0]
+        per = tuple(out.shape[1:])
+        C = make_C(out)
+        if C is None:
+            K = math.prod(per)
+            C = torch.eye(K, dtype=out.dtype, device=out.device).view((K,) + per)
+        C = C.to(out.dtype)
+        if C.dim() == len(per) + 1:
+            C = C.unsqueeze(0).expand((B,) + tuple(C.shape))
+        if tuple(C.shape[2:]) != per or C.shape[0] != B:
+            raise BoundError(f"C: expected shape [S, {', '.join(map(str, per))}] or [B, S, ...], "
+                             f"got {tuple(C.shape)}")
+        box = run.bnd[self.output]
+        Cf = C.flatten(2)
+        centre = torch.einsum("bsk,bk->bs", Cf, box.mid.flatten(1))
+        spread = torch.einsum("bsk,bk->bs", Cf.abs(), box.rad.flatten(1))
+        ibp_lb, ibp_ub = centre - spread, centre + spread
+        if method == "ibp":
+            return ibp_lb, (ibp_ub if need_upper else None)
+        lb, ub = self._spec_bounds(run, self.output, C, need_upper)
+        if method == "crown":
+            lb = torch.maximum(lb, ibp_lb)
+            ub = torch.minimum(ub, ibp_ub) if ub is not None else None
+        return lb, ub
+
+    def margin_lower_bound(self, x: Tensor, y: Tensor, eps: Union[float, Tensor], norm: str = "inf",
+                           method: str = "crown-ibp", x_min: float = 0.0, x_max: float = 1.0,
+                           target: Optional[Tensor] = None) -> Tensor:
+        """Lower bounds of ``f_y - f_j``: [B, K] with column ``y`` exactly 0 (its spec row is
+        empty), or [B] against ``target`` when given. Differentiable in the model's parameters."""
+        y = torch.as_tensor(y, device=x.device).long().view(-1)
+        lb, _ = self._bounds(x, eps, norm, method,
+                             lambda out: margin_spec(y, out.shape[-1], target).to(out.dtype),
+                             x_min, x_max, need_upper=False)
+        if target is not None:
+            return lb[:, 0]
+        K = lb.shape[1] + 1
+        out = lb.new_zeros((x.shape[0], K))
+        return out.scatter(1, _others(y, K), lb)
+
+    __call__ = bounds
+
+
+def _others(y: Tensor, K: int) -> Tensor:
+    """[B, K-1] indices of the classes other than y, in order."""
+    ar = torch.arange(K, device=y.device).expand(y.shape[0], K)
+    return ar[ar != y[:, None]].view(y.shape[0], K - 1)
+
+
+def margin_spec(y: Tensor, K: int, target: Optional[Tensor] = None) -> Tensor:
+    """C with rows ``e_y - e_j``: [B, K-1, K] over j != y, or [B, 1, K] for one target each."""
+    B = y.shape[0]
+    eye = torch.eye(K, device=y.device)
+    if target is not None:
+        if (target == y).any():
+            raise BoundError("target: a target class equals the true label")
+        return (eye[y] - eye[target]).unsqueeze(1)
+    j = _others(y, K)
+    return eye[y].unsqueeze(1) - eye[j]
+
+
+class _Run:
+    """Per-call state: clean values, intervals and op contexts of every node."""
+
+    def __init__(self, bm: BoundedModel, x: Tensor, eps: Tensor, norm: str, x_min: float, x_max: float):
+        self.bm = bm
+        self.x, self.eps, self.norm = x, eps, norm
+        self.x_min, self.x_max = x_min, x_max
+        self.val: Dict[fx.Node, Any] = {}
+        self.bnd: Dict[fx.Node, Interval] = {}
+        self.ctx: Dict[fx.Node, Dict[str, Any]] = {}
+        self.max_numel = x[0].numel() if x.shape[0] else 1
+
+    def arg_bound(self, a: fx.Node, bs: Optional[slice] = None) -> Any:
+        if a in self.bm.perturbed:
+            box = self.bnd[a]
+            return box if bs is None else box.slice(bs)
+        return self.val[a]
+
+    def concretize(self, lA: Optional[Tensor], uA: Optional[Tensor], bs: slice):
+        box = self.bnd[self.bm.input].slice(bs)
+        mid, rad = box.mid.flatten(1), box.rad.flatten(1)
+        x0 = self.x[bs].flatten(1)
+        eps = self.eps[bs]
+
+        def one(A: Tensor, sign: float) -> Tensor:
+            Af = A.flatten(2)
+            centre = torch.einsum("bsn,bn->bs", Af, mid)
+            val = centre + sign * torch.einsum("bsn,bn->bs", Af.abs(), rad)
+            if self.norm == "2":
+                ball = torch.einsum("bsn,bn->bs", Af, x0) + sign * eps[:, None] * torch.linalg.vector_norm(Af, dim=2)
+                val = torch.maximum(val, ball) if sign < 0 else torch.minimum(val, ball)
+            return val
+
+        return (one(lA, -1.0) if lA is not None else None), (one(uA, 1.0) if uA is not None else None)

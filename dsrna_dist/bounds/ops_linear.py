@@ -1,0 +1,227 @@
+"""Bounds of the affine operators: conv, linear, BN, Normalize, pooling averages.
+
+For an affine map ``y = W x + b`` IBP uses the centre/radius form (``W mid + b``, ``|W| rad``),
+which is exact per output for a box; the backward step is ``A -> A W`` with bias ``A b``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..space.layers import Normalize
+from .base import (BoundError, BoundOp, Interval, linear_vjp, maybe, register_functions,
+                   register_methods, register_modules, sum_spec)
+
+
+class _ChannelAffine(BoundOp):
+    """y = x * scale + shift with ``scale``/``shift`` per-example shaped (broadcast over batch).
+
+    Subclasses compute ``ctx['scale']`` and ``ctx['shift']`` in :meth:`forward`.
+    """
+
+    def ibp(self, ctx: Dict[str, Any], x: Interval) -> Interval:
+        s, t = ctx["scale"], ctx["shift"]
+        return Interval.from_mid_rad(x.mid * s + t, x.rad * s.abs())
+
+    def backward(self, ctx, lA, uA, x):
+        s, t = ctx["scale"], ctx["shift"]
+        lb = maybe(lambda A: sum_spec(A * t), lA)
+        ub = maybe(lambda A: sum_spec(A * t), uA)
+        return [(maybe(lambda A: A * s, lA), maybe(lambda A: A * s, uA))], (0.0 if lb is None else lb), \
+            (0.0 if ub is None else ub)
+
+
+@register_modules(nn.BatchNorm1d, nn.BatchNorm2d)
+class BoundBatchNorm(_ChannelAffine):
+    """BN as the per-channel affine map of the statistics the model is in.
+
+    Train mode (or no running stats): the batch statistics of the *clean* input, as the
+    model's own forward would use them (biased variance); eval mode: the running stats.
+    The running stats are never updated here.
+    """
+
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        m: nn.modules.batchnorm._BatchNorm = self.module  # type: ignore[assignment]
+        dims = [0] + list(range(2, x.dim()))
+        if m.training or m.running_mean is None:
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, unbiased=False)
+        else:
+            mean, var = m.running_mean, m.running_var
+        inv = torch.rsqrt(var + m.eps)
+        scale = inv * m.weight if m.weight is not None else inv
+        shift = (m.bias if m.bias is not None else 0.0) - mean * scale
+        view = (-1,) + (1,) * (x.dim() - 2)
+        ctx["scale"], ctx["shift"] = scale.reshape(view), shift.reshape(view)
+        return x * ctx["scale"] + ctx["shift"]
+
+
+@register_modules(Normalize)
+class BoundNormalize(_ChannelAffine):
+    """``(x - mean) / std`` per channel (the model's first module)."""
+
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        m = self.module
+        view = (-1,) + (1,) * (x.dim() - 2)
+        std = m.std.reshape(view).to(x.dtype)
+        ctx["scale"] = 1.0 / std
+        ctx["shift"] = -m.mean.reshape(view).to(x.dtype) / std
+        return m(x)
+
+
+def _conv_output_padding(in_hw, out_hw, k, s, p, d) -> Tuple[int, ...]:
+    return tuple(i - ((o - 1) * st - 2 * pd + dl * (kk - 1) + 1)
+                 for i, o, kk, st, pd, dl in zip(in_hw, out_hw, k, s, p, d))
+
+
+@register_modules(nn.Conv2d)
+class BoundConv2d(BoundOp):
+    """Conv2d with any groups (depthwise), dilation, stride, padding."""
+
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def ibp(self, ctx, x: Interval) -> Interval:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        mid = m._conv_forward(x.mid, m.weight, m.bias)
+        rad = m._conv_forward(x.rad, m.weight.abs(), None)
+        return Interval.from_mid_rad(mid, rad)
+
+    def _back(self, A: Tensor, in_shape) -> Tensor:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        b, S = A.shape[:2]
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            return linear_vjp(lambda z: m._conv_forward(z, m.weight, None), A, in_shape)
+        A2 = A.reshape((b * S,) + tuple(A.shape[2:]))
+        op = _conv_output_padding(in_shape[2:], A.shape[3:], m.kernel_size, m.stride, m.padding,
+                                  m.dilation)
+        g = F.conv_transpose2d(A2, m.weight, None, m.stride, m.padding, op, m.groups, m.dilation)
+        return g.view((b, S) + tuple(in_shape[1:]))
+
+    def _bias(self, A: Tensor):
+        m = self.module
+        if m.bias is None:
+            return 0.0
+        return torch.einsum("bsc,c->bs", A.flatten(3).sum(-1), m.bias)
+
+    def backward(self, ctx, lA, uA, x: Interval):
+        shape = x.lower.shape
+        lb = 0.0 if lA is None else self._bias(lA)
+        ub = 0.0 if uA is None else self._bias(uA)
+        return [(maybe(lambda A: self._back(A, shape), lA), maybe(lambda A: self._back(A, shape), uA))], lb, ub
+
+
+@register_modules(nn.Linear)
+class BoundLinear(BoundOp):
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def ibp(self, ctx, x: Interval) -> Interval:
+        m: nn.Linear = self.module  # type: ignore[assignment]
+        return Interval.from_mid_rad(F.linear(x.mid, m.weight, m.bias), F.linear(x.rad, m.weight.abs()))
+
+    def backward(self, ctx, lA, uA, x: Interval):
+        m: nn.Linear = self.module  # type: ignore[assignment]
+
+        def bias(A):
+            return 0.0 if (A is None or m.bias is None) else sum_spec(A @ m.bias.unsqueeze(-1))
+
+        return [(maybe(lambda A: A @ m.weight, lA), maybe(lambda A: A @ m.weight, uA))], bias(lA), bias(uA)
+
+
+class _MonotoneLinear(BoundOp):
+    """A linear map with non-negative weights (averages): IBP maps lower->lower, upper->upper."""
+
+    def apply(self, x: Tensor, *args, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, ctx, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.apply(x, *args, **kwargs)
+
+    def ibp(self, ctx, x: Interval, *args, **kwargs) -> Interval:
+        return Interval(self.apply(x.lower, *args, **kwargs), self.apply(x.upper, *args, **kwargs))
+
+    def backward(self, ctx, lA, uA, x: Interval, *args, **kwargs):
+        shape = x.lower.shape
+        f = lambda A: linear_vjp(lambda z: self.apply(z, *args, **kwargs), A, shape)  # noqa: E731
+        return [(maybe(f, lA), maybe(f, uA))] + [None] * len(args), 0.0, 0.0
+
+
+@register_modules(nn.AvgPool2d)
+class BoundAvgPool2d(_MonotoneLinear):
+    """Average pool with any divisor rule (``count_include_pad=False`` divides by the number of
+    real pixels at the border): the backward is the exact VJP of the pool itself."""
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def backward(self, ctx, lA, uA, x: Interval):
+        m: nn.AvgPool2d = self.module  # type: ignore[assignment]
+        if m.ceil_mode or m.divisor_override is not None:
+            return super().backward(ctx, lA, uA, x)
+        shape = x.lower.shape
+        k = nn.modules.utils._pair(m.kernel_size)
+        s = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
+        p = nn.modules.utils._pair(m.padding)
+        C, H, W = shape[1:]
+        ones = x.lower.new_ones((1, 1, H, W))
+        if m.count_include_pad:
+            count = torch.full((1, 1) + tuple(lA.shape[-2:] if lA is not None else uA.shape[-2:]),
+                               float(k[0] * k[1]), dtype=ones.dtype, device=ones.device)
+        else:
+            count = F.avg_pool2d(ones, k, s, p, count_include_pad=True) * (k[0] * k[1])
+        weight = ones.new_ones((C, 1) + k)
+
+        def back(A: Tensor) -> Tensor:
+            b, S = A.shape[:2]
+            A2 = (A / count.squeeze(0)).reshape((b * S,) + tuple(A.shape[2:]))
+            op = _conv_output_padding((H, W), A.shape[-2:], k, s, p, (1, 1))
+            g = F.conv_transpose2d(A2, weight, None, s, p, op, C, 1)
+            return g.view((b, S) + tuple(shape[1:]))
+
+        return [(maybe(back, lA), maybe(back, uA))], 0.0, 0.0
+
+
+@register_functions((F.avg_pool2d, "avg_pool2d"))
+class BoundAvgPoolFn(_MonotoneLinear):
+    def apply(self, x, *args, **kwargs):
+        return F.avg_pool2d(x, *args, **kwargs)
+
+
+@register_modules(nn.AdaptiveAvgPool2d)
+class BoundAdaptiveAvgPool2d(_MonotoneLinear):
+    def apply(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def backward(self, ctx, lA, uA, x: Interval):
+        shape = x.lower.shape
+        if self.module.output_size not in (1, (1, 1)):
+            return super().backward(ctx, lA, uA, x)
+        n = shape[2] * shape[3]
+
+        def back(A: Tensor) -> Tensor:  # global average: every pixel gets A / (H W)
+            return (A / n).expand(tuple(A.shape[:3]) + tuple(shape[2:]))
+
+        return [(maybe(back, lA), maybe(back, uA))], 0.0, 0.0
+
+
+@register_functions((F.adaptive_avg_pool2d, "adaptive_avg_pool2d"))
+class BoundAdaptiveAvgPoolFn(_MonotoneLinear):
+    def apply(self, x, *args, **kwargs):
+        return F.adaptive_avg_pool2d(x, *args, **kwargs)
+
+
+@register_functions((torch.mean, "mean"))
+@register_methods("mean")
+class BoundMean(_MonotoneLinear):
+    """``x.mean(dims)`` over non-batch dims (global average pooling written by hand)."""
+
+    def apply(self, x, *args, **kwargs):
+        dim = kwargs.get("dim", args[0] if args else None)
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if dim is not None else None
+        if dims is None or any(d % x.dim() == 0 for d in dims):
+            raise BoundError(f"node {self.name}: mean over the batch dimension cannot be bounded per example")
+        return torch.mean(x, *args, **kwargs)

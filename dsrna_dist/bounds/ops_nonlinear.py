@@ -1,0 +1,103 @@
+"""Bounds of the non-linear operators: ReLU and max pooling.
+
+ReLU (CROWN, Zhang et al. 2018): for an unstable neuron (l < 0 < u) the upper line is the
+chord ``u (x - l) / (u - l)``; the lower line is ``a x`` with ``a = 1 if u > -l else 0``
+("adaptive", CROWN's default) or ``a = 0`` ("zero": every term then concretizes exactly like
+IBP, which is what makes CROWN-IBP provably no looser than IBP through one ReLU layer).
+
+Max pool: the cheap valid relaxation. Lower: ``y >= x_i*`` with ``i*`` the input of the window
+with the largest lower bound; upper: ``y <= max_i u_i`` (a constant). Both are sound for any
+kernel/stride/padding/dilation (stride != kernel included) since they hold window by window.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import (BoundError, BoundOp, Interval, neg, pos, register_functions, register_methods,
+                   register_modules, sum_spec)
+
+RELU_LOWER = ("adaptive", "zero")
+
+
+@register_modules(nn.ReLU)
+@register_functions((F.relu, "relu"), (torch.relu, "torch.relu"))
+@register_methods("relu")
+class BoundReLU(BoundOp):
+    needs_input_bounds = True
+    lower_mode: str = "adaptive"  # set per BoundedModel
+
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        return F.relu(x)  # never in place: the engine keeps the clean input of every node
+
+    def ibp(self, ctx, x: Interval) -> Interval:
+        return Interval(F.relu(x.lower), F.relu(x.upper))
+
+    def relaxation(self, x: Interval):
+        l, u = x.lower, x.upper
+        active = l >= 0
+        unstable = (l < 0) & (u > 0)
+        width = (u - l).clamp(min=1e-12)
+        su = torch.where(unstable, u / width, active.to(l.dtype))
+        bu = torch.where(unstable, -su * l, torch.zeros_like(l))
+        if self.lower_mode == "adaptive":
+            sl = torch.where(unstable, (u > -l).to(l.dtype), active.to(l.dtype))
+        else:
+            sl = active.to(l.dtype)
+        return sl.unsqueeze(1), su.unsqueeze(1), bu.unsqueeze(1)
+
+    def backward(self, ctx, lA: Optional[Tensor], uA: Optional[Tensor], x: Interval):
+        sl, su, bu = self.relaxation(x)
+        new_l = new_u = None
+        lb = ub = 0.0
+        if lA is not None:
+            p, n = pos(lA), neg(lA)
+            new_l = p * sl + n * su
+            lb = sum_spec(n * bu)
+        if uA is not None:
+            p, n = pos(uA), neg(uA)
+            new_u = p * su + n * sl
+            ub = sum_spec(p * bu)
+        return [(new_l, new_u)], lb, ub
+
+
+@register_modules(nn.MaxPool2d)
+class BoundMaxPool2d(BoundOp):
+    needs_input_bounds = True
+
+    def _pool(self, x: Tensor, indices: bool = False):
+        m: nn.MaxPool2d = self.module  # type: ignore[assignment]
+        return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                            return_indices=indices)
+
+    def forward(self, ctx, x: Tensor) -> Tensor:
+        if self.module.return_indices:
+            raise BoundError(f"node {self.name}: MaxPool2d(return_indices=True) is not supported")
+        return self._pool(x)
+
+    def ibp(self, ctx, x: Interval) -> Interval:
+        return Interval(self._pool(x.lower), self._pool(x.upper))
+
+    def backward(self, ctx, lA, uA, x: Interval):
+        _, idx = self._pool(x.lower, indices=True)  # flat H*W index of the best-lower input
+        upper = self._pool(x.upper).unsqueeze(1)
+        in_shape = x.lower.shape
+
+        def select(A: Tensor) -> Tensor:  # coefficient of x_{i*}: scatter back into the input
+            b, S, C = A.shape[:3]
+            out = A.new_zeros((b, S, C, in_shape[2] * in_shape[3]))
+            index = idx.unsqueeze(1).expand(b, S, C, -1, -1).flatten(3)
+            return out.scatter_add(3, index, A.flatten(3)).view((b, S) + tuple(in_shape[1:]))
+
+        new_l = new_u = None
+        lb = ub = 0.0
+        if lA is not None:
+            new_l = select(pos(lA))
+            lb = sum_spec(neg(lA) * upper)
+        if uA is not None:
+            new_u = select(neg(uA))
+            ub = sum_spec(pos(uA) * upper)
+        return [(new_l, new_u)], lb, ub

@@ -1,0 +1,258 @@
+"""The one place that turns a stage config into a running (possibly distributed) process.
+
+The same stage code runs as 1 CPU process (``python -m``), N gloo CPU processes
+(``torchrun --standalone --nproc_per_node N -m`` or ``accelerate launch --multi_gpu
+--num_processes N ... -m``) and N GPUs with NCCL; :func:`setup_runtime` hides the difference.
+:func:`run_stage` adds the failure policy: one clear error line, a non-zero exit, no hang.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager
+from .errors import is_user_error
+from .io import atomic_write_text
+from .logs import close_logging, setup_logging
+from .procgroup import init_process_group_from_env, launched_distributed, resolve_backend
+from .seeding import derive_seed, rank_generator, seed_everything, set_deterministic
+from .tb import TBWriter
+
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+# gloo/NCCL messages that mean "another rank died": a consequence, not the root cause
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "NCCL communicator was aborted", "remote process exited")
+
+
+@dataclass
+class Runtime:
+    """Everything a stage needs to know about where and how it runs."""
+
+    accelerator: Any
+    device: torch.device
+    rank: int
+    local_rank: int
+    world_size: int
+    is_main: bool
+    run_dir: Path
+    tb: TBWriter
+    cfg: Any
+    stage: str
+    seed: int
+    ckpt: CheckpointManager
+    log: logging.Logger = field(repr=False, default_factory=lambda: logging.getLogger("dsrna_dist"))
+    started: float = field(default_factory=time.time)
+
+    # -- logging
+    def print(self, msg: str) -> None:
+        """Log on rank 0 only (other ranks' INFO is filtered by level)."""
+        self.log.info(msg)
+
+    def warn(self, msg: str) -> None:
+        """Warnings are shown on every rank, prefixed with the rank."""
+        self.log.warning(msg)
+
+    def progress(self, iterable: Iterable, **kw: Any) -> Iterable:
+        """tqdm on rank 0 when ``run.progress``; the bare iterable elsewhere."""
+        if not (self.is_main and getattr(self.cfg.run, "progress", True)):
+            return iterable
+        from tqdm.auto import tqdm
+
+        kw.setdefault("dynamic_ncols", True)
+        kw.setdefault("leave", False)
+        return tqdm(iterable, **kw)
+
+    # -- sync
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    # -- randomness
+    @property
+    def rank_seed(self) -> int:
+        """Seed of this rank's own stream, derived from (run.seed, rank)."""
+        return derive_seed(self.seed, self.rank)
+
+    def generator(self, stream: int = 0, device: Any = "cpu") -> torch.Generator:
+        """Private generator for (run.seed, rank, stream): data order, augmentation, noise."""
+        return rank_generator(self.seed, self.rank, device, stream)
+
+    # -- checkpoints
+    def maybe_resume(self, expected_config: Any = None, **kw: Any) -> Optional[dict]:
+        """The latest checkpoint's state when ``run.resume`` and one exists, else None."""
+        if not getattr(self.cfg.run, "resume", True):
+            return None
+        path = self.ckpt.latest()
+        if path is None:
+            return None
+        expected = self.cfg if expected_config is None else expected_config
+        state = self.ckpt.load(path, expected, **kw)
+        self.print(f"resuming from {path} (epoch {state.get('epoch')}, step {state.get('step')})")
+        return state
+
+
+def build_accelerator(dist_cfg: Any) -> Any:
+    """Accelerator for this process; creates the restart-safe process group first if launched.
+
+    ``cpu=not cuda`` is essential: on a GPU-less box a plain ``Accelerator()`` under
+    ``accelerate launch --multi_gpu`` makes every process believe it is rank 0.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    backend = resolve_backend(dist_cfg.backend, cuda)
+    timeout = timedelta(seconds=dist_cfg.timeout_s)
+    # Accelerate's state is a process-wide singleton; a stale one (earlier in-process run,
+    # or inherited through fork) would describe the wrong world.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if getattr(dist_cfg, "own_process_group", True):
+        init_process_group_from_env(backend, timeout)
+    handlers: list = []
+    if dist.is_initialized() or launched_distributed():
+        pg_backend = dist.get_backend() if dist.is_initialized() else backend
+        handlers.append(InitProcessGroupKwargs(backend=pg_backend, timeout=timeout))
+    if getattr(dist_cfg, "find_unused_parameters", False):
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    mp = dist_cfg.mixed_precision if cuda else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=handlers)
+
+
+def setup_runtime(cfg: Any, stage: str) -> Runtime:
+    """Process group, Accelerator, run dir + config.yaml, logging, seeds, TensorBoard."""
+    from dsrna_dist.config import dump_yaml
+
+    acc = build_accelerator(cfg.dist)
+    rank, world = acc.process_index, acc.num_processes
+    local_rank = acc.local_process_index
+    is_main = acc.is_main_process
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        atomic_write_text(str(run_dir / "config.yaml"), dump_yaml(cfg))
+    log = setup_logging(rank, world, run_dir / f"{stage}.log" if is_main else None)
+    if world > 1:
+        dist.barrier()  # run dir exists for everyone before anyone writes into it
+    set_deterministic(bool(cfg.run.deterministic))
+    seed_everything(cfg.run.seed)  # identical on every rank: identical model init
+    tb = TBWriter(run_dir / "tb" if getattr(cfg.run, "tensorboard", True) else None, active=is_main)
+    rt = Runtime(accelerator=acc, device=acc.device, rank=rank, local_rank=local_rank,
+                 world_size=world, is_main=is_main, run_dir=run_dir, tb=tb, cfg=cfg, stage=stage,
+                 seed=cfg.run.seed, ckpt=CheckpointManager(run_dir, is_main=is_main), log=log)
+    rt.print(f"{stage}: world_size={world} device={acc.device} backend="
+             f"{dist.get_backend() if dist.is_initialized() else 'none'} "
+             f"mixed_precision={acc.mixed_precision} run_dir={run_dir}")
+    return rt
+
+
+def _flush() -> None:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+
+
+def teardown(rt: Optional[Runtime], exit_code: int = 0, *, hard_exit: Optional[bool] = None) -> int:
+    """Close writers, destroy the process group, flush; ``os._exit`` in multi-rank runs.
+
+    Why ``os._exit``: gloo's worker threads sometimes abort (SIGABRT) during interpreter
+    shutdown after a finished run (pytorch #190489), failing the launcher about 1 run in 5.
+    Single-process runs return ``exit_code`` so tests and notebooks can continue.
+    """
+    world = rt.world_size if rt is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    if hard_exit is None:
+        hard_exit = world > 1
+    if rt is not None:
+        rt.tb.close()
+    close_logging()
+    if dist.is_initialized():
+        if exit_code == 0 and world > 1:
+            try:  # nobody leaves while a peer may still be in a collective / using the store
+                dist.barrier()
+            except Exception:
+                pass
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    except Exception:
+        pass
+    _flush()
+    if hard_exit:
+        os._exit(exit_code)
+    return exit_code
+
+
+def report_error(exc: BaseException, rank: int = 0) -> int:
+    """Print the failure as one clear line (plus a traceback for bugs); return the exit code."""
+    where = f" (rank {rank})" if rank else ""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"error{where}: interrupted", file=sys.stderr)
+        return 130
+    if is_user_error(exc):
+        msg = str(exc).strip("'\"")  # KeyError-derived errors quote their message
+        print(f"error{where}: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if any(s in text for s in _PEER_LOST):
+        text = f"lost a peer rank ({text[:160]}); the root cause is in the other ranks' errors"
+    print(f"error{where}: {type(exc).__name__}: {text}", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _current_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def run_stage(main: Callable[[Runtime], Optional[int]], cfg: Any, stage: str) -> int:
+    """``setup_runtime`` -> ``main(rt)`` -> ``teardown``, with the failure policy.
+
+    A user error (ConfigError, DataError, CheckpointError, GenotypeError) prints one line
+    ``error: ...`` and exits 2; any other exception prints its traceback and one line, exit 1.
+    Under a launcher the failing rank leaves with ``os._exit`` at once (no teardown that could
+    block on dead peers), and the launcher stops the others. Returns the exit code only in a
+    plain single process run that succeeded; otherwise exits.
+    """
+    rt: Optional[Runtime] = None
+    try:
+        rt = setup_runtime(cfg, stage)
+        code = int(main(rt) or 0)
+    except BaseException as exc:  # noqa: BLE001 - this is the top-level failure policy
+        if isinstance(exc, SystemExit) and not exc.code:
+            code = 0
+        else:
+            code = (int(exc.code) if isinstance(exc, SystemExit) and isinstance(exc.code, int)
+                    else report_error(exc, rt.rank if rt else _current_rank()))
+            multi = (rt is not None and rt.world_size > 1) or launched_distributed() or \
+                (dist.is_available() and dist.is_initialized())
+            _flush()
+            if multi:
+                os._exit(code)
+            if rt is not None:
+                teardown(rt, code, hard_exit=False)
+            raise SystemExit(code) from None
+    code = teardown(rt, code)
+    if code:
+        raise SystemExit(code)
+    return code

@@ -1,0 +1,412 @@
+"""Evaluation stage: attack and certify a trained network, one record per test example.
+
+    python -m dsrna_dist.evaluate --config configs/eval/<name>.yaml --checkpoint runs/x/checkpoints/best.pt
+    torchrun --standalone --nproc_per_node 2 -m dsrna_dist.evaluate --config ...   (or accelerate launch)
+
+The test set (data.test_subset honoured) is sharded over ranks with strided indices and no
+padding; each chunk's records are gathered exactly and appended by rank 0 (flush + fsync) to
+<run>/attacks.jsonl (index, label, clean_pred, attack, eps, norm, adv_pred, correct) and, for
+the first certify.num_examples correctly classified examples, <run>/certify.jsonl (index,
+label, method, norm, radius, radius_target, target). An interrupted evaluation restarted with
+the same command skips every example already on disk; <run>/summary.json (clean and robust
+accuracy in %, mean certified radii, checkpoint, genotype, params, throughput) is rewritten
+atomically at the end. A missing or corrupt checkpoint fails before anything is written.
+
+Test hook: ``DSRNA_EVAL_STOP_AFTER_CHUNKS=N`` kills the process (os._exit(137)) after N chunks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .attacks import Attack, AttackError, attack_label, build_attack
+from .config import AttackConfig, ConfigError, EvalConfig, format_help, parse_cli, to_dict
+
+PROG = "python -m dsrna_dist.evaluate"
+DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
+STOP_ENV = "DSRNA_EVAL_STOP_AFTER_CHUNKS"
+ATTACKS_FILE, CERTIFY_FILE, SUMMARY_FILE, STATE_FILE = "attacks.jsonl", "certify.jsonl", "summary.json", "eval_state.json"
+
+
+# --------------------------------------------------------------------------- plan (no writes)
+@dataclass
+class Plan:
+    cfg: EvalConfig
+    model: nn.Module
+    train_cfg: Any
+    genotype: Any
+    attacks: List[Tuple[str, Optional[Attack], Dict[str, Any]]]  # (label, attack or None=clean, meta)
+    sweep_label: str
+    fingerprint: Dict[str, Any]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _attack_seed(run_seed: int, label: str) -> int:
+    """Per-attack seed from the run seed and the attack's label (adding attacks changes nothing else)."""
+    return (int(run_seed) * 1000003 + zlib.crc32(label.encode())) & 0x7FFFFFFF
+
+
+def build_attacks(cfg: EvalConfig) -> Tuple[List[Tuple[str, Optional[Attack], Dict[str, Any]]], str]:
+    """clean + cfg.attacks + the eps sweep, with unique labels; config errors name the key."""
+    out: List[Tuple[str, Optional[Attack], Dict[str, Any]]] = [
+        ("clean", None, {"name": "clean", "eps": 0.0, "norm": "inf", "sweep": False})]
+    specs: List[Tuple[str, AttackConfig, bool]] = []
+    for i, a in enumerate(cfg.attacks):
+        if a.name == "clean":
+            continue
+        specs.append((f"attacks[{i}]", a, False))
+    sweep_label = attack_label(cfg.sweep_attack)
+    for j, e in enumerate(cfg.eps_sweep):
+        if e <= 0:
+            raise ConfigError(f"key 'eps_sweep[{j}]': eps must be > 0, got {e}")
+        a = replace(cfg.sweep_attack, eps=float(e), label=f"{sweep_label}@{e:.6g}")
+        specs.append((f"eps_sweep[{j}]", a, True))
+    seen = {"clean"}
+    for key, a, sweep in specs:
+        try:
+            atk = build_attack(a, _attack_seed(cfg.run.seed, attack_label(a)))
+        except (AttackError, KeyError) as e:
+            raise ConfigError(f"key '{key}': {str(e).strip(chr(39))}") from None
+        if atk.label in seen:
+            raise ConfigError(f"key '{key}': duplicate attack label {atk.label!r}; set a distinct 'label'")
+        seen.add(atk.label)
+        out.append((atk.label, atk, {"name": a.name, "eps": float(a.eps), "norm": atk.norm, "sweep": sweep}))
+    return out, sweep_label
+
+
+def preflight(cfg: EvalConfig) -> Plan:
+    """Everything that can fail on bad input, before a run directory is touched."""
+    from .engine import CheckpointError
+    from .space.network import load_trained
+
+    if not cfg.checkpoint:
+        raise ConfigError("key 'checkpoint': no checkpoint given (--checkpoint runs/<train run>/checkpoints/best.pt)")
+    if not os.path.isfile(cfg.checkpoint):
+        raise CheckpointError(f"checkpoint {cfg.checkpoint}: no such file")
+    model, train_cfg, genotype = load_trained(cfg.checkpoint, "cpu")
+    if train_cfg.data.name != cfg.data.name:
+        raise ConfigError(f"key 'data.name': checkpoint {cfg.checkpoint} was trained on "
+                          f"{train_cfg.data.name!r}, the eval config says {cfg.data.name!r}")
+    if cfg.data.name == "synthetic":
+        for k in ("synthetic_shape", "synthetic_classes", "synthetic_seed"):
+            if getattr(cfg.data, k) != getattr(train_cfg.data, k):
+                raise ConfigError(f"key 'data.{k}': checkpoint {cfg.checkpoint} was trained with "
+                                  f"{getattr(train_cfg.data, k)!r}, the eval config says {getattr(cfg.data, k)!r}")
+    attacks, sweep_label = build_attacks(cfg)
+    if cfg.certify.enabled:
+        bad = [m for m in cfg.certify.methods if m not in ("ibp", "crown-ibp", "crown")]
+        if bad:
+            raise ConfigError(f"key 'certify.methods': unknown bound method {bad[0]!r}; valid: ibp, crown-ibp, crown")
+        badn = [n for n in cfg.certify.norms if n not in ("inf", "2")]
+        if badn:
+            raise ConfigError(f"key 'certify.norms': unknown norm {badn[0]!r}; valid: inf, 2")
+    fp = {"checkpoint_sha256": _sha256(cfg.checkpoint), "data": to_dict(cfg.data),
+          "attacks": [{"label": lab, **meta, **({"config": to_dict(a.cfg)} if a is not None else {})}
+                      for lab, a, meta in attacks],
+          "certify": to_dict(cfg.certify), "seed": cfg.run.seed}
+    for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
+        fp["data"].pop(k, None)  # do not change any result
+    return Plan(cfg, model, train_cfg, genotype, attacks, sweep_label, fp)
+
+
+# --------------------------------------------------------------------------- result files
+def read_records(path: Path) -> List[Dict[str, Any]]:
+    """JSONL records; a torn last line from a killed writer is dropped."""
+    out: List[Dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and "index" in r:
+            out.append(r)
+    return out
+
+
+def append_records(path: Path, records: Sequence[Dict[str, Any]]) -> None:
+    """Append + flush + fsync: after this returns the records survive a crash."""
+    if not records:
+        return
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def complete(records: Sequence[Dict[str, Any]], key: str, wanted: Sequence[Any]) -> Dict[int, List[Dict[str, Any]]]:
+    """index -> its records, only for indices that have exactly one record per wanted key value."""
+    by: Dict[int, Dict[Any, Dict[str, Any]]] = {}
+    for r in records:
+        k = (r.get(key), r.get("norm")) if key == "method" else r.get(key)
+        by.setdefault(int(r["index"]), {})[k] = r
+    want = set(wanted)
+    return {i: [d[k] for k in wanted] for i, d in by.items() if set(d) >= want}
+
+
+# --------------------------------------------------------------------------- work
+def _x(images: torch.Tensor, idx: Sequence[int], device: torch.device) -> torch.Tensor:
+    return images[torch.as_tensor(list(idx), dtype=torch.long)].to(device).float().div_(255.0)
+
+
+def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
+                   batch: int) -> List[Dict[str, Any]]:
+    recs: List[Dict[str, Any]] = []
+    for s in range(0, len(idx), batch):
+        xb, yb, ib = x[s:s + batch], y[s:s + batch], list(idx[s:s + batch])
+        with torch.no_grad():
+            clean = model(xb).argmax(1)
+        for label, atk, meta in attacks:
+            if atk is None:
+                adv = clean
+            else:
+                xa = atk(model, xb, yb, ib)
+                with torch.no_grad():
+                    adv = model(xa).argmax(1)
+            for k, i in enumerate(ib):
+                c, a, t = int(clean[k]), int(adv[k]), int(yb[k])
+                recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
+                             "eps": meta["eps"], "norm": meta["norm"], "adv_pred": a,
+                             "correct": bool(c == t and a == t)})
+    return recs
+
+
+def _chunks(todo: Sequence[int], rank: int, world: int, size: int) -> Tuple[List[List[int]], int]:
+    """This rank's strided shard of ``todo`` in chunks; every rank gets the same chunk count."""
+    from .engine import shard_indices
+
+    mine = [todo[j] for j in shard_indices(len(todo), rank, world)]
+    n_chunks = math.ceil(math.ceil(len(todo) / world) / size) if todo else 0
+    return [mine[c * size:(c + 1) * size] for c in range(n_chunks)], n_chunks
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[str, Any]],
+              attacks: Sequence[Tuple[str, Any, Dict[str, Any]]], sweep_label: str) -> Dict[str, Any]:
+    """Accuracies (%) per attack, the eps sweep, mean certified radii per bound method and norm."""
+    by: Dict[str, List[bool]] = {}
+    for r in attack_recs:
+        by.setdefault(r["attack"], []).append(bool(r["correct"]))
+    acc = {lab: 100.0 * sum(v) / len(v) for lab, v in by.items() if v}
+    robust = {lab: acc[lab] for lab, _, m in attacks if lab != "clean" and not m["sweep"] and lab in acc}
+    sweep = [{"attack": sweep_label, "eps": m["eps"], "norm": m["norm"], "robust_acc": acc[lab]}
+             for lab, _, m in attacks if m["sweep"] and lab in acc]
+    cert: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for r in cert_recs:
+        groups.setdefault((r["method"], r["norm"]), []).append(r)
+    for (meth, norm), rs in sorted(groups.items()):
+        tg = [r["radius_target"] for r in rs if r.get("radius_target") is not None]
+        cert.setdefault(meth, {})[norm] = {
+            "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
+            "mean_radius_target": sum(tg) / len(tg) if tg else None}
+    n = len({r["index"] for r in attack_recs})
+    return {"n": n, "clean_acc": acc.get("clean"), "robust_acc": robust, "eps_sweep": sweep, "certified": cert}
+
+
+def run_eval(rt: Any, plan: Plan) -> int:
+    from .data import load_arrays
+    from .engine import gather_objects
+    from .engine.io import atomic_write_json, atomic_write_text
+    from .space.network import count_parameters
+
+    cfg = plan.cfg
+    model = plan.model.to(rt.device).eval()
+    data = load_arrays(cfg.data, "test")
+    n = len(data)
+    images, labels = data.images, data.labels
+    run_dir: Path = rt.run_dir
+    att_path, cert_path = run_dir / ATTACKS_FILE, run_dir / CERTIFY_FILE
+    state_path, summary_path = run_dir / STATE_FILE, run_dir / SUMMARY_FILE
+
+    # ---- resume bookkeeping: every rank derives the same done-sets from the same files
+    old = None
+    if state_path.is_file():
+        try:
+            old = json.loads(state_path.read_text()).get("fingerprint")
+        except ValueError:
+            old = None
+    resume = cfg.run.resume and old is not None
+    if resume and old != plan.fingerprint:
+        diff = next((k for k in plan.fingerprint if plan.fingerprint[k] != old.get(k)), "?")
+        raise ConfigError(f"run dir {run_dir} holds results of a different evaluation ('{diff}' differs); "
+                          "choose another run.name or pass --run.resume=false to start over")
+    labels_wanted = [lab for lab, _, _ in plan.attacks]
+    cert_wanted = [(m, nm) for m in cfg.certify.methods for nm in cfg.certify.norms] if cfg.certify.enabled else []
+    done_att = complete(read_records(att_path), "attack", labels_wanted) if resume else {}
+    done_cert = complete(read_records(cert_path), "method", cert_wanted) if resume and cert_wanted else {}
+    rt.barrier()
+    if rt.is_main:  # drop torn lines and half-written examples, then append from a clean state
+        atomic_write_text(str(att_path), "".join(json.dumps(r) + "\n" for i in sorted(done_att) for r in done_att[i]))
+        atomic_write_text(str(cert_path), "".join(json.dumps(r) + "\n" for i in sorted(done_cert) for r in done_cert[i]))
+        atomic_write_json(str(state_path), {"fingerprint": plan.fingerprint})
+        if summary_path.exists() and not resume:
+            summary_path.unlink()
+    rt.barrier()
+    if done_att:
+        rt.print(f"resuming: {len(done_att)}/{n} examples already attacked, {len(done_cert)} certified")
+
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    chunks_done = 0
+
+    def tick() -> None:
+        nonlocal chunks_done
+        chunks_done += 1
+        if stop_after and chunks_done >= stop_after:
+            sys.stdout.flush()
+            os._exit(137)
+
+    # ---- phase 1: attacks
+    size = cfg.chunk_size or cfg.data.eval_batch_size
+    todo = [i for i in range(n) if i not in done_att]
+    chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
+    all_att = [r for i in sorted(done_att) for r in done_att[i]]
+    t0 = time.perf_counter()
+    for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
+        idx = chunks[c]
+        x, y = _x(images, idx, rt.device), labels[torch.as_tensor(idx, dtype=torch.long)].to(rt.device)
+        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size) if idx else []
+        recs = gather_objects(recs, key=None)
+        order = {lab: k for k, lab in enumerate(labels_wanted)}
+        recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
+        if rt.is_main:
+            append_records(att_path, recs)
+        all_att += recs
+        tick()
+    t_att = time.perf_counter() - t0
+
+    # ---- phase 2: certification of the first N correctly classified examples
+    cert_recs: List[Dict[str, Any]] = [r for i in sorted(done_cert) for r in done_cert[i]]
+    t_cert, n_cert_new = 0.0, 0
+    if cert_wanted:
+        correct = sorted(r["index"] for r in all_att if r["attack"] == "clean" and r["correct"])
+        targets = correct[:cfg.certify.num_examples]
+        todo_c = [i for i in targets if i not in done_cert]
+        chunks, n_chunks = _chunks(todo_c, rt.rank, rt.world_size, cfg.certify.batch_size)
+        from .bounds import BoundedModel
+        from .attacks.certify import certify_batch
+
+        bm = BoundedModel(model)
+        num_classes = _num_classes(model, images, rt.device)
+        t0 = time.perf_counter()
+        for c in rt.progress(range(n_chunks), total=n_chunks, desc="certify"):
+            idx = chunks[c]
+            recs: List[Dict[str, Any]] = []
+            if idx:
+                x, y = _x(images, idx, rt.device), labels[torch.as_tensor(idx, dtype=torch.long)].to(rt.device)
+                recs = certify_batch(bm, x, y, idx, methods=cfg.certify.methods, norms=cfg.certify.norms,
+                                     steps=cfg.certify.bisection_steps, eps_init=cfg.certify.eps_init,
+                                     random_target=cfg.certify.random_target, seed=cfg.run.seed,
+                                     num_classes=num_classes)
+            recs = gather_objects(recs, key=None)
+            recs.sort(key=lambda r: (r["index"], r["method"], r["norm"]))
+            if rt.is_main:
+                append_records(cert_path, recs)
+            cert_recs += recs
+            n_cert_new += len({r["index"] for r in recs})
+            tick()
+        t_cert = time.perf_counter() - t0
+
+    # ---- summary (rank 0)
+    if rt.is_main:
+        s = summarize(all_att, cert_recs, plan.attacks, plan.sweep_label)
+        ck = Path(cfg.checkpoint).resolve()
+        s.update({
+            "kind": "eval", "dataset": cfg.data.name, "n_test": n,
+            "checkpoint": cfg.checkpoint, "checkpoint_abs": str(ck),
+            "train_run_dir": str(ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent),
+            "train_seed": plan.train_cfg.run.seed, "genotype": plan.genotype.to_dict(),
+            "genotype_source": plan.train_cfg.model.genotype,
+            "params": count_parameters(model, include_aux=False), "params_with_aux": count_parameters(model),
+            "attacks": [{"label": lab, **meta} for lab, _, meta in plan.attacks],
+            "certify": to_dict(cfg.certify), "world_size": rt.world_size, "device": str(rt.device),
+            "timing": {"attack_s": t_att, "attack_examples_per_s": len(todo) / t_att if t_att > 0 and todo else None,
+                       "certify_s": t_cert, "certify_examples_per_s": n_cert_new / t_cert if t_cert > 0 else None,
+                       "peak_memory_mb": peak_memory_mb(rt.device)},
+        })
+        atomic_write_json(str(summary_path), s)
+        tb = rt.tb
+        if s["clean_acc"] is not None:
+            tb.scalar("eval/clean_acc", s["clean_acc"], 0)
+        for lab, v in s["robust_acc"].items():
+            tb.scalar(f"eval/robust_acc/{lab}", v, 0)
+        for pt in s["eps_sweep"]:
+            tb.scalar(f"eval/eps_sweep/{pt['attack']}", pt["robust_acc"], int(round(pt["eps"] * 255 * 100)))
+        for meth, per in s["certified"].items():
+            for norm, v in per.items():
+                tb.scalar(f"eval/certified/{meth}/l{norm}", v["mean_radius"], 0)
+                if v["mean_radius_target"] is not None:
+                    tb.scalar(f"eval/certified_target/{meth}/l{norm}", v["mean_radius_target"], 0)
+        tb.flush()
+        accs = ", ".join(f"{k} {v:.2f}%" for k, v in s["robust_acc"].items())
+        rt.print(f"clean {s['clean_acc']:.2f}% on {s['n']} examples; {accs}")
+        for meth, per in s["certified"].items():
+            rt.print(f"certified ({meth}): " + ", ".join(
+                f"l_{nm} {v['mean_radius']:.5f}" + (f" / target {v['mean_radius_target']:.5f}"
+                                                     if v["mean_radius_target"] is not None else "")
+                for nm, v in per.items()))
+        rt.print(f"results -> {summary_path}")
+    rt.barrier()
+    return 0
+
+
+def _num_classes(model: nn.Module, images: torch.Tensor, device: torch.device) -> int:
+    with torch.no_grad():
+        return int(model(_x(images, [0], device)).shape[1])
+
+
+# --------------------------------------------------------------------------- CLI
+def evaluate(cfg: EvalConfig) -> int:
+    """Preflight (errors before anything is written), then the run under the engine's policy."""
+    from .engine import report_error, run_stage
+
+    try:
+        plan = preflight(cfg)
+    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
+        raise SystemExit(report_error(exc, int(os.environ.get("RANK", "0") or 0))) from None
+    return run_stage(lambda rt: run_eval(rt, plan), cfg, "evaluate")
+
+
+def cli(config: str = "", **overrides: Any) -> None:
+    cfg = parse_cli(EvalConfig, PROG, DOC, config, overrides)
+    evaluate(cfg)
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):  # before fire, which would show its own help
+        print(format_help(EvalConfig, PROG, DOC))
+        sys.exit(0)
+    import fire
+
+    fire.Fire(cli, command=argv, name=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""PNG figures for the report, drawn with matplotlib only (Agg backend, no graphviz).
+
+Each function takes plain data (lists, dicts, Genotype) and a path, writes one PNG and
+returns the path, so report.py stays about finding and aggregating numbers.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from .genotype import Genotype
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def softmax_rows(a: Sequence[Sequence[float]]) -> np.ndarray:
+    m = np.asarray(a, dtype=np.float64)
+    m = np.exp(m - m.max(axis=-1, keepdims=True))
+    return m / m.sum(axis=-1, keepdims=True)
+
+
+def edge_labels(nodes: int) -> List[str]:
+    return [f"n{i}<-{'c_k-2' if j == 0 else 'c_k-1' if j == 1 else f'n{j - 2}'}"
+            for i in range(nodes) for j in range(2 + i)]
+
+
+def alpha_heatmap(weights: Mapping[str, np.ndarray], primitives: Sequence[str], title: str, path: Path) -> Path:
+    """Per-edge op weights (rows: edges, columns: ops) for the normal and the reduction cell."""
+    plt = _plt()
+    kinds = [k for k in ("normal", "reduce") if k in weights]
+    e, o = np.asarray(weights[kinds[0]]).shape
+    nodes = int((math.isqrt(8 * e + 9) - 3) // 2)  # e = sum_{i<n} (2 + i)
+    labels = edge_labels(nodes) if nodes * (nodes + 3) // 2 == e else [str(i) for i in range(e)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2.5 + 1.2 * o * len(kinds), 1.5 + 0.32 * e),
+                             constrained_layout=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        w = np.asarray(weights[kind])
+        im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0)
+        ax.set_title(f"{title}: {kind} cell", fontsize=9)
+        ax.set_xticks(range(o), list(primitives)[:o], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(e), labels, fontsize=7)
+        for (r, c), v in np.ndenumerate(w):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                    color="white" if v < 0.6 * w.max() else "black")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    return _save(fig, path)
+
+
+_OP_COLORS = {"skip_connect": "tab:gray", "max_pool_3x3": "tab:red", "avg_pool_3x3": "tab:orange",
+              "sep_conv_3x3": "tab:blue", "sep_conv_5x5": "tab:cyan", "dil_conv_3x3": "tab:green",
+              "dil_conv_5x5": "tab:olive"}
+
+
+def cell_diagram(g: Genotype, cell: str, title: str, path: Path) -> Path:
+    """The cell as a DAG: inputs c_{k-2}, c_{k-1} on the left, intermediate nodes, output c_k."""
+    plt = _plt()
+    edges = g.normal if cell == "normal" else g.reduce
+    concat = g.normal_concat if cell == "normal" else g.reduce_concat
+    n = len(edges) // 2
+    pos: Dict[int, Tuple[float, float]] = {0: (0.0, 1.0), 1: (0.0, -1.0)}
+    for i in range(n):
+        pos[i + 2] = (1.5 + 1.4 * i, 1.2 * (1 if i % 2 == 0 else -1) * (0.4 + 0.25 * (i // 2)))
+    out = 1.5 + 1.4 * n + 0.4
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * n, 3.6), constrained_layout=True)
+    names = {0: "c_{k-2}", 1: "c_{k-1}", **{i + 2: str(i) for i in range(n)}}
+
+    def box(xy, text, color):
+        ax.text(*xy, text, ha="center", va="center", fontsize=9, zorder=3,
+                bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="black", lw=0.8))
+
+    for k, (op, src) in enumerate(edges):
+        dst = k // 2 + 2
+        rad = 0.25 if k % 2 else -0.25
+        ax.annotate("", xy=pos[dst], xytext=pos[src], zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color=_OP_COLORS.get(op, "black"), lw=1.4,
+                                    shrinkA=14, shrinkB=14, connectionstyle=f"arc3,rad={rad}"))
+        (x0, y0), (x1, y1) = pos[src], pos[dst]
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        nx, ny = -(y1 - y0), (x1 - x0)
+        norm = math.hypot(nx, ny) or 1.0
+        off = rad * math.hypot(x1 - x0, y1 - y0) / 2
+        ax.text(mx + nx / norm * off, my + ny / norm * off, op, fontsize=7, ha="center", va="center",
+                color=_OP_COLORS.get(op, "black"), zorder=2,
+                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+    for c in concat:
+        ax.annotate("", xy=(out, 0.0), xytext=pos[c], zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color="lightgray", lw=1.0, shrinkA=14, shrinkB=14))
+    for i, xy in pos.items():
+        box(xy, names[i], "lightgreen" if i < 2 else "lightblue")
+    box((out, 0.0), "c_{k}", "khaki")
+    ax.set_xlim(-0.6, out + 0.6)
+    ax.set_ylim(-2.0, 2.0)
+    ax.axis("off")
+    ax.set_title(f"{title}: {cell} cell", fontsize=10)
+    return _save(fig, path)
+
+
+def eps_sweep(series: Mapping[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+              title: str, xlabel: str, path: Path) -> Path:
+    """Robust accuracy vs eps: one line (mean, error bar = std over seeds) per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    for name, (eps, mean, std) in series.items():
+        ax.errorbar(eps, mean, yerr=std, marker="o", ms=4, capsize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def radius_histogram(data: Mapping[str, Sequence[float]], title: str, xlabel: str, path: Path,
+                     bins: int = 20) -> Path:
+    """Certified radii per example, one translucent histogram per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    allv = [v for vs in data.values() for v in vs]
+    hi = max(allv) if allv else 1.0
+    edges = np.linspace(0.0, hi if hi > 0 else 1.0, bins + 1)
+    for name, vs in data.items():
+        ax.hist(vs, bins=edges, alpha=0.5, label=f"{name} (mean {np.mean(vs):.4g})" if len(vs) else name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("examples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

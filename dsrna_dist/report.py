@@ -1,0 +1,550 @@
+"""Report stage: ``python -m dsrna_dist.report --runs runs/ --out report.md``.
+
+Finds every search, train and eval run under ``--runs`` (by the keys of its ``config.yaml``),
+links them (eval -> the train run its checkpoint came from -> the search run whose
+genotype.json that train run used), groups trained networks by method (from the search config:
+strategy + robustness metric, e.g. "DSRNA-CB") and dataset, and writes markdown tables laid
+out like the paper's Tables 1-6 (mean ± std over the trained networks of a method = seeds),
+plus PNG plots linked from the markdown and a ``report.json`` with every aggregated number.
+
+What is read (nothing else is needed; missing pieces show as "n/a"):
+  search run: config.yaml (strategy.name, strategy.order, robustness.name, data.name, run.seed),
+              genotype.json, alphas.jsonl (last line: primitives, alphas_normal/alphas_reduce raw
+              or weights_normal/weights_reduce), search cost from summary.json
+              {search_time_s, world_size, device}, else the sum of epoch_time_s in metrics.jsonl,
+              else the mtime span config.yaml -> genotype.json (marked "~").
+  train run:  config.yaml (model.genotype, data.name, run.seed), metrics.jsonl (last test_top1),
+              checkpoints/best.pt only when no eval run gives the parameter count.
+  eval run:   summary.json written by dsrna_dist.evaluate; certify.jsonl for radius histograms.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import ReportConfig, format_help, parse_cli
+
+PROG = "python -m dsrna_dist.report"
+DOC = __doc__.split("\n\n")[1] if __doc__ else ""
+
+
+class ReportError(ValueError):
+    """The runs directory is missing or holds nothing to report."""
+
+
+# --------------------------------------------------------------------------- reading
+def _read_yaml(p: Path) -> Dict[str, Any]:
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+        return d if isinstance(d, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _read_json(p: Path) -> Optional[Dict[str, Any]]:
+    try:
+        d = json.loads(p.read_text())
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(p: Path) -> List[Dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (interrupted writer) is skipped."""
+    out = []
+    try:
+        text = p.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            out.append(r)
+    return out
+
+
+def _last_jsonl(p: Path) -> Optional[Dict[str, Any]]:
+    recs = read_jsonl(p)
+    return recs[-1] if recs else None
+
+
+def method_name(search_cfg: Dict[str, Any]) -> str:
+    """Paper-style method name from a search config (strategy + robustness metric)."""
+    st = search_cfg.get("strategy") or {}
+    name, order = st.get("name", "darts"), int(st.get("order", 1) or 1)
+    base = {"darts": f"DARTS ({'2nd' if order == 2 else '1st'})", "pcdarts": "PC-DARTS",
+            "sdarts_rs": "SDARTS-RS", "sdarts_adv": "SDARTS-ADV", "pcdarts_adv": "PC-DARTS-ADV",
+            "pcdarts_rs": "PC-DARTS-RS"}.get(name, name)
+    metric = (search_cfg.get("robustness") or {}).get("name", "none")
+    if metric in (None, "", "none"):
+        return base
+    dsrna = {"jacobian": "DSRNA-Jacobian", "certified": "DSRNA-CB"}.get(metric, f"DSRNA-{metric}")
+    return dsrna if name == "pcdarts" else f"{dsrna} ({base})"
+
+
+@dataclass
+class SearchRun:
+    path: Path
+    cfg: Dict[str, Any]
+    method: str
+    dataset: str
+    seed: Any
+    genotype: Optional[Any]
+    alphas: Optional[Dict[str, Any]]
+    cost_s: Optional[float]
+    cost_exact: bool
+    device: str
+    world_size: int
+
+
+@dataclass
+class TrainRun:
+    path: Path
+    cfg: Dict[str, Any]
+    dataset: str
+    seed: Any
+    genotype_source: str
+    test_top1: Optional[float]
+    search: Optional[SearchRun] = None
+
+
+@dataclass
+class EvalRun:
+    path: Path
+    summary: Dict[str, Any]
+    mtime: float
+
+
+def _search_cost(d: Path) -> Tuple[Optional[float], bool, str, int]:
+    s = _read_json(d / "summary.json") or {}
+    dev, world = str(s.get("device", "cpu")), int(s.get("world_size", 1) or 1)
+    if isinstance(s.get("search_time_s"), (int, float)):
+        return float(s["search_time_s"]), True, dev, world
+    recs = read_jsonl(d / "metrics.jsonl")
+    times = [r["epoch_time_s"] for r in recs if isinstance(r.get("epoch_time_s"), (int, float))]
+    if times:
+        world = int(recs[-1].get("world_size", world) or world)
+        return float(sum(times)), True, dev, world
+    try:
+        span = (d / "genotype.json").stat().st_mtime - (d / "config.yaml").stat().st_mtime
+        return (span, False, dev, world) if span > 0 else (None, False, dev, world)
+    except OSError:
+        return None, False, dev, world
+
+
+def _load_search(d: Path, cfg: Dict[str, Any]) -> SearchRun:
+    from . import genotype as G
+
+    try:
+        g = G.load(str(d / "genotype.json"))
+    except Exception:  # noqa: BLE001 - an unfinished search still has alphas worth plotting
+        g = None
+    cost, exact, dev, world = _search_cost(d)
+    alphas = _last_jsonl(d / "alphas.jsonl")
+    if alphas is None and (d / "alphas").is_dir():
+        files = sorted((d / "alphas").glob("*.json"))
+        alphas = _read_json(files[-1]) if files else None
+    return SearchRun(d, cfg, method_name(cfg), (cfg.get("data") or {}).get("name", "?"),
+                     (cfg.get("run") or {}).get("seed"), g, alphas, cost, exact, dev, world)
+
+
+def _load_train(d: Path, cfg: Dict[str, Any]) -> TrainRun:
+    recs = read_jsonl(d / "metrics.jsonl")
+    top1 = next((r["test_top1"] for r in reversed(recs) if isinstance(r.get("test_top1"), (int, float))), None)
+    return TrainRun(d, cfg, (cfg.get("data") or {}).get("name", "?"), (cfg.get("run") or {}).get("seed"),
+                    str((cfg.get("model") or {}).get("genotype", "")), top1)
+
+
+@dataclass
+class Runs:
+    search: List[SearchRun] = field(default_factory=list)
+    train: List[TrainRun] = field(default_factory=list)
+    evals: List[EvalRun] = field(default_factory=list)
+
+
+def discover(root: Path) -> Runs:
+    """Classify every directory with a config.yaml by its keys (search/train/eval)."""
+    runs = Runs()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(n for n in dirnames if n not in ("tb", "checkpoints", "genotypes", "alphas"))
+        d = Path(dirpath)
+        if "config.yaml" not in filenames:
+            continue
+        cfg = _read_yaml(d / "config.yaml")
+        if "attacks" in cfg and "checkpoint" in cfg:
+            s = _read_json(d / "summary.json")
+            if s is not None:
+                runs.evals.append(EvalRun(d, s, (d / "summary.json").stat().st_mtime))
+        elif "strategy" in cfg:
+            runs.search.append(_load_search(d, cfg))
+        elif isinstance(cfg.get("model"), dict) and "genotype" in cfg["model"]:
+            runs.train.append(_load_train(d, cfg))
+    _link(runs, root)
+    return runs
+
+
+def _resolve(p: str, bases: Sequence[Path]) -> List[Path]:
+    path = Path(p)
+    cands = [path] if path.is_absolute() else [b / path for b in bases]
+    return [c.resolve() for c in cands]
+
+
+def _link(runs: Runs, root: Path) -> None:
+    """Attach to each train run the search run its genotype file lives in."""
+    by_dir = {s.path.resolve(): s for s in runs.search}
+    bases = [Path.cwd(), root.resolve(), root.resolve().parent]
+    for t in runs.train:
+        src = t.genotype_source
+        if not src:
+            continue
+        for c in _resolve(src, bases):
+            for parent in (c.parent, c.parent.parent):   # genotype.json or genotypes/epoch_X.json
+                if parent in by_dir:
+                    t.search = by_dir[parent]
+                    break
+            if t.search:
+                break
+        if t.search is None:  # moved trees: match the search run by directory name
+            parts = Path(src).parts
+            for s in runs.search:
+                if len(parts) >= 2 and s.path.name in parts[:-1]:
+                    t.search = s
+                    break
+
+
+# --------------------------------------------------------------------------- aggregation
+@dataclass
+class Unit:
+    """One trained network (= one seed of a method) with everything measured on it."""
+
+    name: str
+    dataset: str
+    method: str
+    seed: Any
+    search: Optional[SearchRun]
+    train: Optional[TrainRun]
+    evals: List[EvalRun]
+    clean: Optional[float] = None
+    robust: Dict[str, float] = field(default_factory=dict)
+    attack_order: List[str] = field(default_factory=list)
+    certified: Dict[str, Dict[str, float]] = field(default_factory=dict)  # "method/norm" -> means
+    sweep: Dict[str, Dict[float, float]] = field(default_factory=dict)    # sweep label -> eps -> acc
+    params_m: Optional[float] = None
+    radii: Dict[str, List[float]] = field(default_factory=dict)
+
+
+def _method_of(t: Optional[TrainRun], s: Optional[Dict[str, Any]]) -> str:
+    if t is not None and t.search is not None:
+        return t.search.method
+    src = (t.genotype_source if t is not None else "") or str((s or {}).get("genotype_source", ""))
+    from .genotype import PUBLISHED
+
+    if src in PUBLISHED:
+        return f"{src} (published)"
+    return f"genotype {Path(src).name}" if src else "unknown"
+
+
+def _params_from_checkpoint(t: TrainRun) -> Optional[float]:
+    p = t.path / "checkpoints" / "best.pt"
+    if not p.is_file():
+        p = t.path / "checkpoints" / "last.pt"
+    if not p.is_file():
+        return None
+    try:
+        import torch
+
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        n = ck.get("num_params_no_aux", ck.get("num_params"))
+        return float(n) / 1e6 if n is not None else None
+    except Exception:  # noqa: BLE001 - a report must not die on one bad file
+        return None
+
+
+def build_units(runs: Runs) -> List[Unit]:
+    train_by_dir = {t.path.resolve(): t for t in runs.train}
+    groups: Dict[Any, List[EvalRun]] = {}
+    for e in sorted(runs.evals, key=lambda e: e.mtime):
+        td = e.summary.get("train_run_dir")
+        key = Path(td).resolve() if td else e.path.resolve()
+        groups.setdefault(key, []).append(e)
+    units: List[Unit] = []
+    for t in runs.train:
+        key = t.path.resolve()
+        units.append(_unit(t, groups.pop(key, [])))
+    for key, evals in groups.items():  # evaluated checkpoints whose train run is not under root
+        units.append(_unit(train_by_dir.get(key), evals))
+    return units
+
+
+def _unit(t: Optional[TrainRun], evals: List[EvalRun]) -> Unit:
+    s0 = evals[-1].summary if evals else {}
+    dataset = str(s0.get("dataset") or (t.dataset if t else "?"))
+    seed = (t.search.seed if t and t.search else None, t.seed if t else s0.get("train_seed"))
+    name = t.path.name if t else evals[-1].path.name
+    u = Unit(name, dataset, _method_of(t, s0), seed, t.search if t else None, t, evals)
+    for e in evals:  # later evaluations of the same network override earlier ones per column
+        s = e.summary
+        if isinstance(s.get("clean_acc"), (int, float)):
+            u.clean = float(s["clean_acc"])
+        for lab, v in (s.get("robust_acc") or {}).items():
+            if lab not in u.attack_order:
+                u.attack_order.append(lab)
+            u.robust[lab] = float(v)
+        for meth, per_norm in (s.get("certified") or {}).items():
+            for norm, vals in per_norm.items():
+                u.certified[f"{meth}/{norm}"] = dict(vals)
+        for pt in s.get("eps_sweep") or []:
+            u.sweep.setdefault(str(pt.get("attack", "PGD")), {})[float(pt["eps"])] = float(pt["robust_acc"])
+        if isinstance(s.get("params"), (int, float)):
+            u.params_m = float(s["params"]) / 1e6
+        for r in read_jsonl(e.path / "certify.jsonl"):
+            if isinstance(r.get("radius"), (int, float)):
+                u.radii.setdefault(f"{r.get('method')}/{r.get('norm')}", []).append(float(r["radius"]))
+    if u.clean is None and t is not None and t.test_top1 is not None:
+        u.clean = float(t.test_top1)
+    if u.params_m is None and t is not None:
+        u.params_m = _params_from_checkpoint(t)
+    return u
+
+
+def mean_std(values: Sequence[float], ddof: int = 1) -> Tuple[float, Optional[float]]:
+    """Mean and standard deviation (None for a single value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n - ddof <= 0:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - ddof))
+
+
+def fmt(values: Sequence[Optional[float]], decimals: int, ddof: int) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    m, s = mean_std(vals, ddof)
+    return f"{m:.{decimals}f}" if s is None else f"{m:.{decimals}f} ± {s:.{decimals}f}"
+
+
+def _grouped(units: Sequence[Unit]) -> Dict[str, Dict[str, List[Unit]]]:
+    out: Dict[str, Dict[str, List[Unit]]] = {}
+    for u in units:
+        out.setdefault(u.dataset, {}).setdefault(u.method, []).append(u)
+    return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# --------------------------------------------------------------------------- report
+def _search_cost_h(runs: Sequence[SearchRun]) -> Tuple[str, Optional[float], Optional[float]]:
+    costs = [(s.cost_s * s.world_size / 3600.0, s) for s in runs if s.cost_s is not None]
+    if not costs:
+        return "n/a", None, None
+    dev = "GPU" if any(s.device.startswith("cuda") or s.device == "gpu" for _, s in costs) else "CPU"
+    m, sd = mean_std([c for c, _ in costs], 1)
+    approx = "" if all(s.cost_exact for _, s in costs) else "~"
+    txt = f"{approx}{m:.3g}" + (f" ± {sd:.2g}" if sd is not None else "") + f" {dev}-h"
+    return txt, m, sd
+
+
+def write_report(cfg: ReportConfig) -> Path:
+    root = Path(cfg.runs)
+    if not root.is_dir():
+        raise ReportError(f"runs directory {root}: not found")
+    runs = discover(root)
+    units = build_units(runs)
+    if not units and not runs.search:
+        raise ReportError(f"runs directory {root}: no search, train or eval runs found (each run dir "
+                          "needs a config.yaml)")
+    out = Path(cfg.out)
+    plots = Path(cfg.plots_dir) if cfg.plots_dir else out.parent / f"{out.stem}_plots"
+    dec, ddof = cfg.decimals, cfg.std_ddof
+    md: List[str] = ["# DSRNA report", "",
+                     f"Runs under `{root}`: {len(runs.search)} search, {len(runs.train)} train, "
+                     f"{len(runs.evals)} eval. Values are mean ± std over the trained networks of a "
+                     f"method (seeds; std with ddof={ddof}); accuracies in %, radii in [0,1] pixel units.", ""]
+    data: Dict[str, Any] = {"datasets": {}, "search_runs": []}
+    grouped = _grouped(units)
+    n_table = 0
+    # ---- Tables 1/3/4: accuracy under attack, per dataset
+    for ds, methods in sorted(grouped.items()):
+        labels: List[str] = []
+        for us in methods.values():
+            for u in us:
+                labels += [lab for lab in u.attack_order if lab not in labels and lab != "clean"]
+        n_table += 1
+        md += [f"## Table {n_table}. Accuracy (%) under attack on {ds}", ""]
+        rows, dsd = [], data["datasets"].setdefault(ds, {"methods": {}})
+        for meth, us in sorted(methods.items()):
+            row = [meth, str(len(us)), fmt([u.clean for u in us], dec, ddof)]
+            rec = {"n": len(us), "clean": [u.clean for u in us], "robust": {}, "seeds": [u.seed for u in us],
+                   "units": [u.name for u in us]}
+            for lab in labels:
+                vals = [u.robust.get(lab) for u in us]
+                row.append(fmt(vals, dec, ddof))
+                rec["robust"][lab] = vals
+            rows.append(row)
+            dsd["methods"][meth] = rec
+        md += _table(["Method", "runs", "Without attack"] + labels, rows) + [""]
+    # ---- Table 2 style: clean accuracy, params, search cost
+    n_table += 1
+    md += [f"## Table {n_table}. Accuracy (%) without attack, parameters and search cost", ""]
+    rows = []
+    for ds, methods in sorted(grouped.items()):
+        for meth, us in sorted(methods.items()):
+            searches = list({id(u.search): u.search for u in us if u.search is not None}.values())
+            cost_txt, cost_m, cost_sd = _search_cost_h(searches)
+            params = [u.params_m for u in us if u.params_m is not None]
+            rows.append([ds, meth, fmt([u.clean for u in us], dec, ddof),
+                         fmt(params, 2, ddof).split(" ±")[0] if params else "n/a", cost_txt,
+                         "gradient" if searches else "-", str(len(us))])
+            rec = data["datasets"][ds]["methods"][meth]
+            rec.update(params_m=params, search_cost_h=cost_m, search_cost_h_std=cost_sd)
+    md += _table(["Dataset", "Method", "Test Acc. (%)", "Params (M)", "Search cost", "Search method",
+                  "runs"], rows) + [""]
+    # ---- Tables 5/6: certified lower bounds (rows: datasets, columns: methods)
+    cert_keys = sorted({k for u in units for k in u.certified})
+    for norm, nname in (("inf", "l_inf"), ("2", "l_2")):
+        keys = [k for k in cert_keys if k.endswith("/" + norm)]
+        if not keys:
+            continue
+        all_methods = sorted({m for ds in grouped.values() for m in ds})
+        for k in keys:
+            bmethod = k.split("/")[0]
+            n_table += 1
+            md += [f"## Table {n_table}. Averaged {nname}-norm certified lower bounds ({bmethod}); "
+                   "untargeted / random target (CNN-Cert style)", ""]
+            rows = []
+            for ds, methods in sorted(grouped.items()):
+                row = [ds]
+                for meth in all_methods:
+                    us = methods.get(meth, [])
+                    unt = [u.certified[k].get("mean_radius") for u in us if k in u.certified]
+                    tgt = [u.certified[k].get("mean_radius_target") for u in us if k in u.certified]
+                    row.append(f"{fmt(unt, 4, ddof)} / {fmt(tgt, 4, ddof)}" if unt else "n/a")
+                    if unt:
+                        data["datasets"][ds]["methods"][meth].setdefault("certified", {})[k] = {
+                            "mean_radius": unt, "mean_radius_target": tgt}
+                rows.append(row)
+            md += _table(["Dataset"] + all_methods, rows) + [""]
+    # ---- plots
+    if cfg.plots:
+        md += _plots(runs, grouped, plots, out.parent, data)
+    md += ["## Runs", ""]
+    md += _table(["dataset", "method", "train run", "search run", "seeds (search, train)", "eval runs"],
+                 [[u.dataset, u.method, str(u.train.path) if u.train else "-",
+                   str(u.search.path) if u.search else "-", str(u.seed),
+                   ", ".join(str(e.path) for e in u.evals) or "-"] for u in units]) + [""]
+    for s in runs.search:
+        data["search_runs"].append({"path": str(s.path), "method": s.method, "dataset": s.dataset,
+                                    "seed": s.seed, "cost_s": s.cost_s, "world_size": s.world_size,
+                                    "device": s.device, "genotype": s.genotype.to_dict() if s.genotype else None})
+    from .engine.io import atomic_write_json, atomic_write_text
+
+    atomic_write_text(str(out), "\n".join(md) + "\n")
+    atomic_write_json(str(out.with_suffix(".json")), data)
+    return out
+
+
+def _rel(p: Path, base: Path) -> str:
+    return os.path.relpath(p, base)
+
+
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+
+def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, base: Path,
+           data: Dict[str, Any]) -> List[str]:
+    from . import plots as P
+
+    md: List[str] = ["## Plots", ""]
+    data["plots"] = []
+
+    def link(title: str, path: Path) -> None:
+        md.append(f"![{title}]({_rel(path, base)})")
+        md.append("")
+        data["plots"].append(str(path))
+
+    for ds, methods in sorted(grouped.items()):
+        for lab in sorted({lab for us in methods.values() for u in us for lab in u.sweep}):
+            series = {}
+            for meth, us in sorted(methods.items()):
+                eps = sorted({e for u in us for e in u.sweep.get(lab, {})})
+                if not eps:
+                    continue
+                stats = [mean_std([u.sweep[lab][e] for u in us if e in u.sweep.get(lab, {})]) for e in eps]
+                series[meth] = (eps, [m for m, _ in stats], [s or 0.0 for _, s in stats])
+            if series:
+                link(f"{ds}: robust accuracy vs eps ({lab})",
+                     P.eps_sweep(series, f"{ds}: {lab}", "eps (pixels)", pdir / f"eps_sweep_{_safe(ds)}_{_safe(lab)}.png"))
+        for key in sorted({k for us in methods.values() for u in us for k in u.radii}):
+            hist = {meth: [r for u in us for r in u.radii.get(key, [])] for meth, us in sorted(methods.items())}
+            hist = {m: v for m, v in hist.items() if v}
+            bm, norm = key.split("/")
+            link(f"{ds}: certified radii ({bm}, l_{norm})",
+                 P.radius_histogram(hist, f"{ds}: certified radius ({bm}, l_{norm}, untargeted)",
+                                    "radius (pixels)", pdir / f"radius_hist_{_safe(ds)}_{_safe(bm)}_{norm}.png"))
+    for s in runs.search:
+        tag = f"{s.method} [{s.path.name}]"
+        if s.alphas:
+            w = _alpha_weights(s.alphas)
+            if w:
+                prims = s.alphas.get("primitives") or (s.cfg.get("model") or {}).get("primitives") or []
+                link(f"softmax(alpha): {tag}", P.alpha_heatmap(w, prims, tag, pdir / f"alphas_{_safe(s.path.name)}.png"))
+        if s.genotype is not None:
+            for cell in ("normal", "reduce"):
+                link(f"{cell} cell: {tag}", P.cell_diagram(s.genotype, cell, tag,
+                                                          pdir / f"cell_{_safe(s.path.name)}_{cell}.png"))
+    return md
+
+
+def _alpha_weights(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-edge op weights to draw: the recorded mixing weights, else softmax of raw alphas."""
+    from .plots import softmax_rows
+
+    out = {}
+    for kind in ("normal", "reduce"):
+        if isinstance(rec.get(f"weights_{kind}"), list):
+            import numpy as np
+
+            out[kind] = np.asarray(rec[f"weights_{kind}"], dtype=float)
+        elif isinstance(rec.get(f"alphas_{kind}"), list):
+            out[kind] = softmax_rows(rec[f"alphas_{kind}"])
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def cli(config: str = "", **overrides: Any) -> None:
+    cfg = parse_cli(ReportConfig, PROG, DOC, config, overrides)
+    try:
+        out = write_report(cfg)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report -> {out}")
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):
+        print(format_help(ReportConfig, PROG, DOC))
+        sys.exit(0)
+    import fire
+
+    fire.Fire(cli, command=argv, name=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The robustness-metric interface shared by DSRNA-Jacobian and DSRNA-CB, and its registry.
+
+A metric maps ``(model, x, y)`` to a differentiable scalar R (larger = more robust) that the
+search strategies plug into the architecture objective ``val_loss - gamma * R`` (paper eq. 16).
+Metrics never call ``backward`` themselves: the caller does one ordinary backward of the whole
+objective, which is what makes them work on a DDP-wrapped model (DDP's reducer fires once per
+parameter per backward; ``backward(create_graph=True)`` is refused by DDP).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RobustnessConfig
+from ..registry import Registry
+
+MetricFactory = Callable[[RobustnessConfig], Optional["RobustnessMetric"]]
+METRICS: Registry[MetricFactory] = Registry("robustness metric")
+
+
+class RobustnessMetric(ABC):
+    """R(w, alpha, x): call it like ``R, logs = metric(model, x, y)``.
+
+    ``model`` may be DDP-wrapped (it is called as a module); ``x`` is a batch in [0, 1] pixel
+    space, ``y`` its labels. ``logs`` holds plain floats for TensorBoard. ``update=False`` tells
+    an adaptive metric not to adapt on this call (e.g. the extra evaluations of a 2nd-order
+    DARTS step); ``logits`` may hand over the caller's forward of the *same* ``x`` so a metric
+    that can reuse it (the Jacobian one) saves a forward pass.
+    """
+
+    name: str = ""
+
+    def __init__(self, cfg: RobustnessConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 logits: Optional[torch.Tensor] = None,
+                 update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
+        ...
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Adaptive state to checkpoint (empty for stateless metrics)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name} metric has no state; got keys {sorted(state)}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / Accelerate wrappers (``.module``), else the model itself."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def first_logits(out: Any) -> torch.Tensor:
+    """Logits from a forward output; derived nets in train mode return ``(logits, aux)``."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def batch_subset(x: torch.Tensor, y: torch.Tensor, fraction: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``ceil(fraction * B)`` examples (batches are shuffled, so the first are a sample)."""
+    m = max(1, math.ceil(fraction * x.shape[0]))
+    return x[:m], y[:m]
+
+
+def build_metric(cfg: RobustnessConfig) -> Optional[RobustnessMetric]:
+    """The metric named ``cfg.name`` (``none`` -> None); unknown names list the valid ones."""
+    return METRICS.get(cfg.name, key="robustness.name")(cfg)
+

@@ -1,0 +1,148 @@
+"""DSRNA-CB: the certified margin lower bound of paper section 3.1.1 as a differentiable metric.
+
+For each example the bound engine (:mod:`dsrna_dist.bounds`, CROWN-IBP by default) gives lower
+bounds lb_j of the margin f_y(x') - f_j(x') over the ball ||x' - x|| <= eps (clipped to the
+[0, 1] pixel box), for every j != y. The per-example robustness is
+
+    reduction="min"  (default): min_{j != y} lb_j  -- the certificate itself: > 0 iff certified
+    reduction="mean":           mean_{j != y} lb_j -- smoother (a gradient through every class)
+
+and R is its mean over the (first ``batch_fraction`` of the) batch. R is differentiable w.r.t.
+the weights and the architecture parameters, because the bounds are built from the same
+modules, scaled by the same softmax(alpha) (and PC-DARTS betas) as the forward pass.
+
+Adaptive eps -- our exact reading of paper 4.2.2 ("we initialized eps as 0.03, and then
+linearly increased or decreased it based on the global difference between the certified upper
+bound and lower bound"): on every call with ``update=True`` the engine also returns the upper
+bounds ub_j of the same margins at the same eps, and the *global* gap
+
+    g = mean over all examples of all ranks and all j != y of (ub_j - lb_j)
+
+(an all-reduce when torch.distributed is initialised, so every rank sees the same g) moves eps
+for the next call by a fixed step ("linearly")::
+
+    sign:          eps <- clip(eps + eps_step * sign(eps_target_gap - g), eps_min, eps_max)
+    proportional:  eps <- clip(eps + eps_step * clip((eps_target_gap - g) / eps_target_gap, -1, 1), ...)
+    fixed:         eps never changes
+
+A gap wider than the target means the relaxation is loose at this eps (the bound says little
+about the architecture), so eps shrinks; a tight gap lets eps grow towards the attack radius.
+A non-finite gap counts as too wide. eps lives in :meth:`state_dict` so a resumed search
+continues with the eps it had; the update is computed in Python floats from the all-reduced
+gap, so eps is identical on every rank.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError, RobustnessConfig
+from .base import METRICS, RobustnessMetric, batch_subset, unwrap_model
+
+
+def num_classes(model: nn.Module) -> int:
+    """Number of logits: ``model.num_classes`` if set, else the last Linear's out_features."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("certified metric: cannot tell the number of classes "
+                         "(no num_classes attribute and no nn.Linear in the model)")
+    return linears[-1].out_features
+
+
+def margin_spec(y: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """C [B, K-1, K] with rows e_y - e_j for the K-1 classes j != y, and those j [B, K-1]."""
+    b = y.shape[0]
+    idx = torch.arange(k, device=y.device).expand(b, k)
+    others = idx[idx != y[:, None]].view(b, k - 1)
+    c = torch.zeros(b, k - 1, k, device=y.device, dtype=dtype)
+    c.scatter_(2, y[:, None, None].expand(b, k - 1, 1), 1.0)
+    c.scatter_(2, others[:, :, None], -1.0)
+    return c, others
+
+
+def global_mean(values: torch.Tensor) -> float:
+    """Mean of ``values`` over all ranks (exact for unequal sizes: all-reduced sum and count)."""
+    acc = torch.stack([values.detach().double().sum(),
+                       torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(acc)
+    s, n = acc.tolist()
+    return s / max(n, 1.0)
+
+
+def next_eps(eps: float, gap: float, cfg: RobustnessConfig) -> float:
+    """The eps rule of the module docstring (pure function of floats: identical on all ranks)."""
+    if cfg.eps_rule == "fixed":
+        return eps
+    rel = (cfg.eps_target_gap - gap) / cfg.eps_target_gap if math.isfinite(gap) else -1.0
+    step = math.copysign(1.0, rel) if cfg.eps_rule == "sign" else max(-1.0, min(1.0, rel))
+    if cfg.eps_rule == "sign" and rel == 0.0:
+        step = 0.0
+    return min(cfg.eps_max, max(cfg.eps_min, eps + cfg.eps_step * step))
+
+
+@METRICS.register("certified")
+class CertifiedMetric(RobustnessMetric):
+    """DSRNA-CB (see the module docstring). Holds one BoundedModel per model, built lazily."""
+
+    name = "certified"
+
+    def __init__(self, cfg: RobustnessConfig) -> None:
+        super().__init__(cfg)
+        if cfg.eps_min > cfg.eps_max:
+            raise ConfigError(f"key 'robustness.eps_min': {cfg.eps_min} is above "
+                              f"robustness.eps_max={cfg.eps_max}")
+        self.eps = min(cfg.eps_max, max(cfg.eps_min, cfg.eps))
+        self.updates = 0
+        self._bounded: Any = None
+        self._bounded_for: Optional[weakref.ref] = None
+
+    def bounded_model(self, model: nn.Module) -> Any:
+        """The (cached) BoundedModel of the unwrapped model; rebuilt only for a different model."""
+        mod = unwrap_model(model)
+        if self._bounded is None or self._bounded_for is None or self._bounded_for() is not mod:
+            from ..bounds import BoundedModel  # import late: bounds is optional for other metrics
+            self._bounded = BoundedModel(mod)
+            self._bounded_for = weakref.ref(mod)
+        return self._bounded
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                 logits: Optional[torch.Tensor] = None,
+                 update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg = self.cfg
+        xs, ys = batch_subset(x.detach(), y, cfg.batch_fraction)
+        bm = self.bounded_model(model)
+        k = num_classes(unwrap_model(model))
+        eps = self.eps
+        adapt = update and cfg.eps_rule != "fixed"
+        c, _ = margin_spec(ys, k, xs.dtype)
+        # the upper bounds only feed the eps rule: skip their (CROWN) backward pass otherwise
+        lb, ub = bm.bounds(xs, eps, norm=cfg.norm, method=cfg.method, C=c, need_upper=adapt)
+        per = lb.min(dim=1).values if cfg.reduction == "min" else lb.mean(dim=1)
+        r = per.mean()
+        logs: Dict[str, float] = {"R": float(r.detach()), "eps": eps,
+                                  "certified_frac": float((lb.detach().min(dim=1).values > 0).float().mean())}
+        if adapt:
+            gap = global_mean(ub.detach() - lb.detach())
+            self.eps = next_eps(eps, gap, cfg)
+            self.updates += 1
+            logs["bound_gap"] = gap
+        return r, logs
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"eps": self.eps, "updates": self.updates}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        missing = {"eps", "updates"} - set(state)
+        if missing:
+            raise ValueError(f"certified metric state lacks {sorted(missing)}")
+        self.eps = float(state["eps"])
+        self.updates = int(state["updates"])

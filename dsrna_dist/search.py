@@ -1,0 +1,245 @@
+"""Architecture search stage: ``python -m dsrna_dist.search --config configs/search/X.yaml``.
+
+Also runs unchanged under ``accelerate launch --multi_gpu --num_processes N ... -m
+dsrna_dist.search`` or ``torchrun``. The train split is halved (``data.train_portion``):
+weight batches come from one half, architecture batches from the other, each sharded by
+rank. Every epoch leaves ``genotypes/epoch_XXX.json``, a line in ``alphas.jsonl`` and a
+checkpoint; the final cell goes to ``genotype.json``. A killed run restarted with the same
+command continues from the last checkpoint, bit-exactly on CPU.
+
+Test hook: ``DSRNA_STOP_AFTER_STEPS=N`` makes the process die (``os._exit(137)``, no cleanup)
+right after global step N, to simulate a kill.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import ConfigError, SearchConfig, format_help, parse_cli, to_dict
+from .engine import (Runtime, all_reduce_mean_, broadcast_parameters, capture_rng,
+                     restore_training_state, run_stage, training_state)
+from .space.supernet import Supernet
+from .strategies import NonFiniteLossError, SearchContext, build_strategy
+from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
+                                   read_alpha_history, save_genotypes, write_alpha_history)
+from .strategies.schedule import lr_at
+
+PROG = "python -m dsrna_dist.search"
+DOC = __doc__.split("\n\n")[0]
+STOP_ENV = "DSRNA_STOP_AFTER_STEPS"
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_metric(cfg: SearchConfig):
+    """The robustness metric R, or None for ``robustness.name: none``."""
+    if cfg.robustness.name == "none":
+        return None
+    from .robustness import build_metric as _build
+
+    return _build(cfg.robustness)
+
+
+def memory_format(cfg: SearchConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.dist.channels_last else torch.contiguous_format
+
+
+def build_optimizers(cfg: SearchConfig, model: Supernet) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    o = cfg.optim
+    if o.name == "sgd":
+        w_opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.weight_parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+            weight_decay=o.weight_decay)
+    else:
+        w_opt = torch.optim.AdamW(model.weight_parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    a = cfg.arch_optim
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=a.lr, betas=(a.beta1, a.beta2),
+                             weight_decay=a.weight_decay)
+    return w_opt, a_opt
+
+
+def wrap_ddp(model: Supernet, world_size: int, prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+    """DDP over the weights only: alpha/beta are on DDP's ignore list (the strategies reduce
+    their gradients explicitly). ``prepare``: e.g. ``accelerator.prepare_model``; default DDP."""
+    if world_size == 1:
+        return model
+    ddp = nn.parallel.DistributedDataParallel
+    ddp._set_params_and_buffers_to_ignore_for_model(model, model.arch_parameter_names())
+    return prepare(model) if prepare is not None else ddp(model)
+
+
+def build_loaders(cfg: SearchConfig, rt: Runtime):
+    """Weight and arch loaders over the two halves of the train split, sharded by rank."""
+    from .data import MemoryLoader, dataset_info, load_arrays, search_split
+    from .engine import derive_seed
+
+    info = dataset_info(cfg.data)
+    arrays = load_arrays(cfg.data, "train")
+    n = int(arrays.labels.shape[0])
+    tr_idx, va_idx = search_split(n, cfg.data.train_portion, cfg.run.seed)
+    augment = search_augment(cfg, info)
+
+    def loader(idx: Any, stream: int):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return MemoryLoader(arrays.images[idx], arrays.labels[idx], cfg.data.batch_size,
+                            shuffle=True, seed=derive_seed(cfg.run.seed, stream) % 2**31, rank=rt.rank,
+                            world_size=rt.world_size, drop_last=True, augment=augment,
+                            device=rt.device)
+
+    train, val = loader(tr_idx, 1), loader(va_idx, 2)
+    steps = min(len(train), len(val))
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
+    if steps == 0:
+        raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} per process x "
+                          f"{rt.world_size} processes is larger than a search half "
+                          f"({min(len(tr_idx), len(va_idx))} images); no full batch")
+    return info, train, val, steps
+
+
+def search_augment(cfg: SearchConfig, info: Any):
+    """As DARTS, both search halves get the training augmentation (``data.crop_padding``,
+    ``data.flip``, ``data.cutout``; the flip default depends on the dataset)."""
+    from .data import build_augment
+
+    return build_augment(cfg.data, info)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_search(rt: Runtime) -> int:
+    cfg: SearchConfig = rt.cfg
+    if cfg.dist.mixed_precision == "fp16" and torch.cuda.is_available():
+        raise ConfigError("key 'dist.mixed_precision': search supports 'no' or 'bf16' (fp16 needs "
+                          "a loss scaler the bi-level step does not have)")
+    from .strategies import STRATEGIES
+
+    STRATEGIES.get(cfg.strategy.name, key="strategy.name").check_config(cfg)
+    info, train_loader, val_loader, steps = build_loaders(cfg, rt)
+    fmt = memory_format(cfg)
+    model = Supernet(cfg.model, info).to(rt.device, memory_format=fmt)
+    metric = build_metric(cfg)
+    w_optim, a_optim = build_optimizers(cfg, model)
+
+    start_epoch, global_step = 0, 0
+    state = rt.maybe_resume(cfg)
+    if state is not None:
+        global_step, start_epoch = restore_training_state(
+            state, models={"model": model}, optimizers={"weights": w_optim, "arch": a_optim},
+            source=str(rt.ckpt.last_path))
+        if metric is not None and state.get("metric"):
+            metric.load_state_dict(state["metric"])
+    else:
+        broadcast_parameters(model.parameters())  # one architecture and one init everywhere
+    net = wrap_ddp(model, rt.world_size, rt.accelerator.prepare_model)
+    strategy = build_strategy(SearchContext(cfg=cfg, model=model, net=net, w_optim=w_optim,
+                                            a_optim=a_optim, metric=metric, seed=cfg.run.seed))
+    if state is not None:
+        strategy.load_state_dict(state.get("strategy", {}))
+
+    hist_path = rt.run_dir / "alphas.jsonl"
+    history = read_alpha_history(hist_path, start_epoch) if rt.is_main else []
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    rt.print(f"search: {cfg.strategy.name} (order {cfg.strategy.order}) on {info.name}, "
+             f"{steps} steps/epoch x {cfg.data.batch_size} x {rt.world_size} ranks, "
+             f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}")
+    genotype = model.derive(cfg.strategy.max_skip)
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = lr_at(cfg.optim, epoch, cfg.epochs)
+        for g in w_optim.param_groups:
+            g["lr"] = lr
+        train_loader.set_epoch(epoch)
+        val_loader.set_epoch(epoch)
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
+        t0 = time.perf_counter()
+        batches = zip(range(steps), train_loader, val_loader)
+        for i, (xt, yt), (xv, yv) in rt.progress(batches, total=steps, desc=f"epoch {epoch}"):
+            xt = xt.contiguous(memory_format=fmt)
+            xv = xv.contiguous(memory_format=fmt)
+            try:
+                logs = strategy.step(xt, yt, xv, yv, epoch=epoch, step=global_step, lr=lr)
+            except NonFiniteLossError as e:
+                last = rt.ckpt.latest()
+                rt.print(f"stopping: {e}; the last good checkpoint is "
+                         f"{last if last is not None else '(none yet)'} and was left untouched")
+                return 1
+            global_step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
+                counts[k] = counts.get(k, 0) + 1
+            if global_step % cfg.run.log_every == 0:
+                rt.tb.scalars({f"step/{k}": v for k, v in logs.items()}, global_step)
+            if stop_after and global_step >= stop_after:
+                sys.stdout.flush()
+                os._exit(137)  # test hook: die like a killed process, no cleanup at all
+        elapsed = time.perf_counter() - t0
+        means = epoch_means(sums, counts)
+        throughput = steps * cfg.data.batch_size * rt.world_size / max(elapsed, 1e-9)
+        genotype = model.derive(cfg.strategy.max_skip)
+        if rt.is_main:
+            log_epoch(rt, model, genotype, means, lr, throughput, epoch)
+            save_genotypes(rt.run_dir, genotype, epoch)
+            history.append(alpha_record(model, epoch))
+            write_alpha_history(hist_path, history)
+        ckpt = training_state(
+            models={"model": model}, optimizers={"weights": w_optim, "arch": a_optim},
+            step=global_step, epoch=epoch + 1, config=cfg, rng=capture_rng(),
+            strategy=strategy.state_dict(), metric=metric.state_dict() if metric is not None else {},
+            genotype=genotype.to_dict())
+        rt.ckpt.save(ckpt)
+        rt.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items())
+                 + f", lr={lr:.4g}, {throughput:.1f} img/s\n  genotype: {genotype}")
+    if rt.is_main:
+        from .genotype import save
+
+        save(genotype, str(rt.run_dir / "genotype.json"))
+        rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
+    return 0
+
+
+def epoch_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> Dict[str, float]:
+    """Per-epoch means over steps and ranks (one small all-reduce; same keys on every rank)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    vec = torch.stack([sums[k] / counts[k] for k in keys])
+    all_reduce_mean_([vec])
+    return {k: float(v) for k, v in zip(keys, vec)}
+
+
+def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, float], lr: float,
+              throughput: float, epoch: int) -> None:
+    tb = rt.tb
+    if not tb.active:
+        return
+    tb.scalars({f"epoch/{k}": v for k, v in means.items()}, epoch)
+    tb.scalar("epoch/lr", lr, epoch)
+    tb.scalar("epoch/throughput_img_per_s", throughput, epoch)
+    tb.figure("arch/weights", heatmap_figure(model, epoch), epoch)
+    tb.text("arch/genotype", genotype_markdown(genotype), epoch)
+    tb.flush()
+
+
+# --------------------------------------------------------------------------- CLI
+def cli(config: str = "", **overrides: Any) -> None:
+    """Entry point (fire): ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
+    cfg = parse_cli(SearchConfig, PROG, DOC, config, overrides)
+    run_stage(run_search, cfg, "search")
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):  # before fire, which would show its own help
+        print(format_help(SearchConfig, PROG, DOC))
+        sys.exit(0)
+    import fire
+
+    fire.Fire(cli, command=argv, name=PROG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Search cells: every edge holds all candidate ops, mixed by architecture weights.
+
+Why this shape:
+
+* The arch weights are *inputs* of ``forward`` (computed once per network forward by the
+  supernet), never read from module state here, so a caller can substitute perturbed weights
+  (SDARTS) and the same code serves plain DARTS and PC-DARTS.
+* The ``none`` op is never built or run: its output is zero, so it contributes nothing to the
+  weighted sum; its weight still takes part in the softmax (that is the DARTS semantics).
+* No data-dependent Python control flow, and the PC-DARTS channel shuffle is written with
+  ``unflatten/transpose/flatten`` on static sizes, so ``torch.fx.symbolic_trace`` works.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from .ops import FactorizedReduce, ReLUConvBN, build_op
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet channel shuffle with static sizes: (B, g*c, H, W) -> interleaved groups."""
+    return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
+
+
+class MixedOp(nn.Module):
+    """sum_k w_k * op_k(x) over the candidate ops, ``none`` skipped (it adds exactly zero)."""
+
+    def __init__(self, c: int, stride: int, primitives: Sequence[str]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList()
+        index: List[int] = []
+        for k, name in enumerate(primitives):
+            if name == "none":
+                continue
+            self.ops.append(build_op(name, c, stride, affine=False))
+            index.append(k)
+        self.index = tuple(index)  # position of each built op in the weight vector
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = None
+        for k, op in zip(self.index, self.ops):
+            y = weights[k] * op(x)
+            out = y if out is None else out + y
+        if out is None:  # static: only when every candidate is `none`
+            raise RuntimeError("MixedOp without a non-none candidate op")
+        return out
+
+
+class PartialMixedOp(nn.Module):
+    """PC-DARTS edge: the first C/K channels go through a MixedOp, the rest bypass.
+
+    The bypassed channels are max-pooled on reduction edges (stride 2) so the shapes match,
+    then the two parts are concatenated and channel-shuffled with K groups.
+    """
+
+    def __init__(self, c: int, stride: int, primitives: Sequence[str], k: int) -> None:
+        super().__init__()
+        if c % k:
+            raise ValueError(f"partial channels: C={c} is not divisible by K={k} "
+                             "(model.init_channels must be a multiple of model.partial_channels)")
+        self.k = k
+        self.c_part = c // k
+        self.mixed = MixedOp(self.c_part, stride, primitives)
+        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        x_ops = x[:, : self.c_part]
+        x_rest = x[:, self.c_part:]
+        out = torch.cat([self.mixed(x_ops, weights), self.bypass(x_rest)], dim=1)
+        return channel_shuffle(out, self.k)
+
+
+class SearchCell(nn.Module):
+    """A DARTS search cell: 2 input nodes, ``nodes`` intermediate nodes, concat output.
+
+    Node ``i`` sums one mixed edge from each earlier state (2 + i of them); edges are ordered
+    node by node, inputs in order, which is the row order of the alpha matrices.
+    """
+
+    def __init__(self, nodes: int, c_prev_prev: int, c_prev: int, c: int, reduction: bool,
+                 reduction_prev: bool, primitives: Sequence[str], partial_channels: int = 1) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.nodes = nodes
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, c, affine=False) if reduction_prev
+                            else ReLUConvBN(c_prev_prev, c, 1, 1, 0, affine=False))
+        self.preprocess1 = ReLUConvBN(c_prev, c, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList()
+        for i in range(nodes):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self.edges.append(MixedOp(c, stride, primitives) if partial_channels == 1
+                                  else PartialMixedOp(c, stride, primitives, partial_channels))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: [edges, ops]; ``edge_weights``: [edges] (PC-DARTS betas) or None."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        e = 0
+        for i in range(self.nodes):
+            acc = None
+            for j in range(2 + i):
+                y = self.edges[e](states[j], weights[e])
+                if edge_weights is not None:
+                    y = edge_weights[e] * y
+                acc = y if acc is None else acc + y
+                e += 1
+            states.append(acc)
+        return torch.cat(states[2:], dim=1)

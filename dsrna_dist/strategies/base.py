@@ -1,0 +1,171 @@
+"""The search-strategy interface: how one step moves the weights w and the architecture alpha.
+
+Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
+
+* the weight step runs through ``net`` (DDP-wrapped when world_size > 1), so the weight
+  gradients are all-reduced by DDP's bucketed hooks; the arch weights enter it *detached*
+  (no wasted alpha gradient, and DDP never sees alpha);
+* alpha/beta are excluded from DDP (``Supernet`` arch params are on DDP's ignore list); every
+  arch-gradient computation uses ``torch.autograd.grad`` on the unwrapped ``model`` (which
+  fires no DDP hook) and ends with an explicit mean all-reduce of the arch gradients, so
+  Adam sees bit-identical gradients and alpha stays bit-identical on every rank;
+* random perturbations (SDARTS) come from generators seeded by (seed, global step), the same
+  on every rank, and PGD gradients are all-reduced: each rank perturbs identically, exactly
+  as one process with the global batch would.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, SearchConfig
+from ..engine.sync import all_reduce_mean_
+from ..registry import Registry
+from ..space.supernet import ArchWeights, Supernet
+
+STRATEGIES: Registry[type] = Registry("search strategy")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+@dataclass
+class SearchContext:
+    """Everything a strategy acts on. ``net`` is ``model`` or its DDP wrapper."""
+
+    cfg: SearchConfig
+    model: Supernet
+    net: nn.Module
+    w_optim: torch.optim.Optimizer
+    a_optim: torch.optim.Optimizer
+    metric: Any = None  # dsrna_dist.robustness.RobustnessMetric | None
+    seed: int = 0
+    logs: Dict[str, float] = field(default_factory=dict)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.detach().argmax(1) == y).float().mean().item()
+
+
+class SearchStrategy:
+    """DARTS-style alternation: (arch step on a val batch) then (weight step on a train batch)."""
+
+    name = ""
+
+    def __init__(self, ctx: SearchContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.model = ctx.model
+        self.check_config(ctx.cfg)
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def check_config(cls, cfg: SearchConfig) -> None:
+        """Raise ConfigError (naming the key) when the config does not fit this strategy."""
+        if cfg.strategy.order == 2 and cfg.optim.name != "sgd":
+            raise ConfigError("key 'strategy.order': the 2nd-order (unrolled) step models an SGD "
+                              f"update and needs optim.name=sgd, got {cfg.optim.name!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def arch_params(self) -> List[nn.Parameter]:
+        return self.model.arch_parameters()
+
+    @property
+    def weight_params(self) -> List[nn.Parameter]:
+        return self.model.weight_parameters()
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.cfg.optim.label_smoothing)
+
+    def arch_active(self, epoch: int) -> bool:
+        return epoch >= self.cfg.strategy.arch_start_epoch
+
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor, logs: Dict[str, float],
+                       update_metric: bool = True) -> torch.Tensor:
+        """val_loss - gamma * R on the unwrapped model (R from the robustness metric, if any)."""
+        logits = self.model(x)
+        loss = self.loss(logits, y)
+        logs["val_loss"] = loss.item()
+        logs["val_acc"] = accuracy(logits, y)
+        metric = self.ctx.metric
+        if metric is None:
+            return loss
+        r, mlogs = metric(self.model, x, y, update=update_metric)
+        logs["R"] = float(r.detach())
+        logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
+        return loss - self.cfg.robustness.gamma * r
+
+    def _apply_arch_grads(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """Set alpha.grad, mean-reduce it over ranks, take the Adam step."""
+        self.ctx.a_optim.zero_grad(set_to_none=True)
+        for p, g in zip(self.arch_params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach().clone()
+        all_reduce_mean_([p.grad for p in self.arch_params])
+        self.ctx.a_optim.step()
+
+    def grads_of(self, out: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        gs = torch.autograd.grad(out, list(params), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+
+    # ------------------------------------------------------------------ steps
+    def perturbation(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> Optional[ArchWeights]:
+        """Arch weights to run the weight step at (None: the current, unperturbed ones)."""
+        return None
+
+    def arch_step(self, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                  *, epoch: int, step: int, lr: float) -> Dict[str, float]:
+        """First-order DARTS: d(val objective)/d(alpha) at the current weights."""
+        logs: Dict[str, float] = {}
+        obj = self.arch_objective(xv, yv, logs)
+        self._apply_arch_grads(self.grads_of(obj, self.arch_params))
+        return logs
+
+    def weight_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step: int) -> Dict[str, float]:
+        override = self.perturbation(x, y, epoch, step)
+        if override is None:
+            override = {k: v.detach() for k, v in self.model.arch_weights().items()}
+        opt = self.ctx.w_optim
+        opt.zero_grad(set_to_none=True)
+        logits = self.ctx.net(x, override)
+        loss = self.loss(logits, y)
+        loss.backward()  # DDP all-reduces the weight gradients here
+        params = [p for p in self.weight_params if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        norm = (nn.utils.clip_grad_norm_(params, clip) if clip > 0
+                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        # the norm comes from all-reduced gradients (a NaN on any rank reaches every rank),
+        # so every rank takes the same decision and none is left waiting in a collective
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLossError(f"non-finite training loss/gradient at epoch {epoch} step {step} "
+                                     f"(loss={loss.item():.4g}, grad norm={float(norm):.4g})")
+        opt.step()
+        return {"train_loss": loss.item(), "train_acc": accuracy(logits, y), "grad_norm": float(norm)}
+
+    def step(self, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+             *, epoch: int, step: int, lr: float) -> Dict[str, float]:
+        logs: Dict[str, float] = {}
+        if self.arch_active(epoch):
+            logs.update(self.arch_step(xt, yt, xv, yv, epoch=epoch, step=step, lr=lr))
+        logs.update(self.weight_step(xt, yt, epoch=epoch, step=step))
+        return logs
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Strategy state beyond model/optimizers (randomness is a function of the step)."""
+        return {"name": self.name}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint was written by strategy {state.get('name')!r}, "
+                             f"this run uses {self.name!r}")
+
+
+def build_strategy(ctx: SearchContext) -> SearchStrategy:
+    return STRATEGIES.get(ctx.cfg.strategy.name, key="strategy.name")(ctx)

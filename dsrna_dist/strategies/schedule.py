@@ -1,0 +1,19 @@
+"""Per-epoch learning rate of the weight optimizer (a pure function: resume needs no state)."""
+from __future__ import annotations
+
+import math
+
+from ..config import OptimConfig
+
+
+def lr_at(cfg: OptimConfig, epoch: int, epochs: int) -> float:
+    """cosine (DARTS: lr -> lr_min over ``epochs``, epoch 0 at full lr), step or constant,
+    after an optional linear warmup of ``warmup_epochs``."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** (epoch // cfg.step_size)
+    t = epoch / max(1, epochs)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * t))

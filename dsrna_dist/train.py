@@ -1,0 +1,402 @@
+"""Retrain a derived network from a genotype (the DARTS evaluation protocol), distributed.
+
+    torchrun --standalone --nproc_per_node N -m dsrna_dist.train --config configs/train/cifar10.yaml \
+        --model.genotype=runs/search/genotype.json
+    accelerate launch --multi_gpu --num_processes N --num_machines 1 --mixed_precision no \
+        --dynamo_backend no -m dsrna_dist.train --config ...
+    python -m dsrna_dist.train --config configs/train/fmnist_tiny.yaml --model.genotype=DARTS_V2
+
+Engines: ``engine=accelerate`` (DDP, default) or ``engine=deepspeed`` (ZeRO-0/1/2, driven
+directly with a torch optimizer). Every epoch: test-set evaluation (sharded, exact sums),
+``checkpoints/last.pt`` (+ ``best.pt`` by test top-1), one line in ``metrics.jsonl``,
+TensorBoard scalars. A relaunch of the same command resumes bit-exactly on CPU (weights,
+optimizer incl. ZeRO partitions, every rank's RNG, best score).
+
+Learning-rate scaling for N processes: ``optim.lr`` is the rate for the global batch
+``base_batch_size``; with ``scale_lr=true`` it becomes ``lr * N * data.batch_size /
+base_batch_size`` (Goyal et al. 2017 linear rule); use ``optim.warmup_epochs`` (~5) when the
+factor is large.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import genotype as G
+from .config import ConfigError, OptimConfig, TrainConfig, parse_cli, to_dict
+from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
+                     report_error, restore_rng, run_stage, seed_everything, seed_rank_streams,
+                     training_state)
+from .engine.io import atomic_write_text
+from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
+                            resolve_genotype)
+
+CRASH_ENV = "DSRNA_TEST_CRASH"  # "<rank>:<global step>": that rank os._exit(3)s after that step
+DUMP_ENV = "DSRNA_TEST_DUMP_DIR"  # every rank saves its final weights there (tests compare ranks)
+
+
+# --------------------------------------------------------------------------- schedule
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """``optim.lr``, linearly scaled to the global batch when ``scale_lr`` (Goyal et al. 2017)."""
+    if not cfg.scale_lr:
+        return cfg.optim.lr
+    return cfg.optim.lr * world_size * cfg.data.batch_size / cfg.base_batch_size
+
+
+def lr_at(o: OptimConfig, base_lr: float, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Per-step lr: linear warmup over ``warmup_epochs``, then the per-epoch schedule (as DARTS)."""
+    if o.warmup_epochs and epoch < o.warmup_epochs:
+        done = epoch * steps_per_epoch + step + 1
+        return base_lr * done / (o.warmup_epochs * max(1, steps_per_epoch))
+    if o.schedule == "cosine":
+        return o.lr_min + 0.5 * (base_lr - o.lr_min) * (1 + math.cos(math.pi * epoch / epochs))
+    if o.schedule == "step":
+        return base_lr * o.step_gamma ** (epoch // o.step_size)
+    return base_lr
+
+
+# --------------------------------------------------------------------------- preflight
+@dataclass
+class Plan:
+    """Everything resolved before any process group or file exists: bad input fails here."""
+    cfg: TrainConfig
+    genotype: G.Genotype
+    info: Any
+    model: Network
+    resume: Optional[Dict[str, Any]]
+    resume_path: Optional[Path]
+
+
+def preflight(cfg: TrainConfig) -> Plan:
+    """Validate genotype, dataset, network and any checkpoint to resume; writes nothing."""
+    from .data import dataset_info
+
+    if cfg.dist.mixed_precision == "fp16":
+        raise ConfigError("key 'dist.mixed_precision': train supports 'no' or 'bf16' (fp16 needs loss "
+                          "scaling; bf16 does not)")
+    if cfg.ema:
+        raise ConfigError("key 'ema': weight EMA is not implemented in train yet; set ema=0")
+    g = resolve_genotype(cfg.model)
+    info = dataset_info(cfg.data)  # the config form: ImageNet crop size, synthetic shape
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = build_network(cfg.model, g, info)
+    state, path = None, None
+    last = Path(cfg.run.out_dir) / cfg.run.name / "checkpoints" / "last.pt"
+    if cfg.run.resume and last.exists():
+        state = load_checkpoint(last, cfg)
+        saved = state.get("genotype")
+        if saved is None or G.from_dict(saved, f"checkpoint {last} genotype") != g:
+            raise CheckpointError(f"checkpoint {last} was trained with a different genotype than "
+                                  f"model.genotype={cfg.model.genotype!r}; use a new run.name")
+        path = last
+    return Plan(cfg, g, info, model, state, path)
+
+
+# --------------------------------------------------------------------------- helpers
+def _sum_across(rt: Runtime, values: list) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> list:
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(y[:, None])
+    return [hit[:, :min(k, kmax)].any(dim=1).sum().item() for k in ks]
+
+
+def _memory_mb(device: torch.device) -> Tuple[str, float]:
+    if device.type == "cuda":
+        return "max_cuda_alloc_mb", torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return "max_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _crash_step(rank: int) -> int:
+    spec = os.environ.get(CRASH_ENV, "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return -1
+    r, s = spec.split(":")
+    return int(s) if int(r) == rank else -1
+
+
+class Trainer:
+    """Engine-neutral step/eval/state around either an Accelerate-DDP or a DeepSpeed model."""
+
+    def __init__(self, rt: Runtime, plan: Plan) -> None:
+        self.rt, self.plan, self.cfg = rt, plan, plan.cfg
+        cfg, dev = plan.cfg, rt.device
+        self.cuda = dev.type == "cuda"
+        self.bf16 = self.cuda and cfg.dist.mixed_precision == "bf16"
+        self.channels_last = self.cuda and cfg.dist.channels_last
+        net = plan.model
+        if plan.resume is not None:  # weights first: DDP and ZeRO build their buffers from them
+            net.load_state_dict(plan.resume["model"])
+        net = net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.net = net
+        self.base_lr = effective_lr(cfg, rt.world_size)
+        o = cfg.optim
+        if o.name == "sgd":
+            opt = torch.optim.SGD(net.parameters(), lr=self.base_lr, momentum=o.momentum,
+                                  weight_decay=o.weight_decay, nesterov=o.nesterov)
+        else:
+            opt = torch.optim.AdamW(net.parameters(), lr=self.base_lr, weight_decay=o.weight_decay)
+        self.deepspeed = cfg.engine == "deepspeed"
+        if self.deepspeed:
+            from .engine import deepspeed_engine as DS
+            self.DS = DS
+            self.model = DS.initialize(net, opt, DS.ds_config(
+                micro_batch=cfg.data.batch_size, world_size=rt.world_size, zero_stage=cfg.zero_stage,
+                grad_clip=o.grad_clip, bf16=self.bf16))
+            self.opt = opt
+            if plan.resume is not None:
+                DS.load_optimizer_state(self.model, plan.resume.get("ds_optimizer", []), str(plan.resume_path))
+        else:
+            if plan.resume is not None:
+                try:
+                    opt.load_state_dict(plan.resume["optimizers"]["model"])
+                except (KeyError, ValueError) as e:
+                    raise CheckpointError(f"checkpoint {plan.resume_path}: optimizer state does not fit: {e}") from None
+            if cfg.dist.compile and self.cuda:
+                net = torch.compile(net)
+            self.model, self.opt = rt.accelerator.prepare(net, opt)
+        self.crash_at = _crash_step(rt.rank)
+
+    # -- one epoch of training
+    def set_lr(self, lr: float) -> None:
+        if self.deepspeed:
+            self.DS.set_lr(self.model, lr)
+        else:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_epoch(self, loader: Any, epoch: int, global_step: int, steps: int) -> Tuple[Dict[str, float], int]:
+        cfg, rt = self.cfg, self.rt
+        self.model.train()
+        p = drop_prob_at(cfg.model.drop_path, epoch, cfg.epochs)
+        crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, top1, top5, n
+        t0 = time.perf_counter()
+        lr = self.base_lr
+        for i, (x, y) in enumerate(rt.progress(loader, total=steps, desc=f"epoch {epoch}")):
+            if i >= steps:
+                break
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg.optim, self.base_lr, epoch, i, steps, cfg.epochs)
+            self.set_lr(lr)
+            with self.autocast():
+                out = self.model(x, drop_prob=p)
+                logits, aux = out if isinstance(out, tuple) else (out, None)
+                loss_main = crit(logits, y)
+                loss = loss_main if aux is None else loss_main + cfg.model.auxiliary_weight * crit(aux, y)
+            if self.deepspeed:
+                self.model.backward(loss)
+                self.model.step()  # clipping is in the DeepSpeed config
+            else:
+                self.opt.zero_grad(set_to_none=True)
+                rt.accelerator.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    rt.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.opt.step()
+            global_step += 1
+            n = y.shape[0]
+            c1, c5 = _topk_correct(logits.detach().float(), y)
+            sums[0] += loss_main.item() * n
+            sums[1] += c1
+            sums[2] += c5
+            sums[3] += n
+            if global_step % cfg.run.log_every == 0:
+                rt.tb.scalar("train/loss_step", loss_main.item(), global_step)
+            if global_step == self.crash_at:
+                print(f"[{CRASH_ENV}] rank {rt.rank} exiting at step {global_step}", flush=True)
+                os._exit(3)
+        elapsed = time.perf_counter() - t0
+        loss_sum, c1, c5, n = _sum_across(rt, sums)
+        n = max(n, 1.0)
+        return {"train_loss": loss_sum / n, "train_top1": 100 * c1 / n, "train_top5": 100 * c5 / n,
+                "lr": lr, "drop_prob": p, "img_per_s": n / max(elapsed, 1e-9),
+                "train_time_s": elapsed}, global_step
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> Dict[str, float]:
+        net = self.net  # the plain module: no DDP buffer broadcast, no ZeRO hooks needed
+        net.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for x, y in loader:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                logits = net(x).float()
+            c1, c5 = _topk_correct(logits, y)
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+            sums[1] += c1
+            sums[2] += c5
+            sums[3] += y.shape[0]
+        loss_sum, c1, c5, n = _sum_across(self.rt, sums)
+        n = max(n, 1.0)
+        return {"test_loss": loss_sum / n, "test_top1": 100 * c1 / n, "test_top5": 100 * c5 / n,
+                "test_n": int(n)}
+
+    def sync_buffers(self) -> None:
+        """Rank 0's BN running statistics everywhere: evaluation and resume see one model."""
+        broadcast_parameters(list(self.net.buffers()))
+
+    def state(self, epoch: int, global_step: int, best: float, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """Checkpoint dict (COLLECTIVE: RNG and ZeRO partitions are gathered from every rank)."""
+        cfg, plan = self.cfg, self.plan
+        extra: Dict[str, Any] = dict(
+            genotype=plan.genotype.to_dict(), dataset=plan.info.name, dataset_info=info_dict(plan.info),
+            world_size=self.rt.world_size, best_top1=best, metrics=metrics,
+            num_params=count_parameters(self.net), num_params_no_aux=count_parameters(self.net, False))
+        if self.deepspeed:
+            extra["ds_optimizer"] = self.DS.gather_optimizer_states(self.model)
+            optimizers = None
+        else:
+            optimizers = {"model": self.opt}
+        return training_state(models={"model": self.net}, optimizers=optimizers, step=global_step,
+                              epoch=epoch, config=cfg, rng=capture_rng(), **extra)
+
+
+# --------------------------------------------------------------------------- metrics file
+def _metrics_path(rt: Runtime) -> Path:
+    return rt.run_dir / "metrics.jsonl"
+
+
+def _truncate_metrics(rt: Runtime, start_epoch: int) -> None:
+    """On resume keep only epochs already checkpointed (a crash may have left a later line)."""
+    path = _metrics_path(rt)
+    if not rt.is_main or not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) < start_epoch:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_text(str(path), "".join(k + "\n" for k in keep))
+
+
+def _append_metrics(rt: Runtime, record: Dict[str, Any]) -> None:
+    if rt.is_main:
+        with open(_metrics_path(rt), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- main loop
+def run(rt: Runtime, plan: Plan) -> int:
+    from .data import build_eval_loader, build_train_loader
+
+    cfg = plan.cfg
+    if rt.device.type != "cuda":
+        torch.set_num_threads(max(1, torch.get_num_threads()))  # leave the launcher's choice
+    n_all, n_noaux = count_parameters(plan.model), count_parameters(plan.model, include_aux=False)
+    rt.print(f"network: {plan.genotype}")
+    rt.print(f"parameters: {n_noaux / 1e6:.6f}M without aux head, {n_all / 1e6:.6f}M with "
+             f"(style={plan.model.style}, C={cfg.model.init_channels}, layers={cfg.model.layers})")
+    rt.tb.text("model/params", f"{n_noaux} without aux head, {n_all} total", 0)
+    trainer = Trainer(rt, plan)
+    train_loader = build_train_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed)
+    eval_loader = build_eval_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed)
+    steps = len(train_loader) if not cfg.steps_per_epoch else min(cfg.steps_per_epoch, len(train_loader))
+    if steps == 0:
+        raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} x {rt.world_size} ranks is larger "
+                          "than the training set (no full batch per epoch)")
+    rt.print(f"engine={cfg.engine}{f' zero_stage={cfg.zero_stage}' if cfg.engine == 'deepspeed' else ''} "
+             f"lr={trainer.base_lr:g} (global batch {cfg.data.batch_size * rt.world_size}) "
+             f"steps/epoch={steps}")
+    start_epoch, global_step, best = 0, 0, -1.0
+    if plan.resume is not None:
+        start_epoch = int(plan.resume["epoch"])
+        global_step = int(plan.resume["step"])
+        best = float(plan.resume.get("best_top1", -1.0))
+        restore_rng(plan.resume["rng"])
+        rt.print(f"resumed from {plan.resume_path}: {start_epoch} epochs done, best top-1 {best:.2f}")
+    else:
+        seed_rank_streams(cfg.run.seed, rt.rank)  # per-rank streams (drop-path)
+    _truncate_metrics(rt, start_epoch)
+    if start_epoch >= cfg.epochs:
+        rt.print(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
+        return 0
+    mem_key = _memory_mb(rt.device)[0]
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        m, global_step = trainer.train_epoch(train_loader, epoch, global_step, steps)
+        trainer.sync_buffers()
+        last = epoch == cfg.epochs - 1
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            m.update(trainer.evaluate(eval_loader))
+        epoch_time = time.perf_counter() - t0
+        m.update(epoch=epoch, step=global_step, epoch_time_s=epoch_time, world_size=rt.world_size)
+        m[mem_key] = _memory_mb(rt.device)[1]
+        is_best = "test_top1" in m and m["test_top1"] > best
+        if is_best:
+            best = m["test_top1"]
+        m["best_top1"] = best
+        state = trainer.state(epoch + 1, global_step, best, m)
+        rt.ckpt.save(state, is_best=is_best)
+        _append_metrics(rt, m)
+        for k, v in m.items():
+            if k not in ("epoch", "step", "world_size", "test_n"):
+                tag = k.replace("train_", "train/").replace("test_", "test/")
+                tag = tag if "/" in tag else ("perf/" + tag if k not in ("lr", "drop_prob", "best_top1") else tag)
+                rt.tb.scalar(tag, v, epoch)
+        rt.tb.flush()
+        test = f" test {m['test_loss']:.4f} / {m['test_top1']:.2f}%" if "test_top1" in m else ""
+        rt.print(f"epoch {epoch + 1}/{cfg.epochs}: train {m['train_loss']:.4f} / {m['train_top1']:.2f}%"
+                 f"{test} lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s {epoch_time:.1f}s")
+    rt.print(f"done: best test top-1 {best:.2f}%, checkpoints in {rt.ckpt.dir}")
+    dump = os.environ.get(DUMP_ENV)
+    if dump:  # test hook: each rank's own final weights, to compare ranks bit for bit
+        os.makedirs(dump, exist_ok=True)
+        torch.save({"rank": rt.rank, "world_size": rt.world_size, "model": trainer.net.state_dict()},
+                   os.path.join(dump, f"rank{rt.rank}.pt"))
+    return 0
+
+
+def train(cfg: TrainConfig) -> int:
+    """Preflight (errors before anything is written), then the run under the engine's policy."""
+    try:
+        plan = preflight(cfg)
+    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
+        raise SystemExit(report_error(exc, int(os.environ.get("RANK", "0") or 0))) from None
+    return run_stage(lambda rt: run(rt, plan), cfg, "train")
+
+
+def main(config: str = "", **overrides: Any) -> None:
+    cfg = parse_cli(TrainConfig, "dsrna_dist.train", __doc__ or "", config, overrides)
+    train(cfg)
+
+
+def cli() -> None:
+    import sys
+
+    import fire
+
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):  # real help before fire swallows it
+        parse_cli(TrainConfig, "dsrna_dist.train", __doc__ or "", None, {"help": True})
+    fire.Fire(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,358 @@
+"""Robustness metrics: Jacobian metric against autograd Jacobians, projection estimator against
+its analytic mean and variance, certified metric against clean margins and sampled perturbations,
+and both metrics inside a real 2-rank DDP arch step."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from dsrna_dist.config import ConfigError, RobustnessConfig, SupernetConfig, replace
+from dsrna_dist.registry import RegistryError
+from dsrna_dist.robustness import METRICS, CertifiedMetric, JacobianMetric, build_metric
+from dsrna_dist.robustness.certified import margin_spec, next_eps
+from dsrna_dist.robustness.jacobian import frobenius_sq_estimate
+
+torch.set_num_threads(1)
+
+
+class TinyMixNet(nn.Module):
+    """A 2-op mixture (softmax(alpha)-weighted) small enough for full autograd Jacobians."""
+
+    def __init__(self, d: int = 12, h: int = 16, k: int = 5, bn: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.bn = nn.BatchNorm1d(h) if bn else nn.Identity()
+        self.op_a = nn.Sequential(nn.Tanh(), nn.Linear(h, h))
+        self.op_b = nn.Sequential(nn.Softplus(), nn.Linear(h, h))
+        self.head = nn.Linear(h, k)
+        self.alpha = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.bn(self.fc1(x))
+        w = self.alpha.softmax(0)
+        return self.head(w[0] * self.op_a(z) + w[1] * self.op_b(z))
+
+
+def per_example_jacobians(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[B, K, D] from torch.autograd.functional.jacobian, one example at a time."""
+    return torch.stack([jacobian(lambda xi: net(xi[None])[0], xi) for xi in x])
+
+
+def cfg(**kw) -> RobustnessConfig:
+    return replace(RobustnessConfig(), **kw)
+
+
+# ----------------------------------------------------------------------------- registry / config
+def test_registry_and_config_errors():
+    assert build_metric(cfg(name="none")) is None
+    assert isinstance(build_metric(cfg(name="jacobian")), JacobianMetric)
+    assert isinstance(build_metric(cfg(name="certified")), CertifiedMetric)
+    assert {"none", "jacobian", "certified"} <= set(METRICS.names())
+    with pytest.raises(RegistryError, match="robustness.name.*valid: certified, jacobian, none"):
+        build_metric(cfg(name="jacobain"))
+    with pytest.raises(ConfigError, match="robustness.estimator"):
+        build_metric(cfg(name="jacobian", estimator="frobenius_sq", norm="inf"))
+    with pytest.raises(ConfigError, match="robustness.eps_min"):
+        build_metric(cfg(name="certified", eps_min=0.5, eps_max=0.1))
+
+
+# ----------------------------------------------------------------------------- Jacobian metric
+@pytest.mark.parametrize("norm,q", [("inf", 1), ("2", 2)])
+@pytest.mark.parametrize("vjp", ["loop", "batched"])
+def test_jacobian_paper_formula_matches_autograd(norm, q, vjp):
+    torch.manual_seed(0)
+    net = TinyMixNet().double()
+    x = torch.rand(6, 12, dtype=torch.float64)
+    metric = build_metric(cfg(name="jacobian", norm=norm, eps=0.05, vjp=vjp))
+    r, logs = metric(net, x, torch.zeros(6, dtype=torch.long))
+    jac = per_example_jacobians(net, x)                      # [B, K, D]
+    expected = -0.05 * jac.norm(p=q, dim=2).mean(1).mean(0)  # formula (15)
+    torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-12)
+    assert logs["R"] == pytest.approx(float(expected))
+
+    # gradient w.r.t. alpha (the double backward) against central finite differences
+    net.zero_grad()
+    r.backward()
+    g = net.alpha.grad.clone()
+    h = 1e-6
+    for i in range(2):
+        vals = []
+        for s in (1, -1):
+            with torch.no_grad():
+                net.alpha[i] += s * h
+                vals.append(float(metric(net, x, torch.zeros(6, dtype=torch.long))[0]))
+            with torch.no_grad():
+                net.alpha[i] -= s * h
+        assert g[i].item() == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-5, abs=1e-9)
+
+
+def test_jacobian_train_mode_batchnorm_is_the_batch_vjp():
+    """With batch statistics, row k for example i is sum_j dF_jk/dx_i of the batched function."""
+    torch.manual_seed(1)
+    net = TinyMixNet(bn=True).double().train()
+    x = torch.rand(5, 12, dtype=torch.float64)
+    full = jacobian(net, x)                                   # [B, K, B, D]
+    rows = full.sum(0).permute(1, 0, 2)                       # [B, K, D] (sum over j)
+    expected = -0.03 * rows.abs().sum(2).mean(1).mean(0)
+    r, _ = build_metric(cfg(name="jacobian", norm="inf"))(net, x, torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-12)
+    # and in eval mode (running statistics) it is the per-example Jacobian
+    net.eval()
+    r, _ = build_metric(cfg(name="jacobian", norm="inf"))(net, x, torch.zeros(5, dtype=torch.long))
+    expected = -0.03 * per_example_jacobians(net, x).abs().sum(2).mean(1).mean(0)
+    torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_projection_estimator_unbiased_with_analytic_variance():
+    """K ||v^T J||^2 for v uniform on the sphere: mean ||J||_F^2 and a known variance."""
+    torch.manual_seed(2)
+    net = TinyMixNet(k=6).double()
+    x = torch.rand(1, 12, dtype=torch.float64)
+    jac = per_example_jacobians(net, x)[0]                    # [K, D]
+    a = jac @ jac.T
+    k = a.shape[0]
+    tr, tr2 = float(a.trace()), float((a @ a).trace())
+    var_exact = k * (tr ** 2 + 2 * tr2) / (k + 2) - tr ** 2
+    gen = torch.Generator().manual_seed(0)
+    xs = x.clone().requires_grad_(True)
+    f = net(xs)
+    n = 4000
+    draws = torch.stack([frobenius_sq_estimate(f, xs, 1, create_graph=False, generator=gen)[0]
+                         for _ in range(n)])
+    mean, std = float(draws.mean()), float(draws.std())
+    assert abs(mean - tr) < 4.5 * std / math.sqrt(n)          # unbiased
+    assert std ** 2 == pytest.approx(var_exact, rel=0.15)      # spread as theory says
+    # many projections in one call: close to the exact value
+    p = 400
+    est = float(frobenius_sq_estimate(f, xs, p, create_graph=False, generator=gen)[0])
+    assert abs(est - tr) < 4.5 * math.sqrt(var_exact / p)
+
+
+def test_frobenius_sq_metric_scale_and_gradient_flow():
+    torch.manual_seed(3)
+    net = TinyMixNet().double()
+    x = torch.rand(4, 12, dtype=torch.float64)
+    metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq", projections=2000, eps=0.1))
+    metric.generator = torch.Generator().manual_seed(1)
+    r, _ = metric(net, x, torch.zeros(4, dtype=torch.long))
+    exact = -0.1 * per_example_jacobians(net, x).pow(2).sum((1, 2)).mean() / 5
+    assert float(r.detach()) == pytest.approx(float(exact), rel=0.06)
+    r.backward()
+    assert net.alpha.grad is not None and torch.isfinite(net.alpha.grad).all()
+    assert net.alpha.grad.abs().sum() > 0
+
+
+def test_jacobian_reused_logits_fraction_and_no_grad():
+    torch.manual_seed(4)
+    net = TinyMixNet().double()
+    x = torch.rand(8, 12, dtype=torch.float64)
+    y = torch.zeros(8, dtype=torch.long)
+    metric = build_metric(cfg(name="jacobian", norm="2"))
+    r_fresh, _ = metric(net, x, y)
+    xr = x.clone().requires_grad_(True)
+    r_reuse, _ = metric(net, xr, y, logits=net(xr))
+    torch.testing.assert_close(r_reuse, r_fresh)
+    part = build_metric(cfg(name="jacobian", norm="2", batch_fraction=0.3))
+    r_part, logs = part(net, x, y)                            # ceil(0.3 * 8) = 3 examples
+    assert logs["examples"] == 3
+    torch.testing.assert_close(r_part, metric(net, x[:3], y[:3])[0])
+    with torch.no_grad():
+        r_ng, _ = metric(net, x, y)
+    assert not r_ng.requires_grad
+    torch.testing.assert_close(r_ng, r_fresh.detach())
+
+
+# ----------------------------------------------------------------------------- certified metric
+def test_margin_spec_rows_are_true_minus_other():
+    torch.manual_seed(5)
+    logits = torch.randn(7, 4)
+    y = torch.tensor([0, 3, 1, 2, 2, 0, 3])
+    c, others = margin_spec(y, 4)
+    got = torch.einsum("bjk,bk->bj", c, logits)
+    for i in range(7):
+        want = [float(logits[i, y[i]] - logits[i, j]) for j in range(4) if j != y[i]]
+        assert got[i].tolist() == pytest.approx(want)
+        assert others[i].tolist() == [j for j in range(4) if j != y[i]]
+
+
+def test_eps_rules():
+    c = cfg(name="certified", eps_step=0.01, eps_target_gap=2.0, eps_min=0.005, eps_max=0.05)
+    assert next_eps(0.03, 5.0, c) == pytest.approx(0.02)                  # loose -> shrink
+    assert next_eps(0.03, 0.5, c) == pytest.approx(0.04)                  # tight -> grow
+    assert next_eps(0.03, 2.0, c) == pytest.approx(0.03)                  # on target
+    assert next_eps(0.045, 0.0, c) == pytest.approx(0.05)                 # clipped above
+    assert next_eps(0.01, float("inf"), c) == pytest.approx(0.005)        # non-finite: shrink, clip
+    p = replace(c, eps_rule="proportional")
+    assert next_eps(0.03, 1.0, p) == pytest.approx(0.035)                 # half way -> half step
+    assert next_eps(0.03, 100.0, p) == pytest.approx(0.02)                # clipped to one step
+    assert next_eps(0.03, 100.0, replace(c, eps_rule="fixed")) == 0.03
+
+
+def test_certified_state_dict_roundtrip():
+    m = build_metric(cfg(name="certified", eps=0.07))
+    assert m.state_dict() == {"eps": 0.07, "updates": 0}
+    m2 = build_metric(cfg(name="certified"))
+    m2.load_state_dict({"eps": 0.012, "updates": 9})
+    assert m2.eps == 0.012 and m2.state_dict()["updates"] == 9
+    with pytest.raises(ValueError, match="eps"):
+        m2.load_state_dict({"updates": 1})
+
+
+def tiny_supernet(pc: int = 1, classes: int = 4):
+    from dsrna_dist.space.supernet import Supernet
+    info = SimpleNamespace(name="t", in_channels=1, image_size=8, num_classes=classes,
+                           mean=(0.5,), std=(0.25,))
+    scfg = SupernetConfig(init_channels=4, layers=3, nodes=2, stem_multiplier=2,
+                          primitives=("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+                                      "sep_conv_3x3", "dil_conv_3x3"),
+                          partial_channels=pc, edge_normalization=pc > 1)
+    return Supernet(scfg, info)
+
+
+def bounds_available() -> bool:
+    try:
+        from dsrna_dist.bounds import BoundedModel  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_bounds = pytest.mark.skipif(not bounds_available(), reason="dsrna_dist.bounds not present yet")
+
+
+@needs_bounds
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_certified_metric_is_sound_and_tight_at_small_eps(method):
+    torch.manual_seed(6)
+    net = tiny_supernet().eval()
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        logits = net(x)
+    y = logits.argmax(1)
+    # at a tiny eps the bound is the clean margin min_j f_y - f_j
+    m = build_metric(cfg(name="certified", eps=1e-6, eps_min=1e-7, method=method, eps_rule="fixed"))
+    r, logs = m(net, x, y)
+    top2 = logits.topk(2, dim=1).values
+    torch.testing.assert_close(r, (top2[:, 0] - top2[:, 1]).mean(), rtol=1e-3, atol=1e-3)
+    assert logs["certified_frac"] == 1.0
+    # at eps = 0.05 (l_inf) the per-example bound is below the margin of sampled perturbations
+    eps = 0.05
+    m = build_metric(cfg(name="certified", eps=eps, method=method, eps_rule="fixed"))
+    per = []
+    for i in range(6):
+        r_i, _ = m(net, x[i:i + 1], y[i:i + 1])
+        per.append(float(r_i.detach()))
+    with torch.no_grad():
+        for _ in range(30):
+            xp = (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+            lp = net(xp)
+            other = lp.scatter(1, y[:, None], float("-inf")).max(1).values
+            margin = lp.gather(1, y[:, None])[:, 0] - other
+            assert (margin >= torch.tensor(per) - 1e-5).all()
+
+
+@needs_bounds
+def test_certified_metric_adapts_eps_and_backprops_to_alpha():
+    torch.manual_seed(7)
+    net = tiny_supernet(pc=2).train()
+    x = torch.rand(8, 1, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    m = build_metric(cfg(name="certified", eps=0.03, eps_step=0.01, eps_target_gap=1e-6))
+    r, logs = m(net, x, y)
+    assert logs["eps"] == 0.03 and logs["bound_gap"] > 1e-6
+    assert m.eps == pytest.approx(0.02)                      # gap above target -> eps shrinks
+    r.backward()
+    for p in net.arch_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    bm = m.bounded_model(net)
+    m(net, x, y, update=False)
+    assert m.eps == pytest.approx(0.02) and m.bounded_model(net) is bm   # cached, not rebuilt
+
+
+# ----------------------------------------------------------------------------- 2-rank DDP
+def _ddp_worker(rank: int, world: int, init_file: str, metric_kw: dict, out_file: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        assert dist.get_world_size() == 2
+        torch.manual_seed(0)
+        net = tiny_supernet(pc=2).train()
+        ddp = DDP(net)
+        w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9)
+        a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.01, betas=(0.5, 0.999), weight_decay=3e-4)
+        metric_kw = dict(metric_kw)
+        reuse = metric_kw.pop("reuse", False)
+        metric = build_metric(cfg(**metric_kw))
+        gen = torch.Generator().manual_seed(100 + rank)       # each rank its own data
+        rs = []
+        for _ in range(3):
+            xv, yv = torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+            xt, yt = torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+            w_opt.zero_grad(set_to_none=True)
+            a_opt.zero_grad(set_to_none=True)
+            if reuse:                                          # one forward shared with the metric
+                xv.requires_grad_(True)
+                logits = ddp(xv)
+                r, logs = metric(ddp, xv, yv, logits=logits)
+            else:                                              # the strategy's val forward,
+                logits = ddp(xv)                               # then the metric's own
+                r, logs = metric(ddp, xv, yv)
+            (F.cross_entropy(logits, yv) - 0.5 * r).backward()
+            grads = torch.cat([p.grad.flatten() for p in net.arch_parameters()])
+            both = [torch.zeros_like(grads) for _ in range(world)]
+            dist.all_gather(both, grads)
+            assert torch.equal(both[0], both[1]), "arch gradients differ across ranks"
+            assert grads.abs().sum() > 0
+            a_opt.step()
+            w_opt.zero_grad(set_to_none=True)
+            a_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(xt), yt).backward()
+            w_opt.step()
+            rs.append(float(r))
+        flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+        both = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(both, flat)
+        assert torch.equal(both[0], both[1]), "parameters differ across ranks"
+        state = [None] * world
+        dist.all_gather_object(state, metric.state_dict())
+        assert state[0] == state[1], f"metric state differs across ranks: {state}"
+        rank_rs = [None] * world
+        dist.all_gather_object(rank_rs, rs)
+        assert rank_rs[0] != rank_rs[1]                       # different data: really 2 shards
+        if rank == 0:
+            with open(out_file, "w") as f:
+                f.write(repr(state[0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path, metric_kw: dict) -> str:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "done.txt"
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rdv"), metric_kw, str(out)),
+                       nprocs=2, start_method="fork")
+    return out.read_text()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kw", [dict(name="jacobian", norm="inf"),
+                                dict(name="jacobian", norm="2", estimator="frobenius_sq", reuse=True)])
+def test_jacobian_metric_under_two_rank_ddp(tmp_path, kw):
+    assert run_two_ranks(tmp_path, kw) == "{}"
+
+
+@pytest.mark.dist
+@needs_bounds
+def test_certified_metric_under_two_rank_ddp(tmp_path):
+    state = run_two_ranks(tmp_path, dict(name="certified", method="crown-ibp", eps_step=0.005))
+    assert "'updates': 3" in state and "'eps': 0.03" not in state   # adapted, identically
