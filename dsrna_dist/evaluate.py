@@ -101,7 +101,11 @@ def preflight(cfg: EvalConfig) -> Plan:
         raise ConfigError("key 'checkpoint': no checkpoint given (--checkpoint runs/<train run>/checkpoints/best.pt)")
     if not os.path.isfile(cfg.checkpoint):
         raise CheckpointError(f"checkpoint {cfg.checkpoint}: no such file")
-    model, train_cfg, genotype = load_trained(cfg.checkpoint, "cpu")
+    try:
+        model, train_cfg, genotype = load_trained(cfg.checkpoint, "cpu")
+    except CheckpointError as e:  # torch's unpickling messages span lines: keep one
+        msg = " ".join(str(e).split())
+        raise CheckpointError(msg if len(msg) < 400 else msg[:397] + "...") from None
     if train_cfg.data.name != cfg.data.name:
         raise ConfigError(f"key 'data.name': checkpoint {cfg.checkpoint} was trained on "
                           f"{train_cfg.data.name!r}, the eval config says {cfg.data.name!r}")

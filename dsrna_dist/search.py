@@ -110,14 +110,27 @@ def search_augment(cfg: SearchConfig, info: Any):
 
 
 # --------------------------------------------------------------------------- the stage
-def run_search(rt: Runtime) -> int:
-    cfg: SearchConfig = rt.cfg
-    if cfg.dist.mixed_precision == "fp16" and torch.cuda.is_available():
-        raise ConfigError("key 'dist.mixed_precision': search supports 'no' or 'bf16' (fp16 needs "
-                          "a loss scaler the bi-level step does not have)")
+def check_config(cfg: SearchConfig) -> None:
+    """Cross-key checks (ConfigError naming the key) that field constraints cannot express."""
+    from .registry import RegistryError
     from .strategies import STRATEGIES
 
-    STRATEGIES.get(cfg.strategy.name, key="strategy.name").check_config(cfg)
+    try:
+        strategy = STRATEGIES.get(cfg.strategy.name, key="strategy.name")
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
+    strategy.check_config(cfg)
+    if cfg.dist.mixed_precision == "fp16":
+        raise ConfigError("key 'dist.mixed_precision': search supports 'no' or 'bf16' (fp16 needs "
+                          "a loss scaler the bi-level step does not have)")
+    if cfg.model.partial_channels > 1 and cfg.model.init_channels % cfg.model.partial_channels:
+        raise ConfigError(f"key 'model.partial_channels': init_channels={cfg.model.init_channels} "
+                          f"is not divisible by K={cfg.model.partial_channels}")
+
+
+def run_search(rt: Runtime) -> int:
+    cfg: SearchConfig = rt.cfg
+    check_config(cfg)
     info, train_loader, val_loader, steps = build_loaders(cfg, rt)
     fmt = memory_format(cfg)
     model = Supernet(cfg.model, info).to(rt.device, memory_format=fmt)
@@ -228,6 +241,11 @@ def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, floa
 def cli(config: str = "", **overrides: Any) -> None:
     """Entry point (fire): ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(SearchConfig, PROG, DOC, config, overrides)
+    try:  # strategy/space mismatches are config errors: refuse before any run dir is touched
+        check_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     run_stage(run_search, cfg, "search")
 
 

@@ -252,6 +252,17 @@ def test_autoattack_missing_package_is_a_clear_error(monkeypatch, trained):
         build_attack(AttackConfig(name="autoattack", eps=0.03))(model, x[:4], y[:4])
 
 
+def test_autoattack_runs_fast_case(trained):
+    """Large eps: APGD-CE breaks everything, the later (slow) attacks are skipped."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    aa = build_attack(AttackConfig(name="autoattack", eps=0.3), seed=0)(model, x, y)
+    assert (flat_norm(aa - x, "inf") <= 0.3 + 1e-6).all() and aa.min() >= 0 and aa.max() <= 1
+    assert robust_acc(model, x, y, aa) == 0.0
+
+
+@pytest.mark.slow
 def test_autoattack_runs_and_is_at_least_as_strong_as_pgd(trained):
     pytest.importorskip("pyautoattack")
     model, x, y = trained

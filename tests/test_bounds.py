@@ -287,7 +287,8 @@ def test_linear_traps_are_exact(trap, norm):
     """An affine graph's CROWN bound must equal the exact extremes (autograd Jacobian)."""
     torch.manual_seed(0)
     model = randomize(Wrap(TRAPS[trap]()), 2).to(DT).eval()
-    x = torch.rand(2, 3 if "grouped" not in trap else 4, 7, 7, dtype=DT)
+    size = 8 if trap == "factorized_reduce" else 7  # odd maps elsewhere: border windows differ
+    x = torch.rand(2, 3 if "grouped" not in trap else 4, size, size, dtype=DT)
     eps = 0.1 if norm == "inf" else 0.5
     f = lambda z: model(z)  # noqa: E731
     lo, hi, J = linear_jacobian_box(f, x, eps, norm)

@@ -404,3 +404,25 @@ def test_slurm_train_sbatch_with_fake_srun(tmp_path):
                        capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     _check_ddp_results(_results(tmp_path))
+
+
+def test_incompatible_resume_overwrites_nothing(tmp_path, capsys):
+    """A structural mismatch on resume is refused before config.yaml or checkpoints change."""
+    from dsrna_dist.engine.checkpoint import STRUCTURAL_KEYS
+
+    assert selftest.cli([f"--run.out_dir={tmp_path}", "--steps=2"]) == 0
+    run = tmp_path / "selftest"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "tb" not in p.parts}
+    # make `width` structural for this check through a config whose model key differs:
+    cfg_yaml = yaml.safe_load((run / "config.yaml").read_text())
+    cfg_yaml["model"] = {"layers": 8}  # pretend the saved run had a model section
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg_yaml))
+    before[run / "config.yaml"] = (run / "config.yaml").read_bytes()
+    assert any(k.startswith("model.") for k in STRUCTURAL_KEYS)
+    with pytest.raises(SystemExit) as ei:
+        selftest.cli([f"--run.out_dir={tmp_path}", "--steps=4"])
+    assert ei.value.code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "model.layers" in err[0] and "config.yaml" in err[0]
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "tb" not in p.parts}
+    assert after == before

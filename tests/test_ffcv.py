@@ -103,8 +103,7 @@ def test_jpeg_imagenet_beton_eval_and_progressive_train(tmp_path):
     cfg = DataConfig(name="imagenet", root=str(root), loader="ffcv", ffcv_dir=str(tmp_path), image_size=32,
                      batch_size=3, eval_batch_size=4, num_workers=1, ffcv_max_resolution=40,
                      res_start=16, res_start_epoch=0, res_end_epoch=2)
-    for split in ("train", "test"):
-        write_beton(cfg, split, str(tmp_path / f"imagenet_{split}.beton"))
+    write_beton(cfg, "test", str(tmp_path / "imagenet_test.beton"))  # one file serves both loaders (saves time)
     seen = []
     for rank in range(2):
         ev = build_eval_loader(cfg, rank, 2, "cpu")
@@ -114,13 +113,15 @@ def test_jpeg_imagenet_beton_eval_and_progressive_train(tmp_path):
             assert (x - want[:, :, None, None]).abs().max() < 0.06
             seen += y.tolist()
     assert sorted(seen) == sorted([0, 1, 2] * 3)
-    tr = build_train_loader(cfg, 0, 1, "cpu", seed=0)
+    tr = build_train_loader(cfg, 0, 1, "cpu", seed=0, split="test")  # RandomResizedCrop + flip
     sizes = []
-    for epoch in (0, 1, 2):
+    for epoch in (0, 2):
         tr.set_epoch(epoch)
-        x, _ = next(iter(tr))
+        x, y = next(iter(tr))
         sizes.append(x.shape[-1])
-    assert sizes == [progressive_resolution(e, 16, 32, 0, 2) for e in (0, 1, 2)] and sizes[0] == 16 and sizes[2] == 32
+        want = torch.tensor(COLORS, dtype=torch.float32)[y] / 255  # crops of solid colours keep the colour
+        assert (x - want[:, :, None, None]).abs().max() < 0.06
+    assert sizes == [16, 32]  # progressive resolution: res_start at epoch 0, image_size at res_end_epoch
 
 
 def test_progressive_resolution_schedule():
@@ -130,7 +131,7 @@ def test_progressive_resolution_schedule():
     assert progressive_resolution(5, 0, 224, 0, 10) == 224  # off
 
 
-def test_writer_cli_atomic_and_errors(tmp_path):
+def test_writer_cli_atomic_and_errors(tmp_path, capsys):
     out = tmp_path / "o" / "mnistlike.beton"
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "dsrna_dist.data.ffcv_write", "--data.name=synthetic", "--data.synthetic_size=9",
@@ -144,13 +145,18 @@ def test_writer_cli_atomic_and_errors(tmp_path):
     cfg = DataConfig(name="synthetic", synthetic_size=9, synthetic_shape=(1, 6, 6))
     assert torch.equal((x * 255).round().to(torch.uint8), load_arrays(cfg, "train").images)
     before = out.read_bytes()
-    bad = subprocess.run(cmd[:3] + ["--data.name=nope", f"--out={out}"], capture_output=True, text=True, env=env,
-                         cwd=ROOT)
-    assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    bad = subprocess.run(cmd[:3] + ["--data.name=mnist", f"--data.root={tmp_path / 'none'}", f"--out={out}"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
-    assert bad.returncode == 2 and "not found" in bad.stderr
-    assert out.read_bytes() == before and os.listdir(out.parent) == ["mnistlike.beton"]  # nothing overwritten
+    # error paths in-process (same main() the module runs): one line, exit 2, nothing overwritten
+    from dsrna_dist.data.ffcv_write import main
+
+    for args, needle in ((["--data.name=nope"], "unknown dataset 'nope'"),
+                         (["--data.name=mnist", f"--data.root={tmp_path / 'none'}"], "not found"),
+                         (["--data.name=synthetic", "--data.batch_size=0"], "data.batch_size"),
+                         (["--bogus=1"], "unexpected argument")):
+        capsys.readouterr()
+        assert main(args + ["--split=train", f"--out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["mnistlike.beton"]
 
 
 def test_missing_beton_names_writer_command(tmp_path):

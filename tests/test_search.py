@@ -1,5 +1,6 @@
 """Search strategies (DARTS 1st/2nd order, PC-DARTS, SDARTS-RS/ADV), schedule, and the stage."""
 import copy
+import json
 import math
 import os
 import types
@@ -289,3 +290,76 @@ def test_two_ranks_keep_alpha_and_weights_bit_identical(tmp_path):
     assert report.pop("world_size") == 2
     bad = [k for k, v in report.items() if v is not True]
     assert not bad, bad
+
+
+# --------------------------------------------------------------------------- the stage (CLI)
+import subprocess
+import sys
+
+TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
+             "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
+             "--model.init_channels=4", "--model.layers=3", "--model.nodes=2",
+             "--run.progress=false", "--steps_per_epoch=3"]
+
+
+def run_cli(args, tmp_path, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args,
+                           f"--run.out_dir={tmp_path}"], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_cli_help_and_bad_key(tmp_path):
+    r = run_cli(["--help"], tmp_path)
+    assert r.returncode == 0 and "--strategy.name" in r.stdout and "--model.partial_channels" in r.stdout
+    r = run_cli(["--strategy.nmae=darts"], tmp_path)
+    assert r.returncode == 2 and "strategy.nmae" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli([*TINY_ARGS, "--strategy.name=pcdarts", "--run.name=bad"], tmp_path)
+    assert r.returncode == 2 and "model.partial_channels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_killed_search_resumes_to_the_same_result(tmp_path):
+    """A run killed mid-epoch 1 and restarted ends bit-identical to an uninterrupted run."""
+    args = [*TINY_ARGS, "--epochs=2", "--strategy.name=sdarts_rs", "--run.log_every=1"]
+    full = run_cli([*args, "--run.name=full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = run_cli([*args, "--run.name=resumed"], tmp_path, {"DSRNA_STOP_AFTER_STEPS": "4"})
+    assert killed.returncode != 0
+    part = tmp_path / "resumed"
+    assert not (part / "genotype.json").exists()
+    assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = run_cli([*args, "--run.name=resumed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for name in ("genotype.json", "alphas.jsonl", "genotypes/epoch_000.json", "genotypes/epoch_001.json"):
+        assert (tmp_path / "full" / name).read_text() == (part / name).read_text(), name
+    hist = [json.loads(line) for line in (part / "alphas.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[-1]["alphas_normal"] == a["model"]["arch.alphas_normal"].tolist()
+    # TensorBoard: losses, lr, throughput, the alpha heatmap and the genotype text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "full" / "tb"), size_guidance={"images": 0, "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"epoch/train_loss", "epoch/val_loss", "epoch/lr", "epoch/throughput_img_per_s",
+            "step/train_loss"} <= set(tags["scalars"])
+    assert "arch/weights" in tags["images"]
+    assert any(t.startswith("arch/genotype") for t in tags["tensors"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # epoch 0 trains normally; epoch 1's lr (x1e38) blows the weights up within two steps
+    args = [*TINY_ARGS, "--epochs=3", "--optim.schedule=step", "--optim.step_gamma=1e38",
+            "--optim.grad_clip=0", "--run.name=nan"]
+    r = run_cli(args, tmp_path)
+    assert r.returncode == 1 and "non-finite" in (r.stdout + r.stderr)
+    state = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "nan" / "genotype.json").exists()

@@ -22,6 +22,25 @@ from ..config import AttackConfig
 from .base import ATTACKS, Attack, AttackError, margin
 
 
+class _Adam:
+    """Plain Adam on one tensor (torch.optim's first step imports torch._dynamo: seconds)."""
+
+    def __init__(self, w: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.w, self.lr, self.b1, self.b2, self.eps = w, lr, betas[0], betas[1], eps
+        self.m = torch.zeros_like(w)
+        self.v = torch.zeros_like(w)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, g: torch.Tensor) -> None:
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        m_hat = self.m / (1 - self.b1 ** self.t)
+        v_hat = self.v / (1 - self.b2 ** self.t)
+        self.w.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
 @ATTACKS.register("cw")
 class CarliniWagnerL2(Attack):
     def __init__(self, cfg: AttackConfig, seed: int = 0) -> None:
@@ -48,7 +67,7 @@ class CarliniWagnerL2(Attack):
         w0 = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
         for _ in range(max(1, getattr(cfg, "binary_search_steps", 1))):
             w = w0.clone().requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=cfg.lr)
+            adam = _Adam(w, cfg.lr)
             success = torch.zeros(b, dtype=torch.bool, device=dev)
             for it in range(cfg.steps + 1):
                 with torch.enable_grad():
@@ -68,8 +87,7 @@ class CarliniWagnerL2(Attack):
                 best_l2[better] = l2[better]
                 best[better] = xa.detach()[better]
                 if it < cfg.steps:
-                    w.grad = g
-                    opt.step()
+                    adam.step(g)
             # binary search on c, per example
             hi = torch.where(success, torch.minimum(hi, c), hi)
             lo = torch.where(success, lo, torch.maximum(lo, c))

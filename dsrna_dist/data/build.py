@@ -22,8 +22,7 @@ import torch
 from .augment import build_augment, resolve_flip
 from .base import get_dataset, load_arrays
 from .errors import DataError
-from .ffcv_loader import FFCVLoader, progressive_resolution
-from .ffcv_write import default_path
+from .ffcv_loader import FFCVLoader, beton_path, progressive_resolution
 from .memory import MemoryLoader
 from .torchvision_loader import TorchvisionLoader, imagenet_transform
 
@@ -68,7 +67,7 @@ def _build(cfg: "DataConfig", split: str, train: bool, rank: int, world_size: in
         images, labels = _take(arrays.images, arrays.labels, indices, f"{cfg.name} {split}")
         return MemoryLoader(images, labels, bs, augment=augment, **common)
     if cfg.loader == "ffcv":
-        path = default_path(cfg, split)
+        path = beton_path(cfg, split)
         if not os.path.isfile(path):
             raise DataError(f"{path}: .beton file not found; write it with `python -m dsrna_dist.data.ffcv_write "
                             f"--data.name={cfg.name} --split={split} --out={path}` (or set data.ffcv_dir)")

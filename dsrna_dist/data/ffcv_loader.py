@@ -10,7 +10,7 @@ uses FFCV's own DistributedSampler-style order.
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -22,6 +22,11 @@ from .sharding import num_batches, rank_indices, rank_length
 
 INSTALL_HINT = ("install the ffcv extra: `pip install 'dsrna_dist[ffcv]'` (ffcv==1.0.2, numba, opencv; "
                 "needs `apt-get install pkg-config libopencv-dev libturbojpeg0-dev` and g++)")
+
+
+def beton_path(cfg: Any, split: str) -> str:
+    """Where loaders look for ``<name>_<split>.beton`` (``data.ffcv_dir``, default data/ffcv)."""
+    return os.path.join(cfg.ffcv_dir or os.path.join("data", "ffcv"), f"{cfg.name}_{split}.beton")
 
 
 def require_ffcv() -> Any:

@@ -20,12 +20,7 @@ import numpy as np
 
 from .base import get_dataset, load_arrays
 from .errors import DataError
-from .ffcv_loader import require_ffcv
-
-
-def default_path(cfg: Any, split: str) -> str:
-    """Where loaders look for ``<name>_<split>.beton`` (``data.ffcv_dir``, default data/ffcv)."""
-    return os.path.join(cfg.ffcv_dir or os.path.join("data", "ffcv"), f"{cfg.name}_{split}.beton")
+from .ffcv_loader import beton_path, require_ffcv
 
 
 class _ArraySource:
@@ -121,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = dict(read_yaml(args.config).get("data") or {}) if args.config else {}
         base.update(overrides)
         cfg = load_config(DataConfig, None, base)
-        out = args.out or default_path(cfg, args.split)
+        out = args.out or beton_path(cfg, args.split)
         write_beton(cfg, args.split, out, args.workers)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,9 +34,12 @@ def setup_logging(rank: int, world_size: int, log_file: Optional[Path] = None) -
 
 
 def close_logging() -> None:
+    """Flush and drop our handlers; the logger goes back to propagating to the root logger."""
     log = logging.getLogger(LOGGER_NAME)
     for h in list(log.handlers):
         h.flush()
+        log.removeHandler(h)
         if isinstance(h, logging.FileHandler):
-            log.removeHandler(h)
             h.close()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True

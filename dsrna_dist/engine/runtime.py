@@ -130,6 +130,34 @@ def build_accelerator(dist_cfg: Any) -> Any:
     return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=handlers)
 
 
+def _refuse_incompatible_run_dir(run_dir: Path, cfg: Any) -> None:
+    """Resuming into a run dir whose config.yaml differs in a structural key is an error
+    raised before config.yaml (or anything else) is overwritten."""
+    import yaml
+
+    from dsrna_dist.config import to_dict
+
+    from .checkpoint import compare_configs
+    from .errors import CheckpointError
+
+    old_path = run_dir / "config.yaml"
+    if not (getattr(cfg.run, "resume", True) and old_path.is_file()
+            and (run_dir / "checkpoints" / "last.pt").is_file()):
+        return
+    try:
+        old = yaml.safe_load(old_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: the checkpoint's own config check still applies on load
+    if not isinstance(old, dict):
+        return
+    errors, _ = compare_configs(old, to_dict(cfg))
+    if errors:
+        key, a, b = errors[0]
+        raise CheckpointError(f"{run_dir} holds a run with a different config ({old_path}): key "
+                              f"{key!r} is {a!r} there but {b!r} now; use a new run.name or "
+                              f"run.resume=false")
+
+
 def setup_runtime(cfg: Any, stage: str) -> Runtime:
     """Process group, Accelerator, run dir + config.yaml, logging, seeds, TensorBoard."""
     from dsrna_dist.config import dump_yaml
@@ -139,6 +167,7 @@ def setup_runtime(cfg: Any, stage: str) -> Runtime:
     local_rank = acc.local_process_index
     is_main = acc.is_main_process
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    _refuse_incompatible_run_dir(run_dir, cfg)  # before anything in it is rewritten
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -213,8 +242,9 @@ def report_error(exc: BaseException, rank: int = 0) -> int:
         return EXIT_USER_ERROR
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if any(s in text for s in _PEER_LOST):
-        text = f"lost a peer rank ({text[:160]}); the root cause is in the other ranks' errors"
+    lost = next((s for s in _PEER_LOST if s in text), None)
+    if lost:
+        text = f"lost a peer rank ({lost}); the root cause is in another rank's error above"
     print(f"error{where}: {type(exc).__name__}: {text}", file=sys.stderr)
     return EXIT_BUG
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from dsrna_dist.config import DistConfig, RunConfig, fld, load_config
+from dsrna_dist.config import DistConfig, RunConfig, fld, format_help, load_config
 
 from .checkpoint import capture_rng, restore_training_state, training_state
 from .errors import CheckpointError
@@ -124,7 +124,11 @@ def main(rt: Runtime, cfg: SelftestConfig) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """``--key=value`` overrides only (no YAML); bad keys -> one error line, exit 2."""
     overrides: Dict[str, Any] = {"run.name": "selftest", "run.progress": False}
-    for a in (sys.argv[1:] if argv is None else argv):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):
+        print(format_help(SelftestConfig, "python -m dsrna_dist.engine.selftest", __doc__ or ""))
+        return 0
+    for a in argv:
         if not a.startswith("--") or "=" not in a:
             print(f"error: expected --key=value, got {a!r}", file=sys.stderr)
             raise SystemExit(2)

@@ -1,0 +1,286 @@
+"""Evaluation stage: per-example records equal a direct computation, summary aggregates them,
+interrupted runs resume, bad checkpoints are refused before anything is written, 2 ranks give
+the same records as 1, and certified radii never exceed what an attack finds."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from dsrna_dist.attacks import build_attack
+from dsrna_dist.attacks.certify import certify_batch, min_adversarial_eps, random_targets
+from dsrna_dist.config import AttackConfig, EvalConfig, TrainConfig, load_config, to_dict
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+DATA = {"name": "synthetic", "synthetic_shape": [1, 16, 16], "synthetic_classes": 4,
+        "synthetic_size": 256, "synthetic_test_size": 37, "eval_batch_size": 8}
+EVAL = {
+    "run": {"name": "ev", "progress": False, "seed": 1},
+    "data": DATA,
+    "attacks": [{"name": "fgsm", "eps": 0.02}, {"name": "pgd", "eps": 0.03, "step_size": 0.01, "steps": 3},
+                {"name": "cw", "eps": 0.0, "steps": 5, "lr": 0.05}],
+    "eps_sweep": [0.01, 0.05],
+    "sweep_attack": {"name": "pgd", "steps": 3, "step_size": 0.01},
+    "certify": {"methods": ["ibp", "crown-ibp"], "norms": ["inf"], "num_examples": 6, "batch_size": 4,
+                "bisection_steps": 6},
+}
+
+
+def make_train_run(d: Path, seed: int = 3, epochs: int = 4) -> Path:
+    """A tiny trained DARTS network saved the way train.py saves it (load_trained reads it)."""
+    from dsrna_dist import genotype as G
+    from dsrna_dist.data import dataset_info, load_arrays
+    from dsrna_dist.space.network import build_network, info_dict
+
+    cfg = load_config(TrainConfig, None, {**{f"data.{k}": v for k, v in DATA.items()},
+                                          "model.genotype": "DARTS_V2", "model.init_channels": 4,
+                                          "model.layers": 3, "model.auxiliary": False, "run.seed": seed})
+    info = dataset_info(cfg.data)
+    g = G.load("DARTS_V2")
+    torch.manual_seed(seed)
+    model = build_network(cfg.model, g, info)
+    tr = load_arrays(cfg.data, "train")
+    x, y = tr.images.float() / 255, tr.labels
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(y), 32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 32]), y[i:i + 32]).backward()
+            opt.step()
+    (d / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "genotype": g.to_dict(),
+                "dataset": "synthetic", "dataset_info": info_dict(info), "epoch": epochs},
+               d / "checkpoints" / "best.pt")
+    return d / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_train_run(tmp_path_factory.mktemp("train"))
+
+
+def eval_cfg(tmp_path: Path, ckpt: Path, name: str = "ev", **top) -> EvalConfig:
+    d = json.loads(json.dumps(EVAL))
+    d["run"].update(name=name, out_dir=str(tmp_path / "runs"))
+    for k, v in top.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    d["checkpoint"] = str(ckpt)
+    return load_config(EvalConfig, None, _flatten(d))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def write_yaml(tmp_path: Path, cfg: EvalConfig) -> Path:
+    p = tmp_path / f"{cfg.run.name}.yaml"
+    p.write_text(yaml.safe_dump(to_dict(cfg)))
+    return p
+
+
+def run_cli(*args, extra_env=None, torchrun=0, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [PY]
+    return subprocess.run([*launcher, "-m", "dsrna_dist.evaluate", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def jsonl(p: Path):
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def run_inprocess(cfg: EvalConfig) -> Path:
+    from dsrna_dist.evaluate import evaluate
+
+    assert evaluate(cfg) == 0
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, ckpt):
+    tmp = tmp_path_factory.mktemp("ev")
+    cfg = eval_cfg(tmp, ckpt)
+    return cfg, run_inprocess(cfg)
+
+
+def test_records_equal_a_direct_computation(full_run, ckpt):
+    from dsrna_dist.data import load_arrays
+    from dsrna_dist.evaluate import _attack_seed
+    from dsrna_dist.space.network import load_trained
+
+    cfg, run = full_run
+    model, _, _ = load_trained(str(ckpt))
+    data = load_arrays(cfg.data, "test")
+    x, y = data.images.float() / 255, data.labels
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    recs = jsonl(run / "attacks.jsonl")
+    labels = ["clean", "FGSM", "PGD-3", "C&W", "PGD-3@0.01", "PGD-3@0.05"]
+    assert len(recs) == 37 * len(labels)
+    assert sorted({r["attack"] for r in recs}) == sorted(labels)
+    by = {(r["index"], r["attack"]): r for r in recs}
+    assert len(by) == len(recs), "one record per example per attack"
+    for i in range(37):
+        assert by[(i, "clean")]["clean_pred"] == int(clean[i]) and by[(i, "clean")]["label"] == int(y[i])
+    # PGD on the whole test set at once, same per-example seeds: same predictions as chunked
+    atk = build_attack(AttackConfig(name="pgd", eps=0.03, step_size=0.01, steps=3), _attack_seed(1, "PGD-3"))
+    with torch.no_grad():
+        adv = model(atk(model, x, y, list(range(37)))).argmax(1)
+    assert [by[(i, "PGD-3")]["adv_pred"] for i in range(37)] == adv.tolist()
+    for r in recs:
+        assert r["correct"] == (r["clean_pred"] == r["label"] and r["adv_pred"] == r["label"])
+    # certification: the first 6 correctly classified examples, each method x norm once
+    first = [i for i in range(37) if clean[i] == y[i]][:6]
+    cert = jsonl(run / "certify.jsonl")
+    assert sorted({r["index"] for r in cert}) == first
+    assert len(cert) == len(first) * 2
+    tg = random_targets(y[first], 4, 1, first)
+    for r in cert:
+        assert r["target"] == int(tg[first.index(r["index"])]) != r["label"]
+        assert r["radius"] >= 0 and r["radius_target"] >= 0
+
+
+def test_summary_aggregates_the_records(full_run, ckpt):
+    cfg, run = full_run
+    s = json.loads((run / "summary.json").read_text())
+    recs = jsonl(run / "attacks.jsonl")
+    for lab in ("FGSM", "PGD-3", "C&W"):
+        rs = [r for r in recs if r["attack"] == lab]
+        assert s["robust_acc"][lab] == pytest.approx(100 * sum(r["correct"] for r in rs) / len(rs))
+    clean = [r for r in recs if r["attack"] == "clean"]
+    assert s["clean_acc"] == pytest.approx(100 * sum(r["correct"] for r in clean) / 37)
+    assert s["n"] == 37 and s["kind"] == "eval" and s["dataset"] == "synthetic"
+    assert [p["eps"] for p in s["eps_sweep"]] == [0.01, 0.05]
+    assert s["robust_acc"]["PGD-3"] <= s["robust_acc"]["FGSM"] + 100 * 3 / 37  # stronger attack (noise)
+    cert = jsonl(run / "certify.jsonl")
+    for m in ("ibp", "crown-ibp"):
+        rs = [r["radius"] for r in cert if r["method"] == m]
+        assert s["certified"][m]["inf"]["mean_radius"] == pytest.approx(sum(rs) / len(rs))
+    assert s["certified"]["crown-ibp"]["inf"]["mean_radius"] >= s["certified"]["ibp"]["inf"]["mean_radius"] - 1e-9
+    assert s["train_run_dir"] == str(Path(ckpt).resolve().parent.parent)
+    assert s["params"] > 0 and s["genotype"]["normal"]
+    assert s["timing"]["attack_examples_per_s"] > 0 and s["timing"]["peak_memory_mb"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert "eval/robust_acc/PGD-3" in tags and ea.Scalars("eval/clean_acc")[0].value == pytest.approx(s["clean_acc"])
+
+
+def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckpt):
+    cfg = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8)
+    path = write_yaml(tmp_path, cfg)
+    r = run_cli("--config", path, extra_env={"DSRNA_EVAL_STOP_AFTER_CHUNKS": "2"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    run = tmp_path / "runs" / "killed"
+    partial = jsonl(run / "attacks.jsonl")
+    assert len({p["index"] for p in partial}) == 16 and not (run / "summary.json").exists()
+    with open(run / "attacks.jsonl", "a") as f:
+        f.write('{"index": 30, "label": 1, "clean_p')  # a torn line, as a kill mid-write leaves
+    run_inprocess(cfg)
+    log = (run / "evaluate.log").read_text()
+    assert "resuming: 16/37 examples already attacked" in log
+    ref = jsonl(full_run[1] / "attacks.jsonl")
+    got = jsonl(run / "attacks.jsonl")
+    key = lambda r: (r["index"], r["attack"])  # noqa: E731
+    assert sorted(got, key=key) == sorted(ref, key=key)
+    assert sorted(jsonl(run / "certify.jsonl"), key=lambda r: (r["index"], r["method"])) == \
+        sorted(jsonl(full_run[1] / "certify.jsonl"), key=lambda r: (r["index"], r["method"]))
+    # a different evaluation in the same run dir is refused, naming what differs
+    from dsrna_dist.evaluate import evaluate
+
+    other = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8, eps_sweep=[0.02])
+    with pytest.raises(SystemExit) as e:
+        evaluate(other)
+    assert e.value.code == 2
+
+
+def test_bad_checkpoint_is_refused_before_anything_is_written(tmp_path, ckpt, capsys):
+    from dsrna_dist.evaluate import evaluate
+
+    run = tmp_path / "runs" / "ev"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text('{"keep": true}\n')
+    for bad, needle in ((tmp_path / "nope.pt", "no such file"), (tmp_path / "bad.pt", "corrupt")):
+        if bad.name == "bad.pt":
+            bad.write_bytes(b"not a checkpoint at all")
+        cfg = eval_cfg(tmp_path, bad)
+        with pytest.raises(SystemExit) as e:
+            evaluate(cfg)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("error:") and str(bad) in err[-1] and needle in err[-1]
+        assert sorted(p.name for p in run.iterdir()) == ["summary.json"]
+        assert (run / "summary.json").read_text() == '{"keep": true}\n'
+    with pytest.raises(SystemExit) as e:  # wrong dataset for this checkpoint
+        evaluate(eval_cfg(tmp_path, ckpt, data={"synthetic_classes": 5}))
+    assert e.value.code == 2 and "data.synthetic_classes" in capsys.readouterr().err
+
+
+def test_cli_help_and_bad_keys():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "--eps_sweep" in r.stdout and "--certify.methods" in r.stdout
+    r = run_cli("--certify.methodz=ibp")
+    assert r.returncode == 2 and "certify.methodz" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
+    cfg = eval_cfg(tmp_path, ckpt, name="two")
+    r = run_cli("--config", write_yaml(tmp_path, cfg), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "two"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert jsonl(run / "attacks.jsonl") == jsonl(full_run[1] / "attacks.jsonl")   # 37 examples: uneven
+    assert jsonl(run / "certify.jsonl") == jsonl(full_run[1] / "certify.jsonl")
+
+
+# ----------------------------------------------------------------------------- certification
+def _tiny_cnn(seed):
+    from dsrna_dist.space.layers import Normalize
+
+    torch.manual_seed(seed)
+    return nn.Sequential(Normalize([0.5], [0.25]), nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6),
+                         nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 4)).eval()
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_certified_radius_never_exceeds_the_smallest_adversarial_eps(norm, ckpt):
+    from dsrna_dist.space.network import load_trained
+
+    darts, _, _ = load_trained(str(ckpt))
+    for model in (_tiny_cnn(0), darts):
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(8, 1, 16, 16, generator=g)
+        with torch.no_grad():
+            y = model(x).argmax(1)        # every example correctly classified by construction
+        idx = list(range(8))
+        recs = certify_batch(model, x, y, idx, methods=["ibp", "crown-ibp", "crown"], norms=[norm], steps=10,
+                             eps_init=0.01, random_target=True, seed=0, num_classes=4)
+        adv = min_adversarial_eps(model, x, y, norm, eps_max=2.0 if norm == "2" else 0.5, bisection_steps=8)
+        assert torch.isfinite(adv).all()
+        for r in recs:
+            assert 0 <= r["radius"] <= adv[r["index"]].item() + 1e-7, (r, adv)
+        crown = [r["radius"] for r in recs if r["method"] == "crown"]
+        assert sum(crown) > 0, "certification should be non-trivial on these nets"
