@@ -160,7 +160,7 @@ class Trainer:
             self.DS = DS
             self.model = DS.initialize(net, opt, DS.ds_config(
                 micro_batch=cfg.data.batch_size, world_size=rt.world_size, zero_stage=cfg.zero_stage,
-                grad_clip=o.grad_clip, bf16=self.bf16))
+                grad_clip=o.grad_clip, bf16=False))  # bf16 via torch.autocast: fp32 weights, like DDP
             self.opt = opt
             if plan.resume is not None:
                 DS.load_optimizer_state(self.model, plan.resume.get("ds_optimizer", []), str(plan.resume_path))
@@ -307,8 +307,6 @@ def run(rt: Runtime, plan: Plan) -> int:
     from .data import build_eval_loader, build_train_loader
 
     cfg = plan.cfg
-    if rt.device.type != "cuda":
-        torch.set_num_threads(max(1, torch.get_num_threads()))  # leave the launcher's choice
     n_all, n_noaux = count_parameters(plan.model), count_parameters(plan.model, include_aux=False)
     rt.print(f"network: {plan.genotype}")
     rt.print(f"parameters: {n_noaux / 1e6:.6f}M without aux head, {n_all / 1e6:.6f}M with "

@@ -480,7 +480,7 @@ def test_crown_below_triangle_lp_below_true_minimum(seed):
     l, u = zc - zr, zc + zr
     h = W1.shape[0]
     emin, _ = _grid_extremes(model, x, eps)
-    lb = BoundedModel(model).bounds(x, eps, "inf", "crown")[0][0].numpy()
+    lb = BoundedModel(model).bounds(x, eps, "inf", "crown")[0][0].detach().numpy()
     import numpy as np
     for k in range(3):
         # variables: x (2), a (h);  z = W1 x + b1 substituted

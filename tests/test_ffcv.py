@@ -20,6 +20,8 @@ from dsrna_dist.data.ffcv_loader import FFCVLoader, progressive_resolution, requ
 from dsrna_dist.data.ffcv_write import write_beton  # noqa: E402
 
 torch.set_num_threads(1)
+# numba (under ffcv) leaves a harmless KeyError in a dispatcher finalizer at interpreter cleanup
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

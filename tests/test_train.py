@@ -106,6 +106,16 @@ def test_recipes_load():
             c.optim.weight_decay, c.optim.label_smoothing, c.data.loader) == (250, 14, 48, 0.5, 0.97, 3e-5, 0.1, "ffcv")
 
 
+def test_deepspeed_config_and_documented_example():
+    from dsrna_dist.engine.deepspeed_engine import ds_config
+
+    c = ds_config(micro_batch=32, world_size=4, zero_stage=1, grad_clip=0.0)
+    assert c["train_batch_size"] == 128 and c["zero_optimization"]["stage"] == 1
+    assert "gradient_clipping" not in c  # 0 = off, as optim.grad_clip
+    example = json.loads((ROOT / "launch/deepspeed/zero2_example.json").read_text())
+    assert ds_config(micro_batch=128, world_size=8, zero_stage=2, grad_clip=5.0) == example
+
+
 # --------------------------------------------------------------------------- single process
 def test_single_process_run_checkpoint_and_load_trained(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -157,17 +167,22 @@ def test_help_is_real_help():
     assert r.returncode == 0 and "--model.genotype" in r.stdout and "--zero_stage" in r.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--optim.lrr=0.1"], "unknown key 'optim.lrr'"),
-    (["--engine=horovod"], "'engine'"),
-    (["--model.genotype=NOT_A_GENOTYPE"], "NOT_A_GENOTYPE"),
-    (["--model.nodes=3"], "expects 3"),
+@pytest.mark.parametrize("override,needle", [
+    ({"optim.lrr": 0.1}, "unknown key 'optim.lrr'"),
+    ({"engine": "horovod"}, "'engine'"),
+    ({"model.genotype": "NOT_A_GENOTYPE"}, "NOT_A_GENOTYPE"),
+    ({"model.nodes": 3}, "expects 3"),
+    ({"model.layers": 2}, "at least 3 cells"),
+    ({"data.synthetic_shape": [1, 18, 18], "model.layers": 6}, "odd 9x9"),
 ])
-def test_bad_input_fails_before_writing(tmp_path, args, needle):
-    r = cli("--config", str(write_cfg(tmp_path)), *args)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+def test_bad_input_fails_before_writing(tmp_path, capsys, override, needle):
+    from dsrna_dist.train import main
+
+    with pytest.raises(SystemExit) as e:  # the CLI entry, in-process (the subprocess path: below)
+        main(str(write_cfg(tmp_path)), **override)
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "runs").exists()
 
 

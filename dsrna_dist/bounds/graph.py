@@ -29,7 +29,7 @@ from torch import Tensor, fx, nn
 from . import ops_linear, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
 from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
                    method_key, module_key)
-from .ops_nonlinear import RELU_LOWER
+from .ops_nonlinear import RELU_LOWER, BoundReLU
 
 METHODS = ("ibp", "crown-ibp", "crown")
 NORMS = ("inf", "2")
@@ -109,6 +109,8 @@ class BoundedModel:
         # nodes whose bounds a relaxation needs (inputs of ReLU / max pool)
         self.pre_act = {a for n, op in self.ops.items() if op.needs_input_bounds
                         for a in n.all_input_nodes if a in self.perturbed}
+        self.relu_only_pre_act = {a for a in self.pre_act
+                                  if all(isinstance(self.ops.get(u), BoundReLU) for u in a.users)}
 
     # ------------------------------------------------------------------ building
     def _perturbed_nodes(self) -> set:
@@ -270,30 +272,48 @@ class BoundedModel:
         return torch.cat(lows, 0), (torch.cat(ups, 0) if need_upper else None)
 
     def _crown_intermediate(self, run: "_Run", node: fx.Node, box: Interval) -> Interval:
-        """Bounds of every neuron of ``node`` by backward passes from an identity spec."""
+        """Tighten ``node``'s IBP box by backward passes from an identity spec, chunked.
+
+        Only neurons whose relaxation can change are recomputed: for a node that feeds ReLUs
+        only, the neurons unstable under IBP in some example of the chunk (a stable neuron is
+        already handled exactly); for a node feeding a max pool, all of them.
+        """
         val = run.val[node]
         B = val.shape[0]
         shape = tuple(val.shape[1:])
         N = math.prod(shape)
-        ex_c, rows_c = self._chunks(run, B, N)
+        lo_all, up_all = box.lower.flatten(1), box.upper.flatten(1)
+        relu_only = node in self.relu_only_pre_act
+        ex_c, _ = self._chunks(run, B, 1)
         lows, ups = [], []
         for b0 in range(0, B, ex_c):
             bs = slice(b0, min(B, b0 + ex_c))
             b = bs.stop - bs.start
+            lo_c, up_c = lo_all[bs], up_all[bs]
+            if relu_only:
+                cols = ((lo_c < 0) & (up_c > 0)).any(0).nonzero().flatten()
+            else:
+                cols = torch.arange(N, device=val.device)
+            if cols.numel() == 0:
+                lows.append(lo_c)
+                ups.append(up_c)
+                continue
+            _, rows_c = self._chunks(run, b, cols.numel())
             lr, ur = [], []
-            for s0 in range(0, N, rows_c):
-                k = min(rows_c, N - s0)
+            for s0 in range(0, cols.numel(), rows_c):
+                c = cols[s0:s0 + rows_c]
+                k = c.numel()
                 eye = val.new_zeros((k, N))
-                eye[torch.arange(k), torch.arange(s0, s0 + k)] = 1.0
+                eye[torch.arange(k, device=val.device), c] = 1.0
                 Cc = eye.view((1, k) + shape).expand((b, k) + shape)
                 lo, up = self._backward(run, node, Cc, Cc, bs)
                 lr.append(lo)
                 ur.append(up)
-            lows.append(torch.cat(lr, 1))
-            ups.append(torch.cat(ur, 1))
-        lo = torch.cat(lows, 0).view(val.shape)
-        up = torch.cat(ups, 0).view(val.shape)
-        return Interval(torch.maximum(lo, box.lower), torch.minimum(up, box.upper))
+            lo_n = torch.maximum(torch.cat(lr, 1), lo_c[:, cols])
+            up_n = torch.minimum(torch.cat(ur, 1), up_c[:, cols])
+            lows.append(lo_c.index_copy(1, cols, lo_n))
+            ups.append(up_c.index_copy(1, cols, up_n))
+        return Interval(torch.cat(lows, 0).view(val.shape), torch.cat(ups, 0).view(val.shape))
 
     # ------------------------------------------------------------------ public API
     def _prepare(self, x: Tensor, eps: Union[float, Tensor], norm: str, method: str,

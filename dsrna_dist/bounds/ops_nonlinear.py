@@ -30,10 +30,10 @@ class BoundReLU(BoundOp):
     needs_input_bounds = True
     lower_mode: str = "adaptive"  # set per BoundedModel
 
-    def forward(self, ctx, x: Tensor) -> Tensor:
+    def forward(self, ctx, x: Tensor, *args, **kwargs) -> Tensor:
         return F.relu(x)  # never in place: the engine keeps the clean input of every node
 
-    def ibp(self, ctx, x: Interval) -> Interval:
+    def ibp(self, ctx, x: Interval, *args, **kwargs) -> Interval:
         return Interval(F.relu(x.lower), F.relu(x.upper))
 
     def relaxation(self, x: Interval):
@@ -49,7 +49,7 @@ class BoundReLU(BoundOp):
             sl = active.to(l.dtype)
         return sl.unsqueeze(1), su.unsqueeze(1), bu.unsqueeze(1)
 
-    def backward(self, ctx, lA: Optional[Tensor], uA: Optional[Tensor], x: Interval):
+    def backward(self, ctx, lA: Optional[Tensor], uA: Optional[Tensor], x: Interval, *args, **kwargs):
         sl, su, bu = self.relaxation(x)
         new_l = new_u = None
         lb = ub = 0.0
@@ -61,7 +61,7 @@ class BoundReLU(BoundOp):
             p, n = pos(uA), neg(uA)
             new_u = p * su + n * sl
             ub = sum_spec(p * bu)
-        return [(new_l, new_u)], lb, ub
+        return [(new_l, new_u)] + [None] * len(args), lb, ub
 
 
 @register_modules(nn.MaxPool2d)

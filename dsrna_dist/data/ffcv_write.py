@@ -11,6 +11,7 @@ name and renamed at the end: an interrupted run never leaves a half-written .bet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..config import DataConfig
 from .base import get_dataset, load_arrays
 from .errors import DataError
 from .ffcv_loader import beton_path, require_ffcv
@@ -44,6 +46,13 @@ class _FolderSource:
     def __getitem__(self, i: int) -> tuple:
         img, label = self.folder[i]
         return np.asarray(img, dtype=np.uint8), int(label), int(i)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WriterConfig:
+    """The writer's config: just a data section, so errors name keys as ``data.<field>``."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 def write_beton(cfg: Any, split: str, out: str, num_workers: int = 1) -> str:
@@ -95,7 +104,7 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..config import ConfigError, DataConfig, load_config, read_yaml
+    from ..config import ConfigError, load_config, read_yaml
 
     p = argparse.ArgumentParser(prog="python -m dsrna_dist.data.ffcv_write",
                                 description="Write a dataset split as an FFCV .beton file. "
@@ -113,9 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         k, v = a[len("--data."):].split("=", 1)
         overrides[k] = _parse_value(v)
     try:
-        base = dict(read_yaml(args.config).get("data") or {}) if args.config else {}
-        base.update(overrides)
-        cfg = load_config(DataConfig, None, base)
+        section = dict(read_yaml(args.config).get("data") or {}) if args.config else {}
+        dotted = {"data." + k: v for k, v in overrides.items()}
+        cfg = load_config(_WriterConfig, None, {"data": section, **dotted}).data
         out = args.out or beton_path(cfg, args.split)
         write_beton(cfg, args.split, out, args.workers)
     except (ConfigError, DataError) as e:
