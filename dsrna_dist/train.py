@@ -105,18 +105,20 @@ def preflight(cfg: TrainConfig) -> Plan:
 
 
 # --------------------------------------------------------------------------- helpers
-def _sum_across(rt: Runtime, values: list) -> list:
-    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+def _sum_across(rt: Runtime, t: torch.Tensor) -> list:
+    """Sum a small float64 stats vector over ranks (one collective per epoch, not per step)."""
     if rt.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
-def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> list:
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top.eq(y[:, None])
-    return [hit[:, :min(k, kmax)].any(dim=1).sum().item() for k in ks]
+def _batch_stats(loss_sum: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, n] as a device tensor: no host sync per step."""
+    kmax = min(5, logits.shape[1])
+    hit = logits.topk(kmax, dim=1).indices.eq(y[:, None])
+    n = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)
+    return torch.stack([loss_sum.detach().double(), hit[:, :1].any(1).sum().double(),
+                        hit.any(1).sum().double(), n])
 
 
 def _memory_mb(device: torch.device) -> Tuple[str, float]:
@@ -144,7 +146,11 @@ class Trainer:
         self.channels_last = self.cuda and cfg.dist.channels_last
         net = plan.model
         if plan.resume is not None:  # weights first: DDP and ZeRO build their buffers from them
-            net.load_state_dict(plan.resume["model"])
+            try:
+                net.load_state_dict(plan.resume["model"])
+            except (KeyError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint {plan.resume_path}: weights do not fit the network: "
+                                      f"{str(e).strip().splitlines()[0]}") from None
         net = net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.net = net
         self.base_lr = effective_lr(cfg, rt.world_size)
@@ -193,7 +199,7 @@ class Trainer:
         self.model.train()
         p = drop_prob_at(cfg.model.drop_path, epoch, cfg.epochs)
         crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, top1, top5, n
+        sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss*n, top1, top5, n
         t0 = time.perf_counter()
         lr = self.base_lr
         for i, (x, y) in enumerate(rt.progress(loader, total=steps, desc=f"epoch {epoch}")):
@@ -218,17 +224,14 @@ class Trainer:
                     rt.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.opt.step()
             global_step += 1
-            n = y.shape[0]
-            c1, c5 = _topk_correct(logits.detach().float(), y)
-            sums[0] += loss_main.item() * n
-            sums[1] += c1
-            sums[2] += c5
-            sums[3] += n
+            sums += _batch_stats(loss_main.detach() * y.shape[0], logits.detach().float(), y)
             if global_step % cfg.run.log_every == 0:
                 rt.tb.scalar("train/loss_step", loss_main.item(), global_step)
             if global_step == self.crash_at:
                 print(f"[{CRASH_ENV}] rank {rt.rank} exiting at step {global_step}", flush=True)
                 os._exit(3)
+        if self.cuda:
+            torch.cuda.synchronize(rt.device)  # kernels are async: time the work, not the launches
         elapsed = time.perf_counter() - t0
         loss_sum, c1, c5, n = _sum_across(rt, sums)
         n = max(n, 1.0)
@@ -240,17 +243,13 @@ class Trainer:
     def evaluate(self, loader: Any) -> Dict[str, float]:
         net = self.net  # the plain module: no DDP buffer broadcast, no ZeRO hooks needed
         net.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums = torch.zeros(4, dtype=torch.float64, device=self.rt.device)
         for x, y in loader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 logits = net(x).float()
-            c1, c5 = _topk_correct(logits, y)
-            sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
-            sums[1] += c1
-            sums[2] += c5
-            sums[3] += y.shape[0]
+            sums += _batch_stats(F.cross_entropy(logits, y, reduction="sum"), logits, y)
         loss_sum, c1, c5, n = _sum_across(self.rt, sums)
         n = max(n, 1.0)
         return {"test_loss": loss_sum / n, "test_top1": 100 * c1 / n, "test_top5": 100 * c5 / n,
@@ -327,7 +326,7 @@ def run(rt: Runtime, plan: Plan) -> int:
         start_epoch = int(plan.resume["epoch"])
         global_step = int(plan.resume["step"])
         best = float(plan.resume.get("best_top1", -1.0))
-        restore_rng(plan.resume["rng"])
+        pass  # MUTANT
         rt.print(f"resumed from {plan.resume_path}: {start_epoch} epochs done, best top-1 {best:.2f}")
     else:
         seed_rank_streams(cfg.run.seed, rt.rank)  # per-rank streams (drop-path)

@@ -336,6 +336,32 @@ def test_crop_at_matches_loop_reference():
         assert torch.equal(out[b], padded[b, :, dy[b]:dy[b] + 9, dx[b]:dx[b] + 7])
 
 
+def test_crop_at_with_flip_matches_loop_reference():
+    g = torch.Generator().manual_seed(5)
+    padded = torch.randint(0, 256, (8, 2, 10, 12), generator=g, dtype=torch.uint8)
+    dy, dx = torch.randint(0, 3, (8,), generator=g), torch.randint(0, 5, (8,), generator=g)
+    flip = torch.rand(8, generator=g) < 0.5
+    out = crop_at(padded, dy, dx, 8, 8, flip)
+    for b in range(8):
+        ref = padded[b, :, dy[b]:dy[b] + 8, dx[b]:dx[b] + 8]
+        assert torch.equal(out[b], ref.flip(2) if flip[b] else ref)
+
+
+def test_augment_crop_flip_outputs_are_padded_crops_or_their_mirrors():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(1, 256, (64, 1, 6, 6), generator=g, dtype=torch.uint8)
+    out = Augment(crop_padding=1, flip=True)(x, torch.Generator().manual_seed(7))
+    padded = torch.nn.functional.pad(x, (1,) * 4)
+    n_flipped = 0
+    for b in range(64):
+        crops = [padded[b, :, i:i + 6, j:j + 6] for i in range(3) for j in range(3)]
+        plain = any(torch.equal(out[b], c) for c in crops)
+        mirrored = any(torch.equal(out[b], c.flip(2)) for c in crops)
+        assert plain or mirrored
+        n_flipped += mirrored and not plain
+    assert 15 < n_flipped < 49
+
+
 def test_random_crop_is_a_padded_shift_and_offsets_vary():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(1, 256, (64, 1, 6, 6), generator=g, dtype=torch.uint8)

@@ -16,26 +16,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import DataConfig
 
 
-def crop_at(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Per-example crops ``padded[b, :, dy[b]:dy[b]+h, dx[b]:dx[b]+w]`` in one gather."""
-    b, c = padded.shape[:2]
+def crop_at(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int,
+            flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-example crops ``padded[b, :, dy[b]:dy[b]+h, dx[b]:dx[b]+w]`` (mirrored left-right where
+    ``flip[b]``) as ONE gather over the flattened images: no Python loop, one kernel."""
+    b, c, hp, wp = padded.shape
     dev = padded.device
-    rows = dy.view(b, 1) + torch.arange(h, device=dev)  # [B, h]
-    cols = dx.view(b, 1) + torch.arange(w, device=dev)  # [B, w]
-    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
-    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    if flip is not None:
+        cols = torch.where(flip.view(b, 1, 1), (w - 1) - cols, cols)
+    flat = (dy.view(b, 1, 1) + rows) * wp + dx.view(b, 1, 1) + cols  # [B, h, w] positions in the padded image
+    idx = flat.view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, hp * wp).gather(2, idx).view(b, c, h, w)
+
+
+def crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` and/or random horizontal flip, fused in one gather."""
+    b, _, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=dev)
+    else:
+        padded = x
+        dy = dx = torch.zeros(b, dtype=torch.long, device=dev)
+    mirror = torch.rand(b, generator=gen, device=dev) < 0.5 if flip else None
+    return crop_at(padded, dy, dx, h, w, mirror)
 
 
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``pad`` and take a random same-size crop per example."""
-    if pad <= 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=x.device)
-    return crop_at(padded, dy, dx, h, w)
+    return x if pad <= 0 else crop_flip(x, pad, False, gen)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -79,9 +92,8 @@ class Augment:
         return self.crop_padding > 0 or self.flip or self.cutout > 0
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = random_crop(x, self.crop_padding, gen)
-        if self.flip:
-            x = random_flip(x, gen)
+        if self.crop_padding > 0 or self.flip:
+            x = crop_flip(x, self.crop_padding, self.flip, gen)
         return random_cutout(x, self.cutout, gen)
 
 

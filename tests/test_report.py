@@ -1,0 +1,194 @@
+"""Report: fake-but-realistic search/train/eval run trees -> paper-style tables and PNGs whose
+numbers match a mean/std computed here, independently, from the per-example records."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsrna_dist import genotype as G
+from dsrna_dist.config import EvalConfig, ReportConfig, SearchConfig, TrainConfig, load_config, to_dict
+from dsrna_dist.evaluate import build_attacks, summarize
+from dsrna_dist.report import discover, method_name, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIMS = list(SearchConfig().model.primitives)
+EDGES = 14  # 4 intermediate nodes: 2 + 3 + 4 + 5
+
+
+# ----------------------------------------------------------------------------- writers
+def write_search(root: Path, name: str, strategy: str, metric: str, seed: int, *, order: int = 1,
+                 hours: float = 1.0, genotype: str = "DARTS_V2") -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = load_config(SearchConfig, None, {"strategy.name": strategy, "strategy.order": order,
+                                           "robustness.name": metric, "run.seed": seed, "run.name": name,
+                                           "data.name": "synthetic"})
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    G.save(G.load(genotype), str(d / "genotype.json"))
+    lines = []
+    for epoch in range(3):
+        a = [[(i * 7 + j * 3 + epoch) % 5 * 0.1 for j in range(len(PRIMS))] for i in range(EDGES)]
+        lines.append(json.dumps({"epoch": epoch, "primitives": PRIMS, "alphas_normal": a, "alphas_reduce": a}))
+    (d / "alphas.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "summary.json").write_text(json.dumps({"search_time_s": hours * 3600, "world_size": 2, "device": "cpu"}))
+    return d
+
+
+def write_train(root: Path, name: str, search_dir: Path, seed: int, top1: float) -> Path:
+    d = root / name
+    (d / "checkpoints").mkdir(parents=True)
+    cfg = load_config(TrainConfig, None, {"model.genotype": str(search_dir / "genotype.json"), "run.seed": seed,
+                                          "run.name": name, "data.name": "synthetic"})
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_top1": top1 - 5}) + "\n"
+                                     + json.dumps({"epoch": 1, "test_top1": top1}) + "\n")
+    return d
+
+
+def write_eval(root: Path, name: str, train_dir: Path, rng, n: int = 40, p_clean: float = 0.9,
+               p_adv: float = 0.5, params: int = 123456):
+    """An eval run dir as evaluate.py leaves it: config.yaml, attacks.jsonl, certify.jsonl and
+    summary.json made by evaluate.summarize from those records."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = load_config(EvalConfig, None, {"data.name": "synthetic", "run.name": name, "eps_sweep": [0.01, 0.03],
+                                         "checkpoint": str(train_dir / "checkpoints" / "best.pt")})
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    attacks, sweep_label = build_attacks(cfg)
+    recs, cert = [], []
+    for i in range(n):
+        y = i % 4
+        clean_ok = rng.random() < p_clean
+        for lab, _, meta in attacks:
+            adv_ok = clean_ok and (lab == "clean" or rng.random() < p_adv)
+            recs.append({"index": i, "label": y, "clean_pred": y if clean_ok else (y + 1) % 4, "attack": lab,
+                         "eps": meta["eps"], "norm": meta["norm"], "adv_pred": y if adv_ok else (y + 2) % 4,
+                         "correct": adv_ok})
+        if clean_ok and len({c["index"] for c in cert}) < 10:
+            for norm in ("inf", "2"):
+                r = rng.random() * (0.01 if norm == "inf" else 0.1)
+                cert.append({"index": i, "label": y, "method": "crown-ibp", "norm": norm, "radius": r,
+                             "radius_target": 1.5 * r, "target": (y + 1) % 4})
+    (d / "attacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "certify.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cert))
+    s = summarize(recs, cert, attacks, sweep_label)
+    s.update(kind="eval", dataset="synthetic", checkpoint=cfg.checkpoint,
+             train_run_dir=str(train_dir.resolve()), params=params, genotype=G.load("DARTS_V2").to_dict())
+    (d / "summary.json").write_text(json.dumps(s))
+    return d, recs, cert
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    root = tmp_path / "runs"
+    expect = {}
+    specs = [("DSRNA-CB", "pcdarts", "certified", 2.0, 0.6), ("PC-DARTS", "pcdarts", "none", 0.5, 0.3),
+             ("DARTS (2nd)", "darts", "none", 1.0, 0.2)]
+    for method, strat, metric, hours, p_adv in specs:
+        for seed in range(3 if method != "DARTS (2nd)" else 1):
+            tag = f"{strat}_{metric}_s{seed}"
+            s = write_search(root, f"search_{tag}", strat, metric, seed, order=2 if method == "DARTS (2nd)" else 1,
+                             hours=hours * (1 + seed))
+            t = write_train(root, f"train_{tag}", s, seed, top1=90 + seed)
+            _, recs, cert = write_eval(root, f"eval_{tag}", t, rng, p_adv=p_adv, params=1_000_000 + seed)
+            e = expect.setdefault(method, {"pgd": [], "clean": [], "cert_inf": [], "cost": []})
+            pg = [r["correct"] for r in recs if r["attack"] == "PGD-10"]
+            e["pgd"].append(100 * sum(pg) / len(pg))
+            cl = [r["correct"] for r in recs if r["attack"] == "clean"]
+            e["clean"].append(100 * sum(cl) / len(cl))
+            ci = [r["radius"] for r in cert if r["norm"] == "inf"]
+            e["cert_inf"].append(sum(ci) / len(ci))
+            e["cost"].append(hours * (1 + seed) * 2)  # 2 CPU processes
+    write_search(root, "search_unfinished", "sdarts_adv", "none", 0)  # searched but never trained
+    return root, expect
+
+
+def _cell(md: str, table_title: str, row_key: str, col: str) -> str:
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if table_title in line)
+    header = [c.strip() for c in lines[start + 2].strip("|").split("|")]
+    for line in lines[start + 4:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if row_key in cells[:2]:
+            return cells[header.index(col)]
+    raise AssertionError(f"row {row_key} not in {table_title}")
+
+
+# ----------------------------------------------------------------------------- tests
+def test_method_names():
+    assert method_name({"strategy": {"name": "darts", "order": 1}, "robustness": {"name": "none"}}) == "DARTS (1st)"
+    assert method_name({"strategy": {"name": "pcdarts"}, "robustness": {"name": "jacobian"}}) == "DSRNA-Jacobian"
+    assert method_name({"strategy": {"name": "pcdarts_adv"}, "robustness": {"name": "none"}}) == "PC-DARTS-ADV"
+    assert method_name({"strategy": {"name": "sdarts_adv"}, "robustness": {"name": "none"}}) == "SDARTS-ADV"
+
+
+def test_tables_aggregate_over_seeds(tree, tmp_path):
+    root, expect = tree
+    out = tmp_path / "rep" / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out)))
+    md = out.read_text()
+    for method, e in expect.items():
+        m = statistics.mean(e["pgd"])
+        txt = _cell(md, "under attack on synthetic", method, "PGD-10")
+        if len(e["pgd"]) > 1:
+            assert txt == f"{m:.2f} ± {statistics.stdev(e['pgd']):.2f}"
+        else:
+            assert txt == f"{m:.2f}"
+        cm = statistics.mean(e["clean"])
+        assert _cell(md, "without attack, parameters", method, "Test Acc. (%)").startswith(f"{cm:.2f}")
+        cost = _cell(md, "without attack, parameters", method, "Search cost")
+        assert cost.startswith(f"{statistics.mean(e['cost']):.3g}") and cost.endswith("CPU-h")
+        cert = _cell(md, "l_inf-norm certified lower bounds", "synthetic", method)
+        assert cert.split(" / ")[0].startswith(f"{statistics.mean(e['cert_inf']):.4f}")
+    data = json.loads(out.with_suffix(".json").read_text())
+    got = data["datasets"]["synthetic"]["methods"]["DSRNA-CB"]["robust"]["PGD-10"]
+    assert sorted(got) == pytest.approx(sorted(expect["DSRNA-CB"]["pgd"]))
+    for col in ("FGSM", "PGD-20", "C&W", "Without attack"):
+        assert col in md
+    assert "PGD-20@0.01" not in md.split("## Plots")[0], "eps-sweep points go to the plot, not Table 1"
+
+
+def test_plots_exist_and_are_linked(tree, tmp_path):
+    root, _ = tree
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out)))
+    md = out.read_text()
+    pngs = sorted((tmp_path / "report_plots").glob("*.png"))
+    names = " ".join(p.name for p in pngs)
+    assert "eps_sweep_synthetic" in names and "radius_hist_synthetic_crown-ibp_inf" in names
+    assert "alphas_search_unfinished" in names and "cell_search_unfinished_normal" in names
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+        assert f"](report_plots/{p.name})" in md
+
+
+def test_discover_links_runs(tree):
+    root, _ = tree
+    runs = discover(root)
+    assert len(runs.search) == 8 and len(runs.train) == 7 and len(runs.evals) == 7
+    assert all(t.search is not None for t in runs.train)
+
+
+def test_cli(tree, tmp_path):
+    root, _ = tree
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(root), "--out",
+                        str(tmp_path / "r.md")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r.md").is_file()
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(tmp_path / "missing"), "--out",
+                        str(tmp_path / "r2.md")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing" in r.stderr and not (tmp_path / "r2.md").exists()
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--std_ddof" in r.stdout
