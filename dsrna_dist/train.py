@@ -326,7 +326,7 @@ def run(rt: Runtime, plan: Plan) -> int:
         start_epoch = int(plan.resume["epoch"])
         global_step = int(plan.resume["step"])
         best = float(plan.resume.get("best_top1", -1.0))
-        pass  # MUTANT
+        restore_rng(plan.resume["rng"])
         rt.print(f"resumed from {plan.resume_path}: {start_epoch} epochs done, best top-1 {best:.2f}")
     else:
         seed_rank_streams(cfg.run.seed, rt.rank)  # per-rank streams (drop-path)

@@ -90,14 +90,16 @@ class SearchStrategy:
     def arch_objective(self, x: torch.Tensor, y: torch.Tensor, logs: Dict[str, float],
                        update_metric: bool = True) -> torch.Tensor:
         """val_loss - gamma * R on the unwrapped model (R from the robustness metric, if any)."""
+        metric = self.ctx.metric
+        if metric is not None:  # lets a metric that needs d logits / d x reuse this forward
+            x = x.detach().requires_grad_(True)
         logits = self.model(x)
         loss = self.loss(logits, y)
         logs["val_loss"] = loss.item()
         logs["val_acc"] = accuracy(logits, y)
-        metric = self.ctx.metric
         if metric is None:
             return loss
-        r, mlogs = metric(self.model, x, y, update=update_metric)
+        r, mlogs = metric(self.model, x, y, logits=logits, update=update_metric)
         logs["R"] = float(r.detach())
         logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
         return loss - self.cfg.robustness.gamma * r
