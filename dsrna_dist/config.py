@@ -166,10 +166,13 @@ class RobustnessConfig:
     eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target global mean (upper - lower) margin bound gap")
     eps_min: float = fld(1e-4, gt=0.0, help="certified: eps never goes below this")
     eps_max: float = fld(0.3, gt=0.0, help="certified: eps never goes above this")
-    projections: int = fld(1, ge=1, help="jacobian frobenius_sq: random projections (VJPs) per step (Hoffman et al. 2019)")
-    estimator: str = fld("paper", choices=("paper", "frobenius_sq"),
+    projections: int = fld(1, ge=1, help="jacobian frobenius_sq(_fd): random projections per step (Hoffman et al. 2019)")
+    estimator: str = fld("paper", choices=("paper", "frobenius_sq", "frobenius_sq_fd"),
                          help="jacobian: paper = formula (15), exact row norms ||J_k||_q (K VJPs); "
-                              "frobenius_sq = unbiased random-projection estimate of ||J||_F^2 / K (norm 2 only)")
+                              "frobenius_sq = unbiased random-projection estimate of ||J||_F^2 / K (VJPs, norm 2 only); "
+                              "frobenius_sq_fd = the same from finite differences along Gaussian input directions "
+                              "(no double backward; bias O(fd_step))")
+    fd_step: float = fld(0.01, gt=0.0, help="jacobian frobenius_sq_fd: finite-difference step h (pixel units)")
     vjp: str = fld("auto", choices=("auto", "loop", "batched"),
                    help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")

@@ -57,6 +57,7 @@ def test_beton_reads_back_exactly_and_eval_ranks_cover_each_index_once(betons):
         assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
         assert torch.equal((x * 255).round().to(torch.uint8), truth.images[idx])
         assert torch.equal(y, truth.labels[idx])
+        assert idx.tolist() == ld.indices.tolist()
         seen += idx.tolist()
     assert sorted(seen) == list(range(37))  # exactly once: no padding duplicates
 
@@ -80,6 +81,7 @@ def test_ffcv_train_loader_shards_and_reshuffles(betons):
             pos = torch.cdist((x * 255).round().view(len(x), -1), flat).argmin(1)
             assert torch.equal((x * 255).round().to(torch.uint8), truth.images[pos])
             assert torch.equal(y, truth.labels[pos])
+            assert pos.tolist() == ld.indices.tolist()
             per_epoch.append(pos.tolist())
         assert per_epoch[0] != per_epoch[1]
         orders.append(per_epoch[0])

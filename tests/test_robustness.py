@@ -15,7 +15,7 @@ from dsrna_dist.config import ConfigError, RobustnessConfig, SupernetConfig, rep
 from dsrna_dist.registry import RegistryError
 from dsrna_dist.robustness import METRICS, CertifiedMetric, JacobianMetric, build_metric
 from dsrna_dist.robustness.certified import margin_spec, next_eps
-from dsrna_dist.robustness.jacobian import frobenius_sq_estimate
+from dsrna_dist.robustness.jacobian import frobenius_sq_estimate, frobenius_sq_fd
 
 torch.set_num_threads(1)
 
@@ -55,8 +55,9 @@ def test_registry_and_config_errors():
     assert {"none", "jacobian", "certified"} <= set(METRICS.names())
     with pytest.raises(RegistryError, match="robustness.name.*valid: certified, jacobian, none"):
         build_metric(cfg(name="jacobain"))
-    with pytest.raises(ConfigError, match="robustness.estimator"):
-        build_metric(cfg(name="jacobian", estimator="frobenius_sq", norm="inf"))
+    for est in ("frobenius_sq", "frobenius_sq_fd"):
+        with pytest.raises(ConfigError, match="robustness.estimator"):
+            build_metric(cfg(name="jacobian", estimator=est, norm="inf"))
     with pytest.raises(ConfigError, match="robustness.eps_min"):
         build_metric(cfg(name="certified", eps_min=0.5, eps_max=0.1))
 
@@ -131,6 +132,31 @@ def test_projection_estimator_unbiased_with_analytic_variance():
     p = 400
     est = float(frobenius_sq_estimate(f, xs, p, create_graph=False, generator=gen)[0])
     assert abs(est - tr) < 4.5 * math.sqrt(var_exact / p)
+
+
+def test_finite_difference_estimator_mean_and_variance():
+    """||J u||^2 with u ~ N(0, I_D): mean ||J||_F^2, variance 2 tr((J J^T)^2); FD with tiny h."""
+    torch.manual_seed(8)
+    net = TinyMixNet(k=6).double()
+    x = torch.rand(1, 12, dtype=torch.float64)
+    jac = per_example_jacobians(net, x)[0]
+    a = jac @ jac.T
+    tr, var_exact = float(a.trace()), 2 * float((a @ a).trace())
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    with torch.no_grad():
+        draws = torch.stack([frobenius_sq_fd(net, x, 1, 1e-6, generator=gen)[0][0] for _ in range(n)])
+    mean, std = float(draws.mean()), float(draws.std())
+    assert abs(mean - tr) < 4.5 * std / math.sqrt(n)
+    assert std ** 2 == pytest.approx(var_exact, rel=0.2)
+    # the metric: R = -delta * ||J||_F^2 / K, gradient through an ordinary backward
+    metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq_fd", projections=3000,
+                              fd_step=1e-6, eps=0.1))
+    metric.generator = torch.Generator().manual_seed(1)
+    r, _ = metric(net, x, torch.zeros(1, dtype=torch.long))
+    assert float(r.detach()) == pytest.approx(-0.1 * tr / 6, rel=4.5 * math.sqrt(var_exact / 3000) / tr)
+    r.backward()
+    assert torch.isfinite(net.alpha.grad).all() and net.alpha.grad.abs().sum() > 0
 
 
 def test_frobenius_sq_metric_scale_and_gradient_flow():
@@ -346,7 +372,8 @@ def run_two_ranks(tmp_path, metric_kw: dict) -> str:
 
 @pytest.mark.dist
 @pytest.mark.parametrize("kw", [dict(name="jacobian", norm="inf"),
-                                dict(name="jacobian", norm="2", estimator="frobenius_sq", reuse=True)])
+                                dict(name="jacobian", norm="2", estimator="frobenius_sq", reuse=True),
+                                dict(name="jacobian", norm="2", estimator="frobenius_sq_fd", batch_fraction=0.5)])
 def test_jacobian_metric_under_two_rank_ddp(tmp_path, kw):
     assert run_two_ranks(tmp_path, kw) == "{}"
 

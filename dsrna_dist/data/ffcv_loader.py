@@ -101,7 +101,7 @@ class FFCVLoader:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         self.device = torch.device(device)
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
@@ -109,8 +109,11 @@ class FFCVLoader:
         self.augment = augment if augment is not None and augment.active else None
         self.with_index, self.res_schedule, self.epoch = with_index, res_schedule, 0
         self.decoder: Any = None
+        # on CUDA, FFCV copies batches to the GPU itself (pinned buffers, its own stream); on CPU we
+        # skip ToDevice and the .to(device) below is a no-op
+        to_dev = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         if kind == "raw":
-            image_pipe: list = [NDArrayDecoder(), ToTensor()]
+            image_pipe: list = [NDArrayDecoder(), ToTensor()] + to_dev
         elif kind == "jpg":
             res = res_schedule(0) if res_schedule else image_size
             if train:
@@ -119,11 +122,14 @@ class FFCVLoader:
             else:
                 self.decoder = CenterCropRGBImageDecoder((image_size, image_size), ratio=crop_ratio)
                 image_pipe = [self.decoder]
-            image_pipe += [ToTensor(), ToTorchImage()]
+            image_pipe += [ToTensor()] + to_dev + [ToTorchImage()]
         else:
             raise DataError(f"unknown ffcv image kind {kind!r} (raw or jpg)")
-        pipelines = {"image": image_pipe, "label": [IntDecoder(), ToTensor(), Squeeze(1)],
-                     "index": [IntDecoder(), ToTensor(), Squeeze(1)] if with_index else None}
+        def int_pipe() -> list:  # fresh operation objects per field
+            return [IntDecoder(), ToTensor(), Squeeze(1)] + (
+                [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else [])
+
+        pipelines = {"image": image_pipe, "label": int_pipe(), "index": int_pipe() if with_index else None}
         order = _order_class()(rank, world_size, seed, shuffle, cover_all)
         try:
             self.loader = Loader(path, batch_size=batch_size, num_workers=max(1, num_workers),
@@ -155,6 +161,13 @@ class FFCVLoader:
     def num_examples(self) -> int:
         m = rank_length(self.n, self.rank, self.world_size, self.cover_all)
         return m if not self.drop_last else (m // self.batch_size) * self.batch_size
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Record indices (positions in the .beton) this rank yields this epoch, in yield order."""
+        pos = rank_indices(self.n, self.rank, self.world_size, self.epoch, self.seed,
+                           shuffle=self.shuffle, cover_all=self.cover_all)
+        return np.asarray(self.loader.indices)[pos][:self.num_examples].astype(np.int64)
 
     def __iter__(self) -> Iterator[tuple]:
         gen = None
