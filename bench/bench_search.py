@@ -144,6 +144,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.batch, args.channels, args.layers, args.size, args.repeats = 8, 8, 5, 16, 1
+        args.threads = 1  # a check that it runs; 2 OpenMP threads crawl on a busy 2-core box
     variants = {**WEIGHT_VARIANTS, **STRATEGY_VARIANTS}
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, variants[args.worker], args)))
@@ -151,7 +152,8 @@ def main() -> None:
 
     names = [n for n in variants if not args.only or any(s in n for s in args.only.split(","))]
     print(f"search-step benchmark: batch {args.batch}, C={args.channels}, {args.layers} cells, "
-          f"{args.size}x{args.size}x3, 10 classes, {args.threads} threads, best of {args.repeats}")
+          f"{args.size}x{args.size}x3, 10 classes, {args.threads} threads, best of {args.repeats}",
+          flush=True)
     results = {}
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("threads", "batch", "channels", "layers",
                                                           "size", "repeats", "fmt")]

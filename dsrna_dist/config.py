@@ -263,7 +263,7 @@ class EvalConfig:
          AttackConfig(name="cw", eps=0.0, steps=60)), help="attacks to run, in order (clean always runs)")
     eps_sweep: Tuple[float, ...] = fld((), help="also run sweep_attack at each of these eps (robust-accuracy-vs-eps plot)")
     sweep_attack: AttackConfig = fld(default_factory=lambda: AttackConfig(name="pgd", steps=20),
-                                     help="attack template for eps_sweep (its eps is replaced)")
+                                     help="attack template for eps_sweep (its eps is replaced; step_size 0 = eps/4)")
     certify: CertifyConfig = fld(default_factory=CertifyConfig)
     chunk_size: int = fld(0, ge=0, help="examples per rank between result writes (0 = data.eval_batch_size)")
 

@@ -48,7 +48,7 @@ def alpha_heatmap(weights: Mapping[str, np.ndarray], primitives: Sequence[str], 
     e, o = np.asarray(weights[kinds[0]]).shape
     nodes = int((math.isqrt(8 * e + 9) - 3) // 2)  # e = sum_{i<n} (2 + i)
     labels = edge_labels(nodes) if nodes * (nodes + 3) // 2 == e else [str(i) for i in range(e)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(2.5 + 1.2 * o * len(kinds), 1.5 + 0.32 * e),
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2.5 + 0.55 * o * len(kinds), 1.5 + 0.3 * e),
                              constrained_layout=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         w = np.asarray(weights[kind])
@@ -56,9 +56,6 @@ def alpha_heatmap(weights: Mapping[str, np.ndarray], primitives: Sequence[str], 
         ax.set_title(f"{title}: {kind} cell", fontsize=9)
         ax.set_xticks(range(o), list(primitives)[:o], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(e), labels, fontsize=7)
-        for (r, c), v in np.ndenumerate(w):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
-                    color="white" if v < 0.6 * w.max() else "black")
         fig.colorbar(im, ax=ax, fraction=0.05)
     return _save(fig, path)
 
@@ -85,20 +82,24 @@ def cell_diagram(g: Genotype, cell: str, title: str, path: Path) -> Path:
         ax.text(*xy, text, ha="center", va="center", fontsize=9, zorder=3,
                 bbox=dict(boxstyle="round,pad=0.35", fc=color, ec="black", lw=0.8))
 
+    def bezier(p0, c, p2, t):
+        return ((1 - t) ** 2 * p0[0] + 2 * (1 - t) * t * c[0] + t ** 2 * p2[0],
+                (1 - t) ** 2 * p0[1] + 2 * (1 - t) * t * c[1] + t ** 2 * p2[1])
+
     for k, (op, src) in enumerate(edges):
         dst = k // 2 + 2
-        rad = 0.25 if k % 2 else -0.25
-        ax.annotate("", xy=pos[dst], xytext=pos[src], zorder=1,
-                    arrowprops=dict(arrowstyle="-|>", color=_OP_COLORS.get(op, "black"), lw=1.4,
-                                    shrinkA=14, shrinkB=14, connectionstyle=f"arc3,rad={rad}"))
-        (x0, y0), (x1, y1) = pos[src], pos[dst]
-        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-        nx, ny = -(y1 - y0), (x1 - x0)
-        norm = math.hypot(nx, ny) or 1.0
-        off = rad * math.hypot(x1 - x0, y1 - y0) / 2
-        ax.text(mx + nx / norm * off, my + ny / norm * off, op, fontsize=7, ha="center", va="center",
-                color=_OP_COLORS.get(op, "black"), zorder=2,
-                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+        p0, p2 = pos[src], pos[dst]
+        rad = 0.22 if k % 2 else -0.22
+        ctrl = ((p0[0] + p2[0]) / 2 + rad * (p2[1] - p0[1]), (p0[1] + p2[1]) / 2 - rad * (p2[0] - p0[0]))
+        color = _OP_COLORS.get(op, "black")
+        gap = 0.3 / max(math.hypot(p2[0] - p0[0], p2[1] - p0[1]), 0.6)  # stop short of the boxes
+        ts = np.linspace(gap, 1 - gap - 0.02, 40)
+        pts = [bezier(p0, ctrl, p2, t) for t in ts]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.4, zorder=1)
+        ax.annotate("", xy=bezier(p0, ctrl, p2, 1 - gap), xytext=pts[-1], zorder=1,
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=1.4, shrinkA=0, shrinkB=0))
+        ax.text(*bezier(p0, ctrl, p2, 0.5), op, fontsize=7, ha="center", va="center", color=color, zorder=2,
+                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
     for c in concat:
         ax.annotate("", xy=(out, 0.0), xytext=pos[c], zorder=1,
                     arrowprops=dict(arrowstyle="-|>", color="lightgray", lw=1.0, shrinkA=14, shrinkB=14))

@@ -272,10 +272,14 @@ def _params_from_checkpoint(t: TrainRun) -> Optional[float]:
 
 def build_units(runs: Runs) -> List[Unit]:
     train_by_dir = {t.path.resolve(): t for t in runs.train}
+    names = [t.path.name for t in runs.train]
+    by_name = {t.path.name: t.path.resolve() for t in runs.train if names.count(t.path.name) == 1}
     groups: Dict[Any, List[EvalRun]] = {}
     for e in sorted(runs.evals, key=lambda e: e.mtime):
         td = e.summary.get("train_run_dir")
         key = Path(td).resolve() if td else e.path.resolve()
+        if td and key not in train_by_dir and Path(td).name in by_name:  # the tree was moved
+            key = by_name[Path(td).name]
         groups.setdefault(key, []).append(e)
     units: List[Unit] = []
     for t in runs.train:
@@ -326,12 +330,14 @@ def mean_std(values: Sequence[float], ddof: int = 1) -> Tuple[float, Optional[fl
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - ddof))
 
 
-def fmt(values: Sequence[Optional[float]], decimals: int, ddof: int) -> str:
+def fmt(values: Sequence[Optional[float]], decimals: int, ddof: int, sig: bool = False) -> str:
+    """'mean ± std' with fixed decimals (accuracies) or significant digits (radii, params)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "n/a"
     m, s = mean_std(vals, ddof)
-    return f"{m:.{decimals}f}" if s is None else f"{m:.{decimals}f} ± {s:.{decimals}f}"
+    f = (lambda v: f"{v:.{decimals}g}") if sig else (lambda v: f"{v:.{decimals}f}")
+    return f(m) if s is None else f"{f(m)} ± {f(s)}"
 
 
 def _grouped(units: Sequence[Unit]) -> Dict[str, Dict[str, List[Unit]]]:
@@ -407,7 +413,7 @@ def write_report(cfg: ReportConfig) -> Path:
             cost_txt, cost_m, cost_sd = _search_cost_h(searches)
             params = [u.params_m for u in us if u.params_m is not None]
             rows.append([ds, meth, fmt([u.clean for u in us], dec, ddof),
-                         fmt(params, 2, ddof).split(" ±")[0] if params else "n/a", cost_txt,
+                         fmt(params, 3, ddof, sig=True).split(" ±")[0] if params else "n/a", cost_txt,
                          "gradient" if searches else "-", str(len(us))])
             rec = data["datasets"][ds]["methods"][meth]
             rec.update(params_m=params, search_cost_h=cost_m, search_cost_h_std=cost_sd)
@@ -432,7 +438,7 @@ def write_report(cfg: ReportConfig) -> Path:
                     us = methods.get(meth, [])
                     unt = [u.certified[k].get("mean_radius") for u in us if k in u.certified]
                     tgt = [u.certified[k].get("mean_radius_target") for u in us if k in u.certified]
-                    row.append(f"{fmt(unt, 4, ddof)} / {fmt(tgt, 4, ddof)}" if unt else "n/a")
+                    row.append(f"{fmt(unt, 3, ddof, sig=True)} / {fmt(tgt, 3, ddof, sig=True)}" if unt else "n/a")
                     if unt:
                         data["datasets"][ds]["methods"][meth].setdefault("certified", {})[k] = {
                             "mean_radius": unt, "mean_radius_target": tgt}
@@ -503,10 +509,20 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
             if w:
                 prims = s.alphas.get("primitives") or (s.cfg.get("model") or {}).get("primitives") or []
                 link(f"softmax(alpha): {tag}", P.alpha_heatmap(w, prims, tag, pdir / f"alphas_{_safe(s.path.name)}.png"))
+    cells: Dict[str, List[SearchRun]] = {}  # one diagram per distinct genotype
+    for s in runs.search:
         if s.genotype is not None:
-            for cell in ("normal", "reduce"):
-                link(f"{cell} cell: {tag}", P.cell_diagram(s.genotype, cell, tag,
-                                                          pdir / f"cell_{_safe(s.path.name)}_{cell}.png"))
+            cells.setdefault(s.genotype.to_json(), []).append(s)
+    for same in cells.values():
+        s = same[0]
+        tag = ", ".join(sorted({x.method for x in same})) + f" [{s.path.name}" + (
+            f" +{len(same) - 1} more]" if len(same) > 1 else "]")
+        for cell in ("normal", "reduce"):
+            link(f"{cell} cell: {tag}", P.cell_diagram(s.genotype, cell, tag,
+                                                      pdir / f"cell_{_safe(s.path.name)}_{cell}.png"))
+        if len(same) > 1:
+            md.append("Same cell found by: " + ", ".join(f"`{x.path.name}`" for x in same))
+            md.append("")
     return md
 
 

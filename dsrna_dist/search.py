@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import ConfigError, SearchConfig, format_help, parse_cli, to_dict
-from .engine import (Runtime, all_reduce_mean_, broadcast_parameters, capture_rng,
-                     restore_training_state, run_stage, training_state)
+from .config import ConfigError, SearchConfig, format_help, parse_cli
+from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
+                     capture_rng, restore_training_state, run_stage, training_state)
 from .space.supernet import Supernet
 from .strategies import NonFiniteLossError, SearchContext, build_strategy
 from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
@@ -72,13 +72,14 @@ def wrap_ddp(model: Supernet, world_size: int, prepare: Optional[Callable[[nn.Mo
     return prepare(model) if prepare is not None else ddp(model)
 
 
-def build_loaders(cfg: SearchConfig, rt: Runtime):
+def build_loaders(cfg: SearchConfig, rt: Runtime, arrays: Any = None):
     """Weight and arch loaders over the two halves of the train split, sharded by rank."""
     from .data import MemoryLoader, dataset_info, load_arrays, search_split
     from .engine import derive_seed
 
     info = dataset_info(cfg.data)
-    arrays = load_arrays(cfg.data, "train")
+    if arrays is None:
+        arrays = load_arrays(cfg.data, "train")
     n = int(arrays.labels.shape[0])
     tr_idx, va_idx = search_split(n, cfg.data.train_portion, cfg.run.seed)
     augment = search_augment(cfg, info)
@@ -128,10 +129,11 @@ def check_config(cfg: SearchConfig) -> None:
                           f"is not divisible by K={cfg.model.partial_channels}")
 
 
-def run_search(rt: Runtime) -> int:
+def run_search(rt: Runtime, arrays: Any = None) -> int:
+    """The search loop; ``arrays``: the train set if already loaded (see :func:`main`)."""
     cfg: SearchConfig = rt.cfg
     check_config(cfg)
-    info, train_loader, val_loader, steps = build_loaders(cfg, rt)
+    info, train_loader, val_loader, steps = build_loaders(cfg, rt, arrays)
     fmt = memory_format(cfg)
     model = Supernet(cfg.model, info).to(rt.device, memory_format=fmt)
     metric = build_metric(cfg)
@@ -173,8 +175,9 @@ def run_search(rt: Runtime) -> int:
         for i, (xt, yt), (xv, yv) in rt.progress(batches, total=steps, desc=f"epoch {epoch}"):
             xt = xt.contiguous(memory_format=fmt)
             xv = xv.contiguous(memory_format=fmt)
-            try:
-                logs = strategy.step(xt, yt, xv, yv, epoch=epoch, step=global_step, lr=lr)
+            try:  # autocast: bf16 on GPU when configured (the arch step bypasses DDP's wrapper)
+                with rt.accelerator.autocast():
+                    logs = strategy.step(xt, yt, xv, yv, epoch=epoch, step=global_step, lr=lr)
             except NonFiniteLossError as e:
                 last = rt.ckpt.latest()
                 rt.print(f"stopping: {e}; the last good checkpoint is "
@@ -190,8 +193,11 @@ def run_search(rt: Runtime) -> int:
                 sys.stdout.flush()
                 os._exit(137)  # test hook: die like a killed process, no cleanup at all
         elapsed = time.perf_counter() - t0
-        means = epoch_means(sums, counts)
+        means = epoch_means(sums, counts, rt.device)
         throughput = steps * cfg.data.batch_size * rt.world_size / max(elapsed, 1e-9)
+        if rt.world_size > 1 and not assert_identical_across_ranks(model.arch_parameters()):
+            raise RuntimeError(f"architecture parameters differ across ranks after epoch {epoch} "
+                               "(a strategy skipped the arch-gradient all-reduce)")
         genotype = model.derive(cfg.strategy.max_skip)
         if rt.is_main:
             log_epoch(rt, model, genotype, means, lr, throughput, epoch)
@@ -205,7 +211,9 @@ def run_search(rt: Runtime) -> int:
             genotype=genotype.to_dict())
         rt.ckpt.save(ckpt)
         rt.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items())
-                 + f", lr={lr:.4g}, {throughput:.1f} img/s\n  genotype: {genotype}")
+                 + f", lr={lr:.4g}, {throughput:.1f} img/s"
+                 + (f", alpha identical on {rt.world_size} ranks" if rt.world_size > 1 else "")
+                 + f"\n  genotype: {genotype}")
     if rt.is_main:
         from .genotype import save
 
@@ -214,12 +222,13 @@ def run_search(rt: Runtime) -> int:
     return 0
 
 
-def epoch_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> Dict[str, float]:
+def epoch_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int],
+                device: torch.device) -> Dict[str, float]:
     """Per-epoch means over steps and ranks (one small all-reduce; same keys on every rank)."""
     keys = sorted(sums)
     if not keys:
         return {}
-    vec = torch.stack([sums[k] / counts[k] for k in keys])
+    vec = torch.stack([sums[k] / counts[k] for k in keys]).to(device)  # NCCL needs CUDA tensors
     all_reduce_mean_([vec])
     return {k: float(v) for k, v in zip(keys, vec)}
 
@@ -238,26 +247,30 @@ def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, floa
 
 
 # --------------------------------------------------------------------------- CLI
-def cli(config: str = "", **overrides: Any) -> None:
-    """Entry point (fire): ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
+def main(config: str = "", **overrides: Any) -> None:
+    """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(SearchConfig, PROG, DOC, config, overrides)
-    try:  # strategy/space mismatches are config errors: refuse before any run dir is touched
+    from .data import DataError, load_arrays
+
+    try:  # config mismatches and missing data: refuse before any run dir is touched
         check_config(cfg)
-    except ConfigError as e:
+        arrays = load_arrays(cfg.data, "train")
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    run_stage(run_search, cfg, "search")
+    run_stage(lambda rt: run_search(rt, arrays), cfg, "search")
 
 
-def main(argv: Optional[list] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def cli(argv: Optional[list] = None) -> None:
+    """Console entry (``dsrna-search``, ``python -m dsrna_dist.search``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("--help", "-h") for a in argv):  # before fire, which would show its own help
         print(format_help(SearchConfig, PROG, DOC))
         sys.exit(0)
     import fire
 
-    fire.Fire(cli, command=argv, name=PROG)
+    fire.Fire(main, command=argv, name=PROG)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -149,10 +149,13 @@ def test_pgd_l2_on_linear_model_reaches_the_analytic_worst_case():
 
 
 # ----------------------------------------------------------------------------- vs torchattacks
-torchattacks = pytest.importorskip("torchattacks")
+@pytest.fixture(scope="module")
+def torchattacks():
+    """The independent reference (test-only dependency: pip install --no-deps torchattacks==3.5.1)."""
+    return pytest.importorskip("torchattacks")
 
 
-def test_fgsm_equals_torchattacks(trained):
+def test_fgsm_equals_torchattacks(trained, torchattacks):
     model, x, y = trained
     ours = build_attack(AttackConfig(name="fgsm", eps=8 / 255))(model, x, y)
     theirs = torchattacks.FGSM(model, eps=8 / 255)(x, y)
@@ -162,7 +165,7 @@ def test_fgsm_equals_torchattacks(trained):
 
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
-def test_pgd_at_least_as_strong_as_torchattacks(trained, norm):
+def test_pgd_at_least_as_strong_as_torchattacks(trained, norm, torchattacks):
     model, x, y = trained
     if norm == "inf":
         eps, step = 0.045, 0.012
@@ -192,7 +195,7 @@ def shifted(model: nn.Module, shift: float) -> nn.Module:
     return nn.Sequential(model, Shift()).eval()
 
 
-def test_cw_handles_all_negative_logits_unlike_torchattacks(trained):
+def test_cw_handles_all_negative_logits_unlike_torchattacks(trained, torchattacks):
     """C&W's objective depends on logit differences only: shifting every logit by -100 must not
     change our result. torchattacks 3.5.1 zero-masks class y when picking the best other logit,
     so with all-negative logits its objective is flat and it breaks (almost) nothing."""

@@ -2,7 +2,6 @@
 interrupted runs resume, bad checkpoints are refused before anything is written, 2 ranks give
 the same records as 1, and certified radii never exceed what an attack finds."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -243,7 +242,6 @@ def test_cli_help_and_bad_keys():
     assert r.returncode == 2 and "certify.methodz" in r.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
     cfg = eval_cfg(tmp_path, ckpt, name="two")
@@ -270,17 +268,18 @@ def test_certified_radius_never_exceeds_the_smallest_adversarial_eps(norm, ckpt)
     from dsrna_dist.space.network import load_trained
 
     darts, _, _ = load_trained(str(ckpt))
-    for model in (_tiny_cnn(0), darts):
+    # full CROWN is slow on the DARTS net on CPU: there only IBP and CROWN-IBP
+    for model, methods in ((_tiny_cnn(0), ["ibp", "crown-ibp", "crown"]), (darts, ["ibp", "crown-ibp"])):
         g = torch.Generator().manual_seed(0)
         x = torch.rand(8, 1, 16, 16, generator=g)
         with torch.no_grad():
             y = model(x).argmax(1)        # every example correctly classified by construction
         idx = list(range(8))
-        recs = certify_batch(model, x, y, idx, methods=["ibp", "crown-ibp", "crown"], norms=[norm], steps=10,
+        recs = certify_batch(model, x, y, idx, methods=methods, norms=[norm], steps=10,
                              eps_init=0.01, random_target=True, seed=0, num_classes=4)
-        adv = min_adversarial_eps(model, x, y, norm, eps_max=2.0 if norm == "2" else 0.5, bisection_steps=8)
+        adv = min_adversarial_eps(model, x, y, norm, eps_max=2.0 if norm == "2" else 0.5, bisection_steps=7, steps=10)
         assert torch.isfinite(adv).all()
         for r in recs:
             assert 0 <= r["radius"] <= adv[r["index"]].item() + 1e-7, (r, adv)
-        crown = [r["radius"] for r in recs if r["method"] == "crown"]
-        assert sum(crown) > 0, "certification should be non-trivial on these nets"
+        best = [r["radius"] for r in recs if r["method"] == methods[-1]]
+        assert min(best) > 0, "certification should be non-trivial on these nets"

@@ -107,7 +107,7 @@ def tree(tmp_path):
             ci = [r["radius"] for r in cert if r["norm"] == "inf"]
             e["cert_inf"].append(sum(ci) / len(ci))
             e["cost"].append(hours * (1 + seed) * 2)  # 2 CPU processes
-    write_search(root, "search_unfinished", "sdarts_adv", "none", 0)  # searched but never trained
+    write_search(root, "search_unfinished", "sdarts_adv", "none", 0, genotype="PC_DARTS_CIFAR")  # never trained
     return root, expect
 
 
@@ -135,7 +135,7 @@ def test_method_names():
 def test_tables_aggregate_over_seeds(tree, tmp_path):
     root, expect = tree
     out = tmp_path / "rep" / "report.md"
-    write_report(ReportConfig(runs=str(root), out=str(out)))
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
     md = out.read_text()
     for method, e in expect.items():
         m = statistics.mean(e["pgd"])
@@ -149,7 +149,8 @@ def test_tables_aggregate_over_seeds(tree, tmp_path):
         cost = _cell(md, "without attack, parameters", method, "Search cost")
         assert cost.startswith(f"{statistics.mean(e['cost']):.3g}") and cost.endswith("CPU-h")
         cert = _cell(md, "l_inf-norm certified lower bounds", "synthetic", method)
-        assert cert.split(" / ")[0].startswith(f"{statistics.mean(e['cert_inf']):.4f}")
+        m, sd = statistics.mean(e["cert_inf"]), (statistics.stdev(e["cert_inf"]) if len(e["cert_inf"]) > 1 else None)
+        assert cert.split(" / ")[0] == (f"{m:.3g}" if sd is None else f"{m:.3g} ± {sd:.3g}")
     data = json.loads(out.with_suffix(".json").read_text())
     got = data["datasets"]["synthetic"]["methods"]["DSRNA-CB"]["robust"]["PGD-10"]
     assert sorted(got) == pytest.approx(sorted(expect["DSRNA-CB"]["pgd"]))
@@ -166,7 +167,10 @@ def test_plots_exist_and_are_linked(tree, tmp_path):
     pngs = sorted((tmp_path / "report_plots").glob("*.png"))
     names = " ".join(p.name for p in pngs)
     assert "eps_sweep_synthetic" in names and "radius_hist_synthetic_crown-ibp_inf" in names
-    assert "alphas_search_unfinished" in names and "cell_search_unfinished_normal" in names
+    assert "alphas_search_unfinished" in names and "alphas_search_pcdarts_certified_s2" in names
+    assert "cell_search_darts_none_s0_normal" in names and "cell_search_darts_none_s0_reduce" in names
+    assert "cell_search_unfinished_reduce" in names
+    assert len([p for p in pngs if p.name.startswith("cell_")]) == 4, "one diagram per distinct genotype"
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
         assert f"](report_plots/{p.name})" in md
@@ -183,7 +187,7 @@ def test_cli(tree, tmp_path):
     root, _ = tree
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(root), "--out",
-                        str(tmp_path / "r.md")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "r.md"), "--plots=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r.md").is_file()
     r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(tmp_path / "missing"), "--out",

@@ -3,6 +3,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -80,7 +82,6 @@ def test_first_order_arch_step_equals_independent_adam_step():
 
 def exact_unrolled_alpha_grad(model, w_opt, xt, yt, xv, yv, eta):
     """Exact DARTS 2nd-order gradient by double backprop through the virtual step (float64)."""
-    names = [n for n, _ in model.named_parameters()]
     arch = set(model.arch_parameter_names())
     params = dict(model.named_parameters())
     W = {n: p for n, p in params.items() if n not in arch}
@@ -293,9 +294,6 @@ def test_two_ranks_keep_alpha_and_weights_bit_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------- the stage (CLI)
-import subprocess
-import sys
-
 TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
              "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
              "--model.init_channels=4", "--model.layers=3", "--model.nodes=2",
@@ -316,6 +314,9 @@ def test_cli_help_and_bad_key(tmp_path):
     assert r.returncode == 2 and "strategy.nmae" in r.stderr and "Traceback" not in r.stderr
     r = run_cli([*TINY_ARGS, "--strategy.name=pcdarts", "--run.name=bad"], tmp_path)
     assert r.returncode == 2 and "model.partial_channels" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["--data.name=cifar10", f"--data.root={tmp_path / 'nowhere'}", "--run.name=nodata"], tmp_path)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nodata").exists() and not (tmp_path / "bad").exists()  # nothing written
 
 
 def test_killed_search_resumes_to_the_same_result(tmp_path):
@@ -387,3 +388,26 @@ def test_robustness_term_enters_the_arch_objective():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
         assert (a - c).norm() > 0.01 * c.norm()  # the metric really changed the gradient
     assert "R" in logs and math.isclose(logs["R"], float(r.detach()), rel_tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["darts_2nd", "pcdarts_adv"])
+def test_accelerate_launch_two_ranks_end_to_end(tmp_path, strategy):
+    """The real launcher command: 2 gloo ranks, alpha checked identical every epoch."""
+    import shutil
+
+    extra = {"darts_2nd": ["--strategy.order=2"],
+             "pcdarts_adv": ["--strategy.name=pcdarts_adv", "--model.partial_channels=2",
+                             "--model.edge_normalization=true", "--strategy.adv_steps=2"]}[strategy]
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsrna_dist.search",
+           *TINY_ARGS, "--epochs=2", "--data.batch_size=4", *extra, "--run.name=ddp",
+           f"--run.out_dir={tmp_path}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "world_size=2" in out and out.count("alpha identical on 2 ranks") == 2
+    assert (tmp_path / "ddp" / "genotype.json").is_file()

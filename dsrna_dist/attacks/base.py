@@ -64,18 +64,24 @@ def flat_norm(v: torch.Tensor, p: str) -> torch.Tensor:
     return f.abs().amax(1) if p == "inf" else f.norm(dim=1)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project onto the eps ball around x, then clip to [0, 1].
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """Project onto the eps ball around x (eps: a float or one per example), then clip to [0, 1].
 
     Clipping after projecting keeps the point in the ball: for x in [0, 1], clipping x + d to
     [0, 1] never moves any coordinate further from x.
     """
     d = x_adv - x
+    shape = (-1,) + (1,) * (d.dim() - 1)
     if norm == "inf":
-        d = d.clamp(-eps, eps)
+        if isinstance(eps, torch.Tensor):
+            e = eps.to(d.dtype).view(shape)
+            d = torch.maximum(torch.minimum(d, e), -e)
+        else:
+            d = d.clamp(-eps, eps)
     else:
         n = flat_norm(d, "2").clamp_min(1e-12)
-        d = d * (eps / n).clamp(max=1.0).view(-1, *([1] * (d.dim() - 1)))
+        e = eps.to(d.dtype) if isinstance(eps, torch.Tensor) else eps
+        d = d * (e / n).clamp(max=1.0).view(shape)
     return (x + d).clamp(0.0, 1.0)
 
 

@@ -19,15 +19,14 @@ from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from .base import BOUND_OPS, BoundError, BoundOp, Interval, has_module_bound
+from .base import (BOUND_OPS, BoundError, BoundOp, Interval, has_module_bound, register_functions,
+                   register_methods, register_modules)
 from .certify import certified_radius
 from .graph import METHODS, NORMS, BoundedModel, margin_spec
 
-Registry = BOUND_OPS
-
 __all__ = ["BoundedModel", "bounds", "margin_lower_bound", "certified_radius", "BOUND_OPS",
-           "Registry", "BoundOp", "BoundError", "Interval", "METHODS", "NORMS", "margin_spec",
-           "has_module_bound"]
+           "BoundOp", "BoundError", "Interval", "METHODS", "NORMS", "margin_spec",
+           "has_module_bound", "register_modules", "register_functions", "register_methods"]
 
 
 def _bm(model: Union[nn.Module, BoundedModel]) -> BoundedModel:

@@ -58,6 +58,8 @@ class BoundOp:
 
     #: the op is non-linear and its relaxation needs bounds on its (first) input
     needs_input_bounds: bool = False
+    #: the graph nodes among this node's inputs that depend on the perturbed input (engine sets)
+    perturbed_inputs: frozenset = frozenset()
 
     def __init__(self, node: Any, module: Optional[nn.Module] = None) -> None:
         self.node = node

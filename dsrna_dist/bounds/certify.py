@@ -19,11 +19,16 @@ from .graph import BoundedModel
 @torch.no_grad()
 def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor, norm: str = "inf",
                      method: str = "crown-ibp", steps: int = 15, eps_init: float = 0.05,
-                     target: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0) -> Tensor:
-    """[B] certified radii (pixel units) of ``model`` at ``x`` with labels ``y``."""
+                     target: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
+                     max_memory_mb: float = 256.0) -> Tensor:
+    """[B] certified radii (pixel units) of ``model`` at ``x`` with labels ``y``.
+
+    ``model``: a module (traced here) or a :class:`BoundedModel` (reuse it across batches).
+    ``target``: [B] class per example for the CNN-Cert random-target radius; None: untargeted.
+    """
     if steps < 1 or eps_init <= 0:
         raise ValueError(f"certified_radius: need steps >= 1 and eps_init > 0 (got {steps}, {eps_init})")
-    bm = model if isinstance(model, BoundedModel) else BoundedModel(model)
+    bm = model if isinstance(model, BoundedModel) else BoundedModel(model, max_memory_mb=max_memory_mb)
     B = x.shape[0]
     dt = torch.float64
     log_eps = torch.full((B,), math.log(eps_init), dtype=dt, device=x.device)

@@ -1,27 +1,34 @@
 """The bound engine: trace a model with torch.fx and propagate bounds over its graph.
 
-* Tracing: modules whose type has a bound class are leaves; any other module (cells, MixedOp,
-  SepConv, FactorizedReduce...) is traced through into registered primitives. Extra
-  ``forward`` arguments with defaults (``drop_prob=0.``, ``arch_weights=None``) are fixed to
-  their defaults.
+* Tracing (once, at construction): modules whose type has a bound class are leaves; any other
+  module (cells, MixedOp, SepConv, FactorizedReduce...) is traced through into registered
+  primitives. Extra ``forward`` arguments with defaults (``drop_prob=0.``,
+  ``arch_weights=None``) are fixed to their defaults. Python-level decisions (``if
+  self.training``) are frozen at trace time; a model returning ``(logits, aux)`` is bounded
+  on ``logits``.
 * Evaluation: the graph is interpreted against the *live* model on every call (parameters
   replaced or moved later are picked up). Nodes that do not depend on the input (softmax(alpha),
   weight slices...) are computed concretely with autograd, so bounds stay differentiable in
   alpha/beta; perturbed nodes get a bound class.
 * Methods: ``ibp``; ``crown-ibp`` (IBP intermediate bounds, one backward pass from the
-  specification); ``crown`` (a backward pass for every input of a ReLU / max pool, chunked
-  over neurons and examples, intersected with IBP; the output bound is intersected with IBP
-  too, so CROWN is never looser than IBP).
+  specification, as Zhang et al. 2020; *not* intersected with IBP, so it can be looser than
+  IBP on some nets: it is provably no looser only in special cases such as one hidden ReLU
+  layer with zero lower slopes); ``crown`` (a backward pass for every input of a ReLU / max
+  pool, chunked over neurons and examples, intersected with IBP; the output bound is
+  intersected with IBP too, so CROWN is never looser than IBP).
 * Input set: ``{x' : ||x' - x||_p <= eps} intersected with [x_min, x_max]``. l_inf: the exact
   box. l_2: IBP starts from the box hull of the set; a linear bound ``a.x'`` is concretized as
   the better (both are sound) of the l_2-ball value ``a.x -/+ eps ||a||_2`` (dual norm) and
   the box-hull value, i.e. a sound bound over the intersection.
+* Memory: chunking bounds one coefficient matrix, but with grad enabled autograd keeps every
+  chunk's tensors alive: CROWN-IBP + backward costs roughly (2 + S) forward activations for S
+  specification rows (S = K-1 for the margin). Full CROWN is for certification (no_grad).
 """
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -57,6 +64,21 @@ def trace(model: nn.Module) -> fx.Graph:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers.
+
+    Bounds computed on the unwrapped module do not go through DDP's forward, so DDP does not
+    all-reduce their gradients: reduce them explicitly (see notes/distributed-on-cpu.md).
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _fetch_attr(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
@@ -79,6 +101,7 @@ class BoundedModel:
     def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0) -> None:
         if relu_lower not in RELU_LOWER:
             raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
+        model = unwrap(model)
         self.model = model
         self.max_memory_mb = float(max_memory_mb)
         self.graph = trace(model)
@@ -90,8 +113,10 @@ class BoundedModel:
         self.input = placeholders[0]
         outs = [n for n in self.nodes if n.op == "output"]
         out = outs[0].args[0]
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], fx.Node):
+            out = out[0]  # (logits, aux_logits) of a train-mode net with an auxiliary head: logits
         if not isinstance(out, fx.Node):
-            raise BoundError("the model must return a single logits tensor (eval mode, no auxiliary head)")
+            raise BoundError("the model must return a logits tensor (or a tuple starting with it)")
         self.output = out
         self.perturbed = self._perturbed_nodes()
         if self.output not in self.perturbed:

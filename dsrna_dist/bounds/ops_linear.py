@@ -5,7 +5,7 @@ which is exact per output for a box; the backward step is ``A -> A W`` with bias
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +96,17 @@ class BoundConv2d(BoundOp):
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             return linear_vjp(lambda z: m._conv_forward(z, m.weight, None), A, in_shape)
         A2 = A.reshape((b * S,) + tuple(A.shape[2:]))
-        op = _conv_output_padding(in_shape[2:], A.shape[3:], m.kernel_size, m.stride, m.padding,
-                                  m.dilation)
-        g = F.conv_transpose2d(A2, m.weight, None, m.stride, m.padding, op, m.groups, m.dilation)
+        k, d, p = m.kernel_size, m.dilation, m.padding
+        pad_t = tuple(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p))
+        if m.stride == (1, 1) and min(pad_t) >= 0:
+            # stride 1: the transposed conv is a plain conv with the flipped, channel-swapped
+            # kernel (CPU kernels for conv2d are much faster than for conv_transpose2d)
+            g_, co, ci = m.groups, m.out_channels, m.in_channels
+            w = m.weight.view(g_, co // g_, ci // g_, *k).transpose(1, 2).reshape(ci, co // g_, *k)
+            g = F.conv2d(A2, w.flip(-1, -2), None, 1, pad_t, d, g_)
+            return g.view((b, S) + tuple(in_shape[1:]))
+        op = _conv_output_padding(in_shape[2:], A.shape[3:], k, m.stride, p, d)
+        g = F.conv_transpose2d(A2, m.weight, None, m.stride, p, op, m.groups, d)
         return g.view((b, S) + tuple(in_shape[1:]))
 
     def _bias(self, A: Tensor):

@@ -8,7 +8,7 @@ bounds are differentiable in alpha. The product of two perturbed tensors is refu
 from __future__ import annotations
 
 import operator
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -188,7 +188,7 @@ class BoundZero(BoundOp):
 _ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
           operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
           operator.neg: "neg", torch.neg: "neg", "add": "add", "sub": "sub", "mul": "mul",
-          "div": "div", "neg": "neg", "__radd__": "radd", "__rmul__": "rmul"}
+          "div": "div", "neg": "neg"}
 
 
 @register_functions((operator.add, "operator.add"), (torch.add, "torch.add"),
@@ -227,8 +227,6 @@ class BoundArith(BoundOp):
     def _both(self, ctx) -> bool:
         return self._perturbed_at(0) and self._perturbed_at(1)
 
-    perturbed_inputs: frozenset = frozenset()  # set by the engine
-
     def ibp(self, ctx, a, b=None, **kwargs):
         k = self.kind
         if k == "neg":
@@ -266,10 +264,10 @@ class BoundArith(BoundOp):
         def const(c):
             return spec_const(c, out_dim) if isinstance(c, Tensor) else c
 
-        def bias(c, sign=1.0):
+        def bias(c, sign=1.0):  # the constant's contribution spec . (sign * c)
             cc = const(c)
-            return (maybe(lambda A: sign * sum_spec(A * cc), lA) if lA is not None else 0.0,
-                    maybe(lambda A: sign * sum_spec(A * cc), uA) if uA is not None else 0.0)
+            f = lambda A: sign * sum_spec(A * cc)  # noqa: E731
+            return (f(lA) if lA is not None else 0.0), (f(uA) if uA is not None else 0.0)
 
         if k in ("add", "sub"):
             sb = 1.0 if k == "add" else -1.0

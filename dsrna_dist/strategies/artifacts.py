@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
-
 from .. import genotype as G
 from ..engine.io import atomic_write_text
 from ..space.supernet import Supernet

@@ -7,7 +7,7 @@ divide by the row sum.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
