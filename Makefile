@@ -27,6 +27,8 @@ $(VENV)/.installed: pyproject.toml | system-packages
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# test-only independent attack reference; --no-deps: its requests pin clashes, and it never imports requests
+	$(PIP) install -q --no-deps torchattacks==3.5.1
 	touch $@
 
 demo: install

@@ -139,7 +139,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     metric = build_metric(cfg)
     w_optim, a_optim = build_optimizers(cfg, model)
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, search_time = 0, 0, 0.0
     state = rt.maybe_resume(cfg)
     if state is not None:
         global_step, start_epoch = restore_training_state(
@@ -147,6 +147,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             source=str(rt.ckpt.last_path))
         if metric is not None and state.get("metric"):
             metric.load_state_dict(state["metric"])
+        search_time = float(state.get("search_time_s", 0.0))
     else:
         broadcast_parameters(model.parameters())  # one architecture and one init everywhere
     net = wrap_ddp(model, rt.world_size, rt.accelerator.prepare_model)
@@ -193,6 +194,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
                 sys.stdout.flush()
                 os._exit(137)  # test hook: die like a killed process, no cleanup at all
         elapsed = time.perf_counter() - t0
+        search_time += elapsed
         means = epoch_means(sums, counts, rt.device)
         throughput = steps * cfg.data.batch_size * rt.world_size / max(elapsed, 1e-9)
         if rt.world_size > 1 and not assert_identical_across_ranks(model.arch_parameters()):
@@ -208,7 +210,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             models={"model": model}, optimizers={"weights": w_optim, "arch": a_optim},
             step=global_step, epoch=epoch + 1, config=cfg, rng=capture_rng(),
             strategy=strategy.state_dict(), metric=metric.state_dict() if metric is not None else {},
-            genotype=genotype.to_dict())
+            genotype=genotype.to_dict(), search_time_s=search_time)
         rt.ckpt.save(ckpt)
         rt.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items())
                  + f", lr={lr:.4g}, {throughput:.1f} img/s"
@@ -217,7 +219,13 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     if rt.is_main:
         from .genotype import save
 
+        from .engine.io import atomic_write_json
+
         save(genotype, str(rt.run_dir / "genotype.json"))
+        # Search cost for the report: wall seconds of the epochs (summed over resumes) x ranks.
+        atomic_write_json(str(rt.run_dir / "summary.json"), {
+            "kind": "search", "search_time_s": round(search_time, 3), "world_size": rt.world_size,
+            "device": rt.device.type, "epochs": cfg.epochs, "genotype": genotype.to_dict()})
         rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
     return 0
 
