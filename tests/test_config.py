@@ -69,3 +69,15 @@ def test_nested_list_of_dataclasses():
     assert len(cfg.attacks) == 1 and cfg.attacks[0].steps == 3
     with pytest.raises(ConfigError, match=r"attacks\[0\]\.stepz"):
         load_config(EvalConfig, None, {"attacks": [{"name": "pgd", "stepz": 3}]})
+
+
+@pytest.mark.parametrize("kind,cls", [("search", SearchConfig), ("train", TrainConfig), ("eval", EvalConfig)])
+def test_every_shipped_config_validates(kind, cls):
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", kind)
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert paths, f"no configs in {root}"
+    for p in paths:
+        load_config(cls, p)  # raises ConfigError naming key and file
