@@ -490,6 +490,18 @@ def format_help(cls: Type[Any], prog: str, doc: str = "") -> str:
     return "\n".join(lines)
 
 
+def fire_main(cls: Type[Any], prog: str, doc: str, target: Any, argv: Optional[list] = None) -> None:
+    """Stage entry: generated ``--help`` first (fire would swallow it), then fire calls ``target``
+    with ``config=`` and the dotted overrides."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--help", "-h") for a in argv):
+        print(format_help(cls, prog, doc))
+        sys.exit(0)
+    import fire
+
+    fire.Fire(target, command=argv, name=prog)
+
+
 def parse_cli(cls: Type[T], prog: str, doc: str, config: Optional[str], overrides: Mapping[str, Any]) -> T:
     """Shared entry for the stage CLIs: real ``--help``, then validated config or a one-line error."""
     if "help" in overrides or "h" in overrides or any(a in ("--help", "-h") for a in sys.argv[1:]):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .attacks import Attack, AttackError, attack_label, build_attack
-from .config import AttackConfig, ConfigError, EvalConfig, format_help, parse_cli, to_dict
+from .config import AttackConfig, ConfigError, EvalConfig, fire_main, parse_cli, to_dict
 
 PROG = "python -m dsrna_dist.evaluate"
 DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
@@ -396,13 +396,9 @@ def _num_classes(model: nn.Module, images: torch.Tensor, device: torch.device) -
 # --------------------------------------------------------------------------- CLI
 def evaluate(cfg: EvalConfig) -> int:
     """Preflight (errors before anything is written), then the run under the engine's policy."""
-    from .engine import report_error, run_stage
+    from .engine import run_checked
 
-    try:
-        plan = preflight(cfg)
-    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
-        raise SystemExit(report_error(exc, int(os.environ.get("RANK", "0") or 0))) from None
-    return run_stage(lambda rt: run_eval(rt, plan), cfg, "evaluate")
+    return run_checked(cfg, "evaluate", preflight, run_eval)
 
 
 def cli(config: str = "", **overrides: Any) -> None:
@@ -411,13 +407,7 @@ def cli(config: str = "", **overrides: Any) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("--help", "-h") for a in argv):  # before fire, which would show its own help
-        print(format_help(EvalConfig, PROG, DOC))
-        sys.exit(0)
-    import fire
-
-    fire.Fire(cli, command=argv, name=PROG)
+    fire_main(EvalConfig, PROG, DOC, cli, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ReportConfig, format_help, parse_cli
+from .config import ReportConfig, fire_main, parse_cli
 
 PROG = "python -m dsrna_dist.report"
 DOC = __doc__.split("\n\n")[1] if __doc__ else ""
@@ -553,13 +553,7 @@ def cli(config: str = "", **overrides: Any) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("--help", "-h") for a in argv):
-        print(format_help(ReportConfig, PROG, DOC))
-        sys.exit(0)
-    import fire
-
-    fire.Fire(cli, command=argv, name=PROG)
+    fire_main(ReportConfig, PROG, DOC, cli, argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import ConfigError, SearchConfig, format_help, parse_cli
+from .config import ConfigError, SearchConfig, fire_main, parse_cli
 from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
-                     capture_rng, restore_training_state, run_stage, training_state)
+                     capture_rng, restore_training_state, run_checked, training_state)
 from .space.supernet import Supernet
 from .strategies import NonFiniteLossError, SearchContext, build_strategy
 from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
@@ -258,26 +258,20 @@ def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, floa
 def main(config: str = "", **overrides: Any) -> None:
     """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(SearchConfig, PROG, DOC, config, overrides)
-    from .data import DataError, load_arrays
+    run_checked(cfg, "search", preflight, run_search)
 
-    try:  # config mismatches and missing data: refuse before any run dir is touched
-        check_config(cfg)
-        arrays = load_arrays(cfg.data, "train")
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_stage(lambda rt: run_search(rt, arrays), cfg, "search")
+
+def preflight(cfg: SearchConfig) -> Any:
+    """Config mismatches and missing data: refused before any run dir is touched."""
+    from .data import load_arrays
+
+    check_config(cfg)
+    return load_arrays(cfg.data, "train")
 
 
 def cli(argv: Optional[list] = None) -> None:
     """Console entry (``dsrna-search``, ``python -m dsrna_dist.search``)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("--help", "-h") for a in argv):  # before fire, which would show its own help
-        print(format_help(SearchConfig, PROG, DOC))
-        sys.exit(0)
-    import fire
-
-    fire.Fire(main, command=argv, name=PROG)
+    fire_main(SearchConfig, PROG, DOC, main, argv)
 
 
 if __name__ == "__main__":

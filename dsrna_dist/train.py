@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import genotype as G
-from .config import ConfigError, OptimConfig, TrainConfig, parse_cli, to_dict
+from .config import ConfigError, OptimConfig, TrainConfig, fire_main, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
-                     report_error, restore_rng, run_stage, seed_everything, seed_rank_streams,
+                     restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
 from .engine.io import atomic_write_text
 from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
@@ -373,11 +373,7 @@ def run(rt: Runtime, plan: Plan) -> int:
 
 def train(cfg: TrainConfig) -> int:
     """Preflight (errors before anything is written), then the run under the engine's policy."""
-    try:
-        plan = preflight(cfg)
-    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
-        raise SystemExit(report_error(exc, int(os.environ.get("RANK", "0") or 0))) from None
-    return run_stage(lambda rt: run(rt, plan), cfg, "train")
+    return run_checked(cfg, "train", preflight, run)
 
 
 def main(config: str = "", **overrides: Any) -> None:
@@ -385,14 +381,9 @@ def main(config: str = "", **overrides: Any) -> None:
     train(cfg)
 
 
-def cli() -> None:
-    import sys
-
-    import fire
-
-    if any(a in ("--help", "-h") for a in sys.argv[1:]):  # real help before fire swallows it
-        parse_cli(TrainConfig, "dsrna_dist.train", __doc__ or "", None, {"help": True})
-    fire.Fire(main)
+def cli(argv: Optional[list] = None) -> None:
+    """Console entry (``dsrna-train``, ``python -m dsrna_dist.train``)."""
+    fire_main(TrainConfig, "dsrna_dist.train", __doc__ or "", main, argv)
 
 
 if __name__ == "__main__":

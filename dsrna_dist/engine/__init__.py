@@ -13,7 +13,8 @@ from .checkpoint import (HARMLESS_KEYS, STRUCTURAL_KEYS, CheckpointManager, capt
                          training_state, unwrap_model)
 from .errors import CheckpointError
 from .gather import gather_objects, shard_indices
-from .runtime import Runtime, build_accelerator, report_error, run_stage, setup_runtime, teardown
+from .runtime import (Runtime, build_accelerator, report_error, run_checked, run_stage, setup_runtime,
+                      teardown)
 from .seeding import derive_seed, rank_generator, seed_everything, seed_rank_streams, set_deterministic
 from .sync import all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters
 from .tb import TBWriter
@@ -23,6 +24,6 @@ __all__ = [
     "TBWriter", "all_reduce_mean_", "assert_identical_across_ranks", "broadcast_parameters",
     "build_accelerator", "capture_rng", "compare_configs", "derive_seed", "gather_objects",
     "load_checkpoint", "rank_generator", "report_error", "restore_rng", "restore_training_state",
-    "run_stage", "seed_everything", "seed_rank_streams", "set_deterministic", "setup_runtime",
+    "run_checked", "run_stage", "seed_everything", "seed_rank_streams", "set_deterministic", "setup_runtime",
     "shard_indices", "teardown", "training_state", "unwrap_model",
 ]

@@ -286,3 +286,18 @@ def run_stage(main: Callable[[Runtime], Optional[int]], cfg: Any, stage: str) ->
     if code:
         raise SystemExit(code)
     return code
+
+
+def run_checked(cfg: Any, stage: str, preflight: Callable[[Any], Any],
+                main: Callable[[Runtime, Any], Optional[int]]) -> int:
+    """``preflight(cfg)`` first, then :func:`run_stage` with ``main(rt, plan)``.
+
+    Why: everything checkable without a process group (cross-key config checks, data files,
+    checkpoints, genotypes) fails here with one ``error:`` line before any run directory or
+    result file is touched.
+    """
+    try:
+        plan = preflight(cfg)
+    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
+        raise SystemExit(report_error(exc, _current_rank())) from None
+    return run_stage(lambda rt: main(rt, plan), cfg, stage)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import genotype as G
 from ..config import ConfigError, NetworkConfig, TrainConfig, from_dict
+from ..data.base import DatasetInfo
 from .layers import Normalize
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 
@@ -228,20 +229,9 @@ def drop_prob_at(final: float, epoch: int, epochs: int) -> float:
     return final * epoch / max(1, epochs)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Info:
-    """Just the dataset facts a network needs (saved in checkpoints so no dataset is required)."""
-    name: str
-    in_channels: int
-    image_size: int
-    num_classes: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-
-
 def info_dict(info: Any) -> dict:
     return {f.name: (list(getattr(info, f.name)) if f.name in ("mean", "std") else getattr(info, f.name))
-            for f in dataclasses.fields(_Info)}
+            for f in dataclasses.fields(DatasetInfo)}
 
 
 def load_trained(path: str, device: Union[str, torch.device] = "cpu") -> Tuple[Network, TrainConfig, G.Genotype]:
@@ -250,21 +240,16 @@ def load_trained(path: str, device: Union[str, torch.device] = "cpu") -> Tuple[N
     Reads with ``weights_only=True``; the genotype and config come from the checkpoint itself
     (validated), so the file alone is enough.
     """
-    from ..engine.checkpoint import CheckpointError
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"checkpoint {path}: unreadable or corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "genotype"} <= set(ckpt):
+    ckpt = load_checkpoint(path)  # weights_only=True; missing/corrupt -> CheckpointError naming it
+    if not {"model", "config", "genotype"} <= set(ckpt):
         raise CheckpointError(f"checkpoint {path}: not a train checkpoint (needs model, config, genotype)")
     cfg = from_dict(TrainConfig, ckpt["config"])
     g = G.from_dict(ckpt["genotype"], where=f"checkpoint {path} genotype")
     if "dataset_info" in ckpt:
         d = dict(ckpt["dataset_info"])
-        info: Any = _Info(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+        info: Any = DatasetInfo(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
     else:
         from ..data import dataset_info
         info = dataset_info(ckpt.get("dataset", cfg.data.name))
