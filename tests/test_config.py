@@ -81,3 +81,19 @@ def test_every_shipped_config_validates(kind, cls):
     assert paths, f"no configs in {root}"
     for p in paths:
         load_config(cls, p)  # raises ConfigError naming key and file
+
+
+@pytest.mark.parametrize("stage,key", [("search", "--strategy.name"), ("train", "--model.genotype"),
+                                       ("evaluate", "--certify.methods"), ("report", "--runs")])
+def test_every_stage_prints_real_help(stage, key):
+    out = subprocess.run([sys.executable, "-m", f"dsrna_dist.{stage}", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and key in out.stdout
+
+
+def test_stage_typo_is_one_line_error_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dsrna_dist.search", "--optim.lrr=0.1",
+                          f"--run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown key 'optim.lrr'" in out.stderr and not any(tmp_path.iterdir())
