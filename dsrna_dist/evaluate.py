@@ -169,8 +169,44 @@ def complete(records: Sequence[Dict[str, Any]], key: str, wanted: Sequence[Any])
 
 
 # --------------------------------------------------------------------------- work
-def _x(images: torch.Tensor, idx: Sequence[int], device: torch.device) -> torch.Tensor:
-    return images[torch.as_tensor(list(idx), dtype=torch.long)].to(device).float().div_(255.0)
+class TestSet:
+    """Random access to the test split by example index, whatever its storage.
+
+    Why: evaluation shards *indices* over ranks (no padding, exact gather), so it needs
+    ``x(idx)``/``y(idx)`` rather than a loader. Small sets are one in-memory uint8 tensor;
+    ImageNet-style folders are decoded per index (Resize + CenterCrop, as the eval loader does).
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        from .data import DataError, get_dataset, load_arrays
+
+        try:
+            data = load_arrays(cfg, "test")
+            self.images, self.labels, self.folder = data.images, data.labels, None
+        except DataError:
+            ds_cls = get_dataset(cfg.name)
+            if getattr(ds_cls, "in_memory", True):
+                raise
+            from .data.torchvision_loader import imagenet_transform
+
+            tf = imagenet_transform(False, cfg.image_size, cfg.eval_crop_ratio, cfg.min_scale, False)
+            self.folder = ds_cls.image_folder(cfg, "test", transform=tf)
+            n = len(self.folder) if not cfg.test_subset else min(cfg.test_subset, len(self.folder))
+            self.images = None
+            self.labels = torch.as_tensor(self.folder.targets[:n], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def x(self, idx: Sequence[int], device: torch.device) -> torch.Tensor:
+        if self.folder is not None:
+            batch = torch.stack([self.folder[i][0] for i in idx]) if idx else torch.zeros(0)
+        else:
+            batch = self.images[torch.as_tensor(list(idx), dtype=torch.long)]
+        return batch.to(device).float().div_(255.0)
+
+    def y(self, idx: Sequence[int], device: torch.device) -> torch.Tensor:
+        return self.labels[torch.as_tensor(list(idx), dtype=torch.long)].to(device)
 
 
 def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
@@ -236,16 +272,14 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
 
 
 def run_eval(rt: Any, plan: Plan) -> int:
-    from .data import load_arrays
     from .engine import gather_objects
     from .engine.io import atomic_write_json, atomic_write_text
     from .space.network import count_parameters
 
     cfg = plan.cfg
     model = plan.model.to(rt.device).eval()
-    data = load_arrays(cfg.data, "test")
+    data = TestSet(cfg.data)
     n = len(data)
-    images, labels = data.images, data.labels
     run_dir: Path = rt.run_dir
     att_path, cert_path = run_dir / ATTACKS_FILE, run_dir / CERTIFY_FILE
     state_path, summary_path = run_dir / STATE_FILE, run_dir / SUMMARY_FILE
@@ -295,7 +329,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
-        x, y = _x(images, idx, rt.device), labels[torch.as_tensor(idx, dtype=torch.long)].to(rt.device)
+        x, y = data.x(idx, rt.device), data.y(idx, rt.device)
         recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size) if idx else []
         recs = gather_objects(recs, key=None)
         order = {lab: k for k, lab in enumerate(labels_wanted)}
@@ -320,13 +354,13 @@ def run_eval(rt: Any, plan: Plan) -> int:
         from .attacks.certify import certify_batch
 
         bm = BoundedModel(model)
-        num_classes = _num_classes(model, images, rt.device) if n else 2
+        num_classes = _num_classes(model, data, rt.device) if n else 2
         t0 = time.perf_counter()
         for c in rt.progress(range(n_chunks), total=n_chunks, desc="certify"):
             idx = chunks[c]
             recs: List[Dict[str, Any]] = []
             if idx:
-                x, y = _x(images, idx, rt.device), labels[torch.as_tensor(idx, dtype=torch.long)].to(rt.device)
+                x, y = data.x(idx, rt.device), data.y(idx, rt.device)
                 recs = certify_batch(bm, x, y, idx, methods=cfg.certify.methods, norms=cfg.certify.norms,
                                      steps=cfg.certify.bisection_steps, eps_init=cfg.certify.eps_init,
                                      random_target=cfg.certify.random_target, seed=cfg.run.seed,
@@ -388,9 +422,9 @@ def run_eval(rt: Any, plan: Plan) -> int:
     return 0
 
 
-def _num_classes(model: nn.Module, images: torch.Tensor, device: torch.device) -> int:
+def _num_classes(model: nn.Module, data: TestSet, device: torch.device) -> int:
     with torch.no_grad():
-        return int(model(_x(images, [0], device)).shape[1])
+        return int(model(data.x([0], device)).shape[1])
 
 
 # --------------------------------------------------------------------------- CLI

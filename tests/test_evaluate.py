@@ -283,3 +283,27 @@ def test_certified_radius_never_exceeds_the_smallest_adversarial_eps(norm, ckpt)
             assert 0 <= r["radius"] <= adv[r["index"]].item() + 1e-7, (r, adv)
         best = [r["radius"] for r in recs if r["method"] == methods[-1]]
         assert min(best) > 0, "certification should be non-trivial on these nets"
+
+
+def test_testset_reads_imagenet_folders_by_index(tmp_path):
+    """ImageNet evaluation: examples are decoded per index from a real JPEG ImageFolder tree."""
+    import numpy as np
+    from PIL import Image
+
+    from dsrna_dist.config import DataConfig
+    from dsrna_dist.evaluate import TestSet
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, wnid in enumerate(("n001", "n002")):
+            d = tmp_path / split / wnid
+            d.mkdir(parents=True)
+            for k in range(3):
+                arr = np.full((40, 48, 3), 60 * c + 20 * k, dtype=np.uint8) + rng.integers(0, 3, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{k}.JPEG", quality=95)
+    ts = TestSet(DataConfig(name="imagenet", root=str(tmp_path), image_size=32, test_subset=5))
+    assert len(ts) == 5 and ts.y(range(5), torch.device("cpu")).tolist() == [0, 0, 0, 1, 1]
+    x = ts.x([4, 0], torch.device("cpu"))
+    assert x.shape == (2, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+    # JPEG of a near-constant image: the decoded crop keeps its level (index 4 = class 1, k=1 -> 80)
+    assert abs(x[0].mean().item() * 255 - 81) < 4 and abs(x[1].mean().item() * 255 - 1) < 4
