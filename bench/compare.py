@@ -7,13 +7,16 @@ killed resumes from its own checkpoint when run again. Run it in parts with --me
     python bench/compare.py                                  # all methods, seeds 0 1 2
     python bench/compare.py --methods dsrna_cb --seeds 0     # one cell of the grid
     python bench/compare.py --report-only
+
+Results go to results/compare/<method>_s<seed>/{search,train,eval}; the light files (configs,
+genotypes, alphas, metrics, summaries, certify.jsonl, the report) are committed so a later
+session continues the grid; checkpoints, TensorBoard events and attacks.jsonl are ignored.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--out", default="results/compare",
+                    help="results tree (its light files are committed; checkpoints, tb/ and attacks.jsonl are not)")
     ap.add_argument("--budget", default="fmnist_tiny", help="config prefix: configs/*/<budget>*.yaml")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per stage (torchrun when > 1)")
     ap.add_argument("--report-only", action="store_true")
@@ -62,7 +66,11 @@ def main() -> int:
     if not args.report_only:
         for method in args.methods:
             for seed in args.seeds:
-                for stage, done, argv in stage_commands(method, seed, out, args.nproc, args.budget):
+                stages = stage_commands(method, seed, out, args.nproc, args.budget)
+                if stages[-1][1].exists():  # evaluated: nothing left (checkpoints need not be kept)
+                    print(f"[skip] {method} seed {seed}: {stages[-1][1]} exists", flush=True)
+                    continue
+                for stage, done, argv in stages:
                     if done.exists():
                         print(f"[skip] {method} seed {seed} {stage}: {done} exists", flush=True)
                         continue
