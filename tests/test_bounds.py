@@ -239,13 +239,8 @@ def _op_cases():
                 yield pytest.param(name, affine, stride, id=f"{name}-{'aff' if affine else 'noaff'}-s{stride}")
 
 
-@pytest.mark.parametrize("name,affine,stride", list(_op_cases()))
-def test_each_op_exact_at_zero_and_sound(name, affine, stride):
-    """Odd 7x7 maps exercise the border (avg-pool divisor, stride-2 padding, strided zero)."""
-    torch.manual_seed(0)
-    model = randomize(Wrap(build_op(name, 2, stride, affine)), 1).to(DT).eval()
-    size = 8 if (name, stride) == ("skip_connect", 2) else 7  # FactorizedReduce needs even maps
-    x = torch.rand(2, 2, size, size, dtype=DT)
+def assert_exact_at_zero_and_sound(model, x, eps_inf, eps_2, **sound_kw):
+    """Every method equals the forward pass at eps = 0 and is sound at eps (l_inf and l_2)."""
     bm = BoundedModel(model)
     y = model(x)
     for m in METHODS:
@@ -253,7 +248,17 @@ def test_each_op_exact_at_zero_and_sound(name, affine, stride):
         torch.testing.assert_close(lb, y, atol=1e-9, rtol=0)
         torch.testing.assert_close(ub, y, atol=1e-9, rtol=0)
     for norm in NORMS:
-        assert_sound(model, x, 0.05 if norm == "inf" else 0.2, norm, n_samples=32, pgd_steps=10, bm=bm)
+        assert_sound(model, x, eps_inf if norm == "inf" else eps_2, norm, bm=bm, **sound_kw)
+
+
+@pytest.mark.parametrize("name,affine,stride", list(_op_cases()))
+def test_each_op_exact_at_zero_and_sound(name, affine, stride):
+    """Odd 7x7 maps exercise the border (avg-pool divisor, stride-2 padding, strided zero)."""
+    torch.manual_seed(0)
+    model = randomize(Wrap(build_op(name, 2, stride, affine)), 1).to(DT).eval()
+    size = 8 if (name, stride) == ("skip_connect", 2) else 7  # FactorizedReduce needs even maps
+    x = torch.rand(2, 2, size, size, dtype=DT)
+    assert_exact_at_zero_and_sound(model, x, 0.05, 0.2, n_samples=32, pgd_steps=10)
 
 
 TRAPS = {
@@ -314,14 +319,7 @@ def test_maxpool_stride_ne_kernel_sound(pool):
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), pool, nn.Flatten()).to(DT)
     randomize(model, 3)
     x = torch.rand(2, 2, 7, 7, dtype=DT)
-    bm = BoundedModel(model)
-    y = model(x)
-    for m in METHODS:
-        lb, ub = bm.bounds(x, 0.0, "inf", m)
-        torch.testing.assert_close(lb, y, atol=1e-9, rtol=0)
-        torch.testing.assert_close(ub, y, atol=1e-9, rtol=0)
-    for norm in NORMS:
-        assert_sound(model, x, 0.1 if norm == "inf" else 0.4, norm, bm=bm)
+    assert_exact_at_zero_and_sound(model, x, 0.1, 0.4)
 
 
 # ----------------------------------------------------------------------------- whole networks
