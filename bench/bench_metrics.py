@@ -36,8 +36,12 @@ def variants() -> List[Tuple[str, Optional[dict], bool]]:
         ("jacobian l2 frobenius_sq P=1", jac2, False),
         ("jacobian l2 frobenius_sq P=1, shared fwd", jac2, True),
         ("jacobian l2 frobenius_sq P=1, 1/4 batch", dict(jac2, batch_fraction=0.25), False),
-        ("jacobian l2 frobenius_sq_fd P=1", dict(jac2, estimator="frobenius_sq_fd"), False),
-        ("jacobian l2 frobenius_sq_fd P=1, 1/4 batch", dict(jac2, estimator="frobenius_sq_fd", batch_fraction=0.25), False),
+        ("jacobian l2 frobenius_sq_fd P=1, own fwd", dict(jac2, estimator="frobenius_sq_fd", fd_fused=False), False),
+        ("jacobian l2 frobenius_sq_fd P=1, fused fwd", dict(jac2, estimator="frobenius_sq_fd"), False),
+        ("jacobian l2 frobenius_sq_fd P=1, own fwd, 1/4 batch",
+         dict(jac2, estimator="frobenius_sq_fd", fd_fused=False, batch_fraction=0.25), False),
+        ("jacobian l2 frobenius_sq_fd P=1, fused fwd, 1/4 batch",
+         dict(jac2, estimator="frobenius_sq_fd", batch_fraction=0.25), False),
         ("jacobian linf paper (K VJPs), 1/4 batch", dict(name="jacobian", norm="inf", batch_fraction=0.25), False),
         ("jacobian l2 paper (K VJPs), 1/4 batch", dict(name="jacobian", norm="2", batch_fraction=0.25), False),
         ("certified ibp", dict(cb, method="ibp"), False),
@@ -54,10 +58,15 @@ def make_step(model: Supernet, x: torch.Tensor, y: torch.Tensor, over: Optional[
 
     def step() -> None:
         xv = x.detach().requires_grad_(share)
-        logits = model(xv)
+        extra_in = None if metric is None else metric.extra_inputs(xv, y)
+        if extra_in is None:  # as SearchStrategy.arch_objective does
+            logits, extra = model(xv), None
+        else:
+            out = model(torch.cat([xv, extra_in]))
+            logits, extra = out[: xv.shape[0]], out[xv.shape[0]:]
         obj = F.cross_entropy(logits, y)
         if metric is not None:
-            r, _ = metric(model, xv, y, logits=logits if share else None)
+            r, _ = metric(model, xv, y, logits=logits if (share or extra is not None) else None, extra=extra)
             obj = obj - gamma * r
         torch.autograd.grad(obj, arch)
 

@@ -173,6 +173,8 @@ class RobustnessConfig:
                               "frobenius_sq_fd = the same from finite differences along Gaussian input directions "
                               "(no double backward; bias O(fd_step))")
     fd_step: float = fld(0.01, gt=0.0, help="jacobian frobenius_sq_fd: finite-difference step h (pixel units)")
+    fd_fused: bool = fld(True, help="jacobian frobenius_sq_fd: evaluate the perturbed copies in the objective's own "
+                                    "forward (one forward of the joint batch; its BN statistics include them)")
     vjp: str = fld("auto", choices=("auto", "loop", "batched"),
                    help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")

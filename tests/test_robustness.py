@@ -15,7 +15,7 @@ from dsrna_dist.config import ConfigError, RobustnessConfig, SupernetConfig, rep
 from dsrna_dist.registry import RegistryError
 from dsrna_dist.robustness import METRICS, CertifiedMetric, JacobianMetric, build_metric
 from dsrna_dist.robustness.certified import margin_spec, next_eps
-from dsrna_dist.robustness.jacobian import frobenius_sq_estimate, frobenius_sq_fd
+from dsrna_dist.robustness.jacobian import fd_inputs, frobenius_sq_estimate, frobenius_sq_fd
 
 torch.set_num_threads(1)
 
@@ -157,6 +157,42 @@ def test_finite_difference_estimator_mean_and_variance():
     assert float(r.detach()) == pytest.approx(-0.1 * tr / 6, rel=4.5 * math.sqrt(var_exact / 3000) / tr)
     r.backward()
     assert torch.isfinite(net.alpha.grad).all() and net.alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_finite_difference_equals_own_forward(train):
+    """The fused path (perturbed copies in the objective's forward) gives the metric value the
+    own-forward path gives from the same draws: exactly with running BN statistics, and with
+    batch statistics too when fraction = 1 (both forwards are then [x; x + h u]); the val loss
+    on the joint batch moves by O(h) only."""
+    torch.manual_seed(4)
+    net = TinyMixNet(bn=True).double().train(train)
+    with torch.no_grad():
+        net(torch.rand(64, 12, dtype=torch.float64))           # non-trivial running stats
+    x, y = torch.rand(16, 12, dtype=torch.float64), torch.randint(0, 5, (16,))
+    metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq_fd", fd_step=1e-3,
+                              projections=2 if not train else 1, eps=0.1))
+    metric.generator = torch.Generator().manual_seed(7)
+    extra_in = metric.extra_inputs(x, y)
+    assert extra_in.shape == ((2 if not train else 1) * 16, 12)
+    out = net(torch.cat([x, extra_in]))
+    r_fused, _ = metric(net, x, y, logits=out[:16], extra=out[16:])
+    own = build_metric(replace(metric.cfg, fd_fused=False))
+    assert own.extra_inputs(x, y) is None
+    own.generator = torch.Generator().manual_seed(7)
+    r_own, _ = own(net, x, y)
+    assert float(r_fused.detach()) == pytest.approx(float(r_own.detach()), rel=1e-10)
+    loss_joint = nn.functional.cross_entropy(out[:16], y)
+    loss_clean = nn.functional.cross_entropy(net(x), y)
+    assert float(loss_joint) == pytest.approx(float(loss_clean), rel=1e-2)
+    if not train:
+        assert float(loss_joint) == pytest.approx(float(loss_clean), rel=1e-12)
+    r_fused.backward()
+    assert net.alpha.grad.abs().sum() > 0
+    # a fraction < 1: only the first examples get perturbed copies
+    half = build_metric(replace(metric.cfg, batch_fraction=0.5))
+    assert half.extra_inputs(x, y).shape[0] == half.cfg.projections * 8
+    assert torch.equal(fd_inputs(x[:1], 1, 0.0), x[:1])
 
 
 def test_frobenius_sq_metric_scale_and_gradient_flow():
@@ -325,7 +361,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, metric_kw: dict, out_file
             xt, yt = torch.rand(8, 1, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
             w_opt.zero_grad(set_to_none=True)
             a_opt.zero_grad(set_to_none=True)
-            if reuse:                                          # one forward shared with the metric
+            extra_in = metric.extra_inputs(xv, yv)
+            if extra_in is not None:                           # fused: one forward of [x; extra]
+                out = ddp(torch.cat([xv, extra_in]))
+                logits = out[:8]
+                r, logs = metric(ddp, xv, yv, logits=logits, extra=out[8:])
+            elif reuse:                                        # one forward shared with the metric
                 xv.requires_grad_(True)
                 logits = ddp(xv)
                 r, logs = metric(ddp, xv, yv, logits=logits)

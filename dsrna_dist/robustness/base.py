@@ -29,7 +29,8 @@ class RobustnessMetric(ABC):
     space, ``y`` its labels. ``logs`` holds plain floats for TensorBoard. ``update=False`` tells
     an adaptive metric not to adapt on this call (e.g. the extra evaluations of a 2nd-order
     DARTS step); ``logits`` may hand over the caller's forward of the *same* ``x`` so a metric
-    that can reuse it (the Jacobian one) saves a forward pass.
+    that can reuse it (the Jacobian one) saves a forward pass; ``extra`` is the caller's
+    forward of :meth:`extra_inputs` when the metric asked for any.
     """
 
     name: str = ""
@@ -40,8 +41,18 @@ class RobustnessMetric(ABC):
     @abstractmethod
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  logits: Optional[torch.Tensor] = None,
+                 extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
         ...
+
+    def extra_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """Inputs the metric wants evaluated in the caller's forward, appended to ``x``.
+
+        One forward of ``cat([x, extra_inputs])`` then serves both the loss (first rows) and
+        the metric (``extra=`` the remaining rows' output): on small or launch-bound models
+        one forward of 2B rows costs far less than two of B. None: the metric needs none.
+        """
+        return None
 
     def state_dict(self) -> Dict[str, Any]:
         """Adaptive state to checkpoint (empty for stateless metrics)."""

@@ -116,6 +116,7 @@ class CertifiedMetric(RobustnessMetric):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  logits: Optional[torch.Tensor] = None,
+                 extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
         cfg = self.cfg
         xs, ys = batch_subset(x.detach(), y, cfg.batch_fraction)

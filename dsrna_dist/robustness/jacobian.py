@@ -30,6 +30,13 @@ an ordinary backward through that forward: about the cost of one more training s
 metric's examples, where a VJP-based estimate costs a double backward (~3x). Bias: O(h) from
 the curvature of f (ReLU kinks inside the h-ball count as an average slope).
 
+``fd_fused`` (default on): the perturbed copies are appended to the *architecture objective's*
+forward (:meth:`JacobianMetric.extra_inputs`), whose clean rows are the val batch itself, so one
+forward of B + P*m rows (m = the metric's examples) serves the loss and the metric. BatchNorm's
+batch statistics are then those of the joint batch: with ``batch_fraction`` 1 and P = 1 that
+is the clean batch's to O(h) (every example appears twice); with a fraction < 1 the metric's
+examples weigh (P + 1) times in the statistics, which shifts the val loss slightly.
+
 Gradients: the VJPs use ``autograd.grad(..., create_graph=True)`` and the caller backpropagates
 the objective once, ordinarily; that double backward works on a DDP-wrapped model, while
 ``backward(create_graph=True)`` does not.
@@ -80,18 +87,30 @@ def frobenius_sq_estimate(f: torch.Tensor, x: torch.Tensor, projections: int, *,
     return est / projections
 
 
+def fd_inputs(x: torch.Tensor, projections: int, h: float, *,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[x + h u_1; ...; x + h u_P] with u_p ~ N(0, I) per example: [P * B, ...]."""
+    u = torch.randn((projections,) + tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
+    return (x.unsqueeze(0) + h * u).flatten(0, 1)
+
+
+def fd_frobenius_sq(f_clean: torch.Tensor, f_pert: torch.Tensor, h: float) -> torch.Tensor:
+    """Per-example ||J u_p||^2 averaged over p, [B], from the logits of x and of :func:`fd_inputs`."""
+    b = f_clean.shape[0]
+    diff = (f_pert.unflatten(0, (-1, b)) - f_clean.unsqueeze(0)) / h  # [P, B, K] ~ J u_p
+    return diff.pow(2).sum(2).mean(0)
+
+
 def frobenius_sq_fd(model: nn.Module, x: torch.Tensor, projections: int, h: float, *,
                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, int]:
     """Per-example estimate of ||J(x_i)||_F^2, [B], from ``projections`` finite differences; and K.
 
-    One forward of [x; x + h u_1; ...; x + h u_P] with u_p ~ N(0, I) per example.
+    One forward of [x; x + h u_1; ...; x + h u_P] (so BatchNorm normalises all copies alike).
     """
     b = x.shape[0]
-    u = torch.randn((projections,) + tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
-    xs = torch.cat([x.unsqueeze(0), x.unsqueeze(0) + h * u]).flatten(0, 1)
-    f = first_logits(model(xs)).unflatten(0, (projections + 1, b))
-    diff = (f[1:] - f[:1]) / h                                # [P, B, K] ~ J u_p
-    return diff.pow(2).sum(2).mean(0), f.shape[2]
+    xs = torch.cat([x, fd_inputs(x, projections, h, generator=generator)])
+    f = first_logits(model(xs))
+    return fd_frobenius_sq(f[:b], f[b:], h), f.shape[1]
 
 
 @METRICS.register("jacobian")
@@ -120,15 +139,31 @@ class JacobianMetric(RobustnessMetric):
         return frobenius_sq_estimate(f, x, self.cfg.projections, create_graph=create_graph,
                                      generator=self.generator) / k
 
+    def _fused(self) -> bool:
+        return self.cfg.estimator == "frobenius_sq_fd" and self.cfg.fd_fused
+
+    def extra_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """frobenius_sq_fd with ``fd_fused``: the perturbed copies of the metric's examples,
+        to ride along the caller's forward (the clean rows are the caller's own)."""
+        if not self._fused():
+            return None
+        xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
+        return fd_inputs(xs, self.cfg.projections, self.cfg.fd_step, generator=self.generator)
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  logits: Optional[torch.Tensor] = None,
+                 extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
         create_graph = torch.is_grad_enabled()
         if self.cfg.estimator == "frobenius_sq_fd":
             xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
-            sq, k = frobenius_sq_fd(model, xs, self.cfg.projections, self.cfg.fd_step,
-                                    generator=self.generator)
-            per = sq / k
+            if extra is not None and logits is not None and self._fused():
+                f_clean = first_logits(logits)[: xs.shape[0]]
+                per = fd_frobenius_sq(f_clean, first_logits(extra), self.cfg.fd_step) / f_clean.shape[1]
+            else:
+                sq, k = frobenius_sq_fd(model, xs, self.cfg.projections, self.cfg.fd_step,
+                                        generator=self.generator)
+                per = sq / k
         else:
             reuse = (logits is not None and create_graph and self.cfg.batch_fraction >= 1.0
                      and x.requires_grad and logits.requires_grad and logits.shape[0] == x.shape[0])

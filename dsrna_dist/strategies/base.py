@@ -91,15 +91,21 @@ class SearchStrategy:
                        update_metric: bool = True) -> torch.Tensor:
         """val_loss - gamma * R on the unwrapped model (R from the robustness metric, if any)."""
         metric = self.ctx.metric
+        extra_in = None
         if metric is not None:  # lets a metric that needs d logits / d x reuse this forward
             x = x.detach().requires_grad_(True)
-        logits = self.model(x)
+            extra_in = metric.extra_inputs(x, y)
+        if extra_in is None:
+            logits, extra = self.model(x), None
+        else:  # one forward for the loss and the metric's extra inputs (see extra_inputs)
+            out = self.model(torch.cat([x, extra_in]))
+            logits, extra = out[: x.shape[0]], out[x.shape[0]:]
         loss = self.loss(logits, y)
         logs["val_loss"] = loss.item()
         logs["val_acc"] = accuracy(logits, y)
         if metric is None:
             return loss
-        r, mlogs = metric(self.model, x, y, logits=logits, update=update_metric)
+        r, mlogs = metric(self.model, x, y, logits=logits, extra=extra, update=update_metric)
         logs["R"] = float(r.detach())
         logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
         return loss - self.cfg.robustness.gamma * r
