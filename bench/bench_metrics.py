@@ -14,6 +14,7 @@ Targets (the lead's brief): Jacobian (l_2, 1 projection) <= 1.5x, CROWN-IBP cert
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from types import SimpleNamespace
@@ -48,6 +49,16 @@ def variants() -> List[Tuple[str, Optional[dict], bool]]:
         ("certified crown-ibp", dict(cb, method="crown-ibp"), False),
         ("certified crown-ibp, eps fixed (no ub)", dict(cb, method="crown-ibp", eps_rule="fixed"), False),
         ("certified crown-ibp, 1/4 batch", dict(cb, method="crown-ibp", batch_fraction=0.25), False),
+        ("certified ibp mean_margin", dict(cb, method="ibp", reduction="mean_margin"), False),
+        ("certified crown-ibp mean_margin", dict(cb, method="crown-ibp", reduction="mean_margin"), False),
+        ("certified crown-ibp mean_margin, 1/4 batch",
+         dict(cb, method="crown-ibp", reduction="mean_margin", batch_fraction=0.25), False),
+        ("certified crown-ibp mean_margin, eps fixed, 1/4 batch",
+         dict(cb, method="crown-ibp", reduction="mean_margin", eps_rule="fixed", batch_fraction=0.25), False),
+        ("certified ibp mean_margin, 1/4 batch",
+         dict(cb, method="ibp", reduction="mean_margin", batch_fraction=0.25), False),
+        ("certified crown-ibp mean_margin, own BN pass, 1/4 batch",
+         dict(cb, method="crown-ibp", reduction="mean_margin", batch_fraction=0.25, bn_stats="own"), False),
     ]
 
 
@@ -59,11 +70,12 @@ def make_step(model: Supernet, x: torch.Tensor, y: torch.Tensor, over: Optional[
     def step() -> None:
         xv = x.detach().requires_grad_(share)
         extra_in = None if metric is None else metric.extra_inputs(xv, y)
-        if extra_in is None:  # as SearchStrategy.arch_objective does
-            logits, extra = model(xv), None
-        else:
-            out = model(torch.cat([xv, extra_in]))
-            logits, extra = out[: xv.shape[0]], out[xv.shape[0]:]
+        with (metric.forward_context(model) if metric is not None else contextlib.nullcontext()):
+            if extra_in is None:  # as SearchStrategy.arch_objective does
+                logits, extra = model(xv), None
+            else:
+                out = model(torch.cat([xv, extra_in]))
+                logits, extra = out[: xv.shape[0]], out[xv.shape[0]:]
         obj = F.cross_entropy(logits, y)
         if metric is not None:
             r, _ = metric(model, xv, y, logits=logits if (share or extra is not None) else None, extra=extra)

@@ -157,8 +157,10 @@ class RobustnessConfig:
     norm: str = fld("inf", choices=("inf", "2"), help="threat model of the metric")
     eps: float = fld(0.03, gt=0.0, help="jacobian: delta; certified: initial eps (pixel scale)")
     method: str = fld("crown-ibp", choices=("ibp", "crown-ibp", "crown"), help="certified: bound method")
-    reduction: str = fld("min", choices=("min", "mean"),
-                         help="certified: per-example margin bound = min (the certificate) or mean over j != y")
+    reduction: str = fld("min", choices=("min", "mean", "mean_margin"),
+                         help="certified: per-example margin bound = min (the certificate) or mean over j != y of the "
+                              "K-1 margin bounds, or mean_margin: one bound of the mean margin (1 spec row, "
+                              "never looser than mean)")
     eps_rule: str = fld("sign", choices=("sign", "proportional", "fixed"),
                         help="certified eps after each call: sign: eps += eps_step * sign(target_gap - gap); "
                              "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); fixed: never")
@@ -178,6 +180,9 @@ class RobustnessConfig:
     vjp: str = fld("auto", choices=("auto", "loop", "batched"),
                    help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")
+    bn_stats: str = fld("objective", choices=("objective", "own"),
+                        help="certified, BN in train mode: objective = the batch statistics of the arch objective's "
+                             "val forward (no clean pass in the bound engine); own = those of the metric's examples")
 
 
 @dataclass(frozen=True)

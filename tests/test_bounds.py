@@ -752,3 +752,69 @@ def test_chunked_crown_equals_unchunked():
 def test_registry_names_are_listed():
     assert any(k.startswith("module:") and "Conv2d" in k for k in BOUND_OPS.names())
     assert "method:transpose" in BOUND_OPS and "function:cat" in BOUND_OPS
+
+
+# ----------------------------------------------------------------------------- value-free runs
+def _bounds_and_grads(bm, net, x, eps, norm, method, **kw):
+    lb, ub = bm.bounds(x, eps, norm, method, **kw)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(lb.sum(), params, allow_unused=True, retain_graph=True)
+    return lb.detach(), ub.detach(), [g for g in grads if g is not None]
+
+
+@pytest.mark.parametrize("kind", ["pcdarts", "network", "ops"])
+def test_value_free_propagation_equals_the_clean_pass(kind):
+    """Skipping the clean pass (eval mode, or train mode with BN statistics captured from the
+    caller's forward of the same batch) changes neither the bounds nor their gradients."""
+    from dsrna_dist.bounds import capture_bn_stats
+    build = {"pcdarts": lambda: _supernet(8, 1, 2, True, layers=3, classes=4),
+             "network": lambda: _network(8, 1, layers=3, classes=4),
+             "ops": lambda: ops_net(5, True, dtype=torch.float32)}[kind]
+    net = randomize(build(), 3).to(DT)
+    size = 8 if kind != "ops" else 6
+    x = torch.rand(3, 1, size, size, dtype=DT)
+    methods = ("ibp", "crown-ibp", "crown") if kind == "ops" else ("ibp", "crown-ibp")
+    for train in (False, True):
+        net.train(train)
+        auto, always = BoundedModel(net), BoundedModel(net, clean_values="always")
+        stats = None
+        if train:
+            with capture_bn_stats(net) as stats:
+                net(x)
+            assert stats and all(v is not None for v in stats.values())
+            assert not auto.value_free_ok(None) and auto.value_free_ok(stats)
+        else:
+            assert auto.value_free_ok(None)
+        for method in methods:
+            for norm, eps in (("inf", 0.01), ("2", 0.05)):
+                got = _bounds_and_grads(auto, net, x, eps, norm, method, bn_stats=stats)
+                want = _bounds_and_grads(always, net, x, eps, norm, method)
+                torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-9)
+                assert len(got[2]) == len(want[2]) > 0
+                for g, w in zip(got[2], want[2]):
+                    torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+
+
+def test_bn_stats_of_a_module_called_twice_are_not_used():
+    from dsrna_dist.bounds import capture_bn_stats
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.bn = nn.BatchNorm2d(2, affine=False)
+            self.fc = nn.Linear(2 * 16, 3)
+
+        def forward(self, x):
+            return self.fc(self.bn(F.relu(self.bn(self.conv(x)))).flatten(1))
+
+    net = Twice().train()
+    x = torch.rand(4, 1, 4, 4)
+    with capture_bn_stats(net) as stats:
+        net(x)
+    assert stats == {net.bn: None}
+    bm = BoundedModel(net)
+    assert not bm.value_free_ok(stats)
+    lb, _ = bm.bounds(x, 0.0, "inf", "ibp", bn_stats=stats)    # falls back to the clean pass
+    torch.testing.assert_close(lb, net(x), atol=1e-5, rtol=1e-5)

@@ -184,9 +184,9 @@ def test_fused_finite_difference_equals_own_forward(train):
     assert float(r_fused.detach()) == pytest.approx(float(r_own.detach()), rel=1e-10)
     loss_joint = nn.functional.cross_entropy(out[:16], y)
     loss_clean = nn.functional.cross_entropy(net(x), y)
-    assert float(loss_joint) == pytest.approx(float(loss_clean), rel=1e-2)
+    assert float(loss_joint.detach()) == pytest.approx(float(loss_clean.detach()), rel=1e-2)
     if not train:
-        assert float(loss_joint) == pytest.approx(float(loss_clean), rel=1e-12)
+        assert float(loss_joint.detach()) == pytest.approx(float(loss_clean.detach()), rel=1e-12)
     r_fused.backward()
     assert net.alpha.grad.abs().sum() > 0
     # a fraction < 1: only the first examples get perturbed copies
@@ -316,6 +316,84 @@ def test_certified_metric_is_sound_and_tight_at_small_eps(method):
             other = lp.scatter(1, y[:, None], float("-inf")).max(1).values
             margin = lp.gather(1, y[:, None])[:, 0] - other
             assert (margin >= torch.tensor(per) - 1e-5).all()
+
+
+@needs_bounds
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+@pytest.mark.parametrize("train", [False, True])
+def test_mean_margin_reduction_is_sound_and_no_looser_than_mean(method, train):
+    """reduction=mean_margin bounds f_y - mean_{j != y} f_j with one spec row: below the mean
+    margin at every PGD-found and sampled point of the ball, and >= the mean of the K-1 per-class
+    bounds (reduction=mean) on every example."""
+    torch.manual_seed(11)
+    net = tiny_supernet(pc=2).train(train)
+    for p in net.arch_parameters():
+        p.data.normal_(0, 1)
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.randint(0, 4, (6,))
+    eps = 0.02
+    kw = dict(name="certified", eps=eps, method=method, eps_rule="fixed")
+    fused, mean = build_metric(cfg(reduction="mean_margin", **kw)), build_metric(cfg(reduction="mean", **kw))
+    per_fused, per_mean = [], []
+    for i in range(6):  # one example per call: the per-example bounds (train-mode BN stats differ)
+        xi, yi = (x, y) if train else (x[i:i + 1], y[i:i + 1])
+        lf, _ = fused(net, xi, yi)
+        lm, _ = mean(net, xi, yi)
+        per_fused.append(float(lf.detach()))
+        per_mean.append(float(lm.detach()))
+        if train:
+            break
+    assert all(f >= m - 1e-5 * (1 + abs(m)) for f, m in zip(per_fused, per_mean)), (per_fused, per_mean)
+    assert "certified_frac" not in fused(net, x[:1], y[:1])[1]
+    if train:
+        return  # batch statistics couple the examples: soundness is checked per example in eval
+
+    def mean_margin(xp):
+        lp = net(xp)
+        oth = (lp.sum(1) - lp.gather(1, y[:, None])[:, 0]) / (lp.shape[1] - 1)
+        return lp.gather(1, y[:, None])[:, 0] - oth
+
+    lbs = torch.tensor(per_fused)
+    xp = (x + eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+    for _ in range(40):  # PGD on the mean margin, then dense corner sampling
+        xp.requires_grad_(True)
+        (g,) = torch.autograd.grad(mean_margin(xp).sum(), xp)
+        xp = torch.min(torch.max(xp.detach() - eps / 8 * g.sign(), x - eps), x + eps).clamp(0, 1)
+        with torch.no_grad():
+            assert (mean_margin(xp) >= lbs - 1e-5).all()
+    with torch.no_grad():
+        for _ in range(40):
+            xs = (x + eps * torch.sign(torch.randn_like(x))).clamp(0, 1)
+            assert (mean_margin(xs) >= lbs - 1e-5).all()
+
+
+@needs_bounds
+def test_certified_metric_takes_bn_statistics_from_the_objective_forward():
+    """bn_stats=objective: the bound uses the BN statistics of the forward run inside
+    forward_context (the whole val batch); the same as its own pass when it sees that batch,
+    different when it bounds only a fraction of it; gradients reach alpha either way."""
+    torch.manual_seed(9)
+    net = tiny_supernet(pc=2).train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    for frac in (1.0, 0.5):
+        m = build_metric(cfg(name="certified", eps=0.01, eps_rule="fixed", method="crown-ibp",
+                             reduction="mean_margin", batch_fraction=frac))
+        with m.forward_context(net):
+            net(x)
+        assert m._captured and all(v is not None for v in m._captured.values())
+        r_obj, _ = m(net, x, y)
+        assert m._captured is None                                 # used once
+        r_own, _ = m(net, x, y)
+        (g,) = torch.autograd.grad(r_obj, net.arch_parameters()[:1])
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        if frac == 1.0:
+            torch.testing.assert_close(r_obj, r_own, rtol=1e-5, atol=1e-6)
+        else:
+            assert abs(float(r_obj.detach()) - float(r_own.detach())) > 1e-4
+    own = build_metric(cfg(name="certified", bn_stats="own"))
+    with own.forward_context(net):
+        net(x)
+    assert own._captured is None
 
 
 @needs_bounds

@@ -5,6 +5,7 @@ Public API:
 * :class:`BoundedModel` - ``.bounds(x, eps, norm, method, C)`` and ``.margin_lower_bound(...)``;
 * :func:`bounds`, :func:`margin_lower_bound` - one-shot wrappers taking a model;
 * :func:`certified_radius` - CNN-Cert style bisection of the certified radius, batched;
+* :func:`capture_bn_stats` - the BN batch statistics of a forward, for value-free bounds;
 * :data:`BOUND_OPS` - the op-bound registry (``module:<type>``, ``function:<name>``,
   ``method:<name>`` keys); a new op in the search space needs one bound class registered here.
 
@@ -21,10 +22,11 @@ from torch import Tensor, nn
 
 from .base import (BOUND_OPS, BoundError, BoundOp, Interval, has_module_bound, register_functions,
                    register_methods, register_modules)
+from .bnstats import capture_bn_stats
 from .certify import certified_radius
 from .graph import METHODS, NORMS, BoundedModel, margin_spec
 
-__all__ = ["BoundedModel", "bounds", "margin_lower_bound", "certified_radius", "BOUND_OPS",
+__all__ = ["BoundedModel", "capture_bn_stats", "bounds", "margin_lower_bound", "certified_radius", "BOUND_OPS",
            "BoundOp", "BoundError", "Interval", "METHODS", "NORMS", "margin_spec",
            "has_module_bound", "register_modules", "register_functions", "register_methods"]
 

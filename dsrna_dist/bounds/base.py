@@ -15,7 +15,7 @@ function (``function:<name>``) or by tensor method (``method:<name>``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -27,25 +27,67 @@ class BoundError(ValueError):
     """A graph node the engine cannot bound (or bad input); the message names the node/key."""
 
 
-class Interval(NamedTuple):
-    """Element-wise bounds ``lower <= value <= upper`` of one perturbed tensor."""
-    lower: Tensor
-    upper: Tensor
+class Interval:
+    """Element-wise bounds ``lower <= value <= upper`` of one perturbed tensor.
 
-    @property
-    def mid(self) -> Tensor:
-        return (self.lower + self.upper) / 2
+    Held in whichever form the op that made it produced -- lower/upper (ReLU, pooling, sums)
+    or centre/radius (affine maps) -- and converted lazily, once, when the other form is
+    asked for: a chain of affine ops (conv -> BN -> alpha scaling) then never round-trips
+    through lower/upper, which matters because the bound engine interprets thousands of
+    small ops per call on a DARTS supernet.
+    """
 
-    @property
-    def rad(self) -> Tensor:
-        return (self.upper - self.lower) / 2
+    __slots__ = ("_l", "_u", "_m", "_r")
+
+    def __init__(self, lower: Tensor, upper: Tensor) -> None:
+        self._l, self._u = lower, upper
+        self._m: Optional[Tensor] = None
+        self._r: Optional[Tensor] = None
 
     @staticmethod
     def from_mid_rad(mid: Tensor, rad: Tensor) -> "Interval":
-        return Interval(mid - rad, mid + rad)
+        iv = Interval.__new__(Interval)
+        iv._l = iv._u = None
+        iv._m, iv._r = mid, rad
+        return iv
+
+    @property
+    def lower(self) -> Tensor:
+        if self._l is None:
+            self._l = self._m - self._r
+        return self._l
+
+    @property
+    def upper(self) -> Tensor:
+        if self._u is None:
+            self._u = self._m + self._r
+        return self._u
+
+    @property
+    def mid(self) -> Tensor:
+        if self._m is None:
+            self._m = torch.lerp(self._l, self._u, 0.5)
+        return self._m
+
+    @property
+    def rad(self) -> Tensor:
+        if self._r is None:
+            self._r = (self._u - self._l) * 0.5
+        return self._r
+
+    @property
+    def ref(self) -> Tensor:
+        """A tensor of the bounds' shape, dtype and device, computing nothing."""
+        return self._l if self._l is not None else self._m
+
+    def __iter__(self):  # ``lo, up = interval``
+        yield self.lower
+        yield self.upper
 
     def slice(self, bs: slice) -> "Interval":
-        return Interval(self.lower[bs], self.upper[bs])
+        iv = Interval.__new__(Interval)
+        iv._l, iv._u, iv._m, iv._r = (None if t is None else t[bs] for t in (self._l, self._u, self._m, self._r))
+        return iv
 
 
 # Per-arg result of a backward step: (lA, uA) for a perturbed input, None for a constant.
@@ -60,6 +102,9 @@ class BoundOp:
     needs_input_bounds: bool = False
     #: the graph nodes among this node's inputs that depend on the perturbed input (engine sets)
     perturbed_inputs: frozenset = frozenset()
+    #: the op's bounds need no clean value: in value-free propagation (see BoundedModel) the
+    #: engine calls :meth:`prepare` instead of :meth:`forward` and skips the clean pass
+    value_free: bool = False
 
     def __init__(self, node: Any, module: Optional[nn.Module] = None) -> None:
         self.node = node
@@ -71,6 +116,10 @@ class BoundOp:
 
     def forward(self, ctx: Dict[str, Any], *args: Any, **kwargs: Any) -> Tensor:
         raise NotImplementedError
+
+    def prepare(self, ctx: Dict[str, Any], stats: Any, *args: Any, **kwargs: Any) -> None:
+        """Value-free mode: fill ``ctx`` (and check the call) as :meth:`forward` would, from
+        stand-in arguments of the right shapes; ``stats`` = BN (mean, var) when captured."""
 
     def ibp(self, ctx: Dict[str, Any], *args: Any, **kwargs: Any) -> Interval:
         raise NotImplementedError

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -36,7 +36,10 @@ from torch import Tensor, fx, nn
 from . import ops_linear, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
 from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
                    method_key, module_key)
+from .ops_linear import BoundBatchNorm, uses_batch_stats
 from .ops_nonlinear import RELU_LOWER, BoundReLU
+
+BNStats = Mapping[nn.Module, Optional[Tuple[Tensor, Tensor]]]
 
 METHODS = ("ibp", "crown-ibp", "crown")
 NORMS = ("inf", "2")
@@ -96,11 +99,18 @@ class BoundedModel:
     ``relu_lower``: "adaptive" (CROWN) or "zero" lower lines for unstable ReLUs.
     ``max_memory_mb``: size target of one chunk of coefficient matrices in backward passes
     (spec rows and examples are chunked to stay near it; one row/example at least).
+    ``clean_values``: "auto" propagates bounds *value-free* whenever it can -- no op needs the
+    clean forward once every BatchNorm's statistics are known (eval mode, or batch statistics
+    passed as ``bn_stats``), which saves a third of the IBP pass; "always" runs the clean pass.
     """
 
-    def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0) -> None:
+    def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0,
+                 clean_values: str = "auto") -> None:
         if relu_lower not in RELU_LOWER:
             raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
+        if clean_values not in ("auto", "always"):
+            raise BoundError(f"clean_values: {clean_values!r} not in ('auto', 'always')")
+        self.clean_values = clean_values
         model = unwrap(model)
         self.model = model
         self.max_memory_mb = float(max_memory_mb)
@@ -185,9 +195,19 @@ class BoundedModel:
         e = eps.view((-1,) + (1,) * (x.dim() - 1))
         return Interval((x - e).clamp(min=x_min), (x + e).clamp(max=x_max))
 
+    def value_free_ok(self, bn_stats: Optional[BNStats]) -> bool:
+        """Whether bounds can be propagated without the clean pass: every BatchNorm that
+        normalises with batch statistics has them in ``bn_stats`` (none does in eval mode)."""
+        for op in self.ops.values():
+            if isinstance(op, BoundBatchNorm) and uses_batch_stats(op.module):
+                if bn_stats is None or bn_stats.get(op.module) is None:
+                    return False
+        return True
+
     def _propagate(self, x: Tensor, eps: Tensor, norm: str, method: str, x_min: float,
-                   x_max: float) -> "_Run":
+                   x_max: float, bn_stats: Optional[BNStats] = None) -> "_Run":
         run = _Run(self, x, eps, norm, x_min, x_max)
+        run.value_free = self.clean_values != "always" and self.value_free_ok(bn_stats)
         for n in self.nodes:
             if n.op == "output":
                 break
@@ -200,17 +220,22 @@ class BoundedModel:
                 continue
             op = self.ops[n]
             ctx: Dict[str, Any] = {}
-            args = _map(n.args, lambda a: run.val[a])
-            kwargs = _map(n.kwargs, lambda a: run.val[a])
-            run.val[n] = op.forward(ctx, *args, **kwargs)
+            args = _map(n.args, run.stand_in)
+            kwargs = _map(n.kwargs, run.stand_in)
+            if run.value_free and op.value_free:
+                stats = bn_stats.get(op.module) if (bn_stats is not None and op.module is not None) else None
+                op.prepare(ctx, stats, *args, **kwargs)
+                run.val[n] = None
+            else:
+                run.val[n] = op.forward(ctx, *args, **kwargs)
             run.ctx[n] = ctx
-            run.max_numel = max(run.max_numel, run.val[n][0].numel())
             iargs = _map(n.args, run.arg_bound)
             ikwargs = _map(n.kwargs, run.arg_bound)
             box = op.ibp(ctx, *iargs, **ikwargs)
             if method == "crown" and n in self.pre_act:
                 box = self._crown_intermediate(run, n, box)
             run.bnd[n] = box
+            run.max_numel = max(run.max_numel, box.ref[0].numel())
         return run
 
     def _eval_concrete(self, n: fx.Node, run: "_Run") -> Any:
@@ -220,8 +245,8 @@ class BoundedModel:
             return n.args[0]
         if n.op == "get_attr":
             return _fetch_attr(self.model, n.target)
-        args = _map(n.args, lambda a: run.val[a])
-        kwargs = _map(n.kwargs, lambda a: run.val[a])
+        args = _map(n.args, run.stand_in)  # a shape query may read a perturbed node
+        kwargs = _map(n.kwargs, run.stand_in)
         if n.op == "call_module":
             return self.model.get_submodule(n.target)(*args, **kwargs)
         if n.op == "call_method":
@@ -303,7 +328,7 @@ class BoundedModel:
         only, the neurons unstable under IBP in some example of the chunk (a stable neuron is
         already handled exactly); for a node feeding a max pool, all of them.
         """
-        val = run.val[node]
+        val = box.ref
         B = val.shape[0]
         shape = tuple(val.shape[1:])
         N = math.prod(shape)
@@ -361,15 +386,18 @@ class BoundedModel:
 
     def bounds(self, x: Tensor, eps: Union[float, Tensor], norm: str = "inf", method: str = "crown-ibp",
                C: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
-               need_upper: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+               need_upper: bool = True, bn_stats: Optional[BNStats] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """(lb, ub) of ``C @ logits`` for every input in the set; C: [S, K] or [B, S, K] or None
-        (identity: bounds of the logits). Returns [B, S] tensors (ub None if not needed)."""
-        return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper)
+        (identity: bounds of the logits). Returns [B, S] tensors (ub None if not needed).
 
-    def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper):
+        ``bn_stats``: {BN module: (mean, var)} for the BatchNorms in train mode, e.g. captured
+        from the caller's forward by :func:`capture_bn_stats`; then no clean pass is run."""
+        return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper, bn_stats)
+
+    def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None):
         eps_t = self._prepare(x, eps, norm, method, x_min, x_max)
-        run = self._propagate(x, eps_t, norm, method, x_min, x_max)
-        out = run.val[self.output]
+        run = self._propagate(x, eps_t, norm, method, x_min, x_max, bn_stats)
+        out = run.stand_in(self.output)
         B = out.shape[0]
         per = tuple(out.shape[1:])
         C = make_C(out)
@@ -442,6 +470,12 @@ class _Run:
         self.bnd: Dict[fx.Node, Interval] = {}
         self.ctx: Dict[fx.Node, Dict[str, Any]] = {}
         self.max_numel = x[0].numel() if x.shape[0] else 1
+        self.value_free = False
+
+    def stand_in(self, a: fx.Node) -> Any:
+        """The clean value of node ``a``, or (value-free run) a tensor of its shape."""
+        v = self.val[a]
+        return self.bnd[a].ref if v is None and a in self.bnd else v
 
     def arg_bound(self, a: fx.Node, bs: Optional[slice] = None) -> Any:
         if a in self.bm.perturbed:

@@ -43,12 +43,25 @@ class BoundBatchNorm(_ChannelAffine):
     The running stats are never updated here.
     """
 
+    value_free = True
+
     def forward(self, ctx, x: Tensor) -> Tensor:
         m: nn.modules.batchnorm._BatchNorm = self.module  # type: ignore[assignment]
-        dims = [0] + list(range(2, x.dim()))
-        if m.training or m.running_mean is None:
-            mean = x.mean(dim=dims)
-            var = x.var(dim=dims, unbiased=False)
+        stats = None
+        if uses_batch_stats(m):
+            dims = [0] + list(range(2, x.dim()))
+            stats = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+        self.prepare(ctx, stats, x)
+        return x * ctx["scale"] + ctx["shift"]
+
+    def prepare(self, ctx, stats, x: Tensor) -> None:
+        """scale/shift from ``stats`` (batch statistics: the clean batch's, or captured from
+        the caller's forward) or, in eval mode, the running statistics."""
+        m: nn.modules.batchnorm._BatchNorm = self.module  # type: ignore[assignment]
+        if uses_batch_stats(m):
+            if stats is None:
+                raise BoundError(f"node {self.name}: BatchNorm uses batch statistics but none were given")
+            mean, var = stats
         else:
             mean, var = m.running_mean, m.running_var
         inv = torch.rsqrt(var + m.eps)
@@ -56,20 +69,29 @@ class BoundBatchNorm(_ChannelAffine):
         shift = (m.bias if m.bias is not None else 0.0) - mean * scale
         view = (-1,) + (1,) * (x.dim() - 2)
         ctx["scale"], ctx["shift"] = scale.reshape(view), shift.reshape(view)
-        return x * ctx["scale"] + ctx["shift"]
+
+
+def uses_batch_stats(m: nn.Module) -> bool:
+    """Whether BN module ``m`` normalises with the batch's statistics (train mode / no running)."""
+    return bool(m.training or m.running_mean is None)
 
 
 @register_modules(Normalize)
 class BoundNormalize(_ChannelAffine):
     """``(x - mean) / std`` per channel (the model's first module)."""
 
+    value_free = True
+
     def forward(self, ctx, x: Tensor) -> Tensor:
+        self.prepare(ctx, None, x)
+        return self.module(x)
+
+    def prepare(self, ctx, stats, x: Tensor) -> None:
         m = self.module
         view = (-1,) + (1,) * (x.dim() - 2)
         std = m.std.reshape(view).to(x.dtype)
         ctx["scale"] = 1.0 / std
         ctx["shift"] = -m.mean.reshape(view).to(x.dtype) / std
-        return m(x)
 
 
 def _conv_output_padding(in_hw, out_hw, k, s, p, d) -> Tuple[int, ...]:
@@ -80,6 +102,8 @@ def _conv_output_padding(in_hw, out_hw, k, s, p, d) -> Tuple[int, ...]:
 @register_modules(nn.Conv2d)
 class BoundConv2d(BoundOp):
     """Conv2d with any groups (depthwise), dilation, stride, padding."""
+
+    value_free = True
 
     def forward(self, ctx, x: Tensor) -> Tensor:
         return self.module(x)
@@ -124,6 +148,8 @@ class BoundConv2d(BoundOp):
 
 @register_modules(nn.Linear)
 class BoundLinear(BoundOp):
+    value_free = True
+
     def forward(self, ctx, x: Tensor) -> Tensor:
         return self.module(x)
 
@@ -142,6 +168,8 @@ class BoundLinear(BoundOp):
 
 class _MonotoneLinear(BoundOp):
     """A linear map with non-negative weights (averages): IBP maps lower->lower, upper->upper."""
+
+    value_free = True
 
     def apply(self, x: Tensor, *args, **kwargs) -> Tensor:
         raise NotImplementedError

@@ -28,6 +28,7 @@ RELU_LOWER = ("adaptive", "zero")
 @register_methods("relu")
 class BoundReLU(BoundOp):
     needs_input_bounds = True
+    value_free = True
     lower_mode: str = "adaptive"  # set per BoundedModel
 
     def forward(self, ctx, x: Tensor, *args, **kwargs) -> Tensor:
@@ -67,6 +68,7 @@ class BoundReLU(BoundOp):
 @register_modules(nn.MaxPool2d)
 class BoundMaxPool2d(BoundOp):
     needs_input_bounds = True
+    value_free = True
 
     def _pool(self, x: Tensor, indices: bool = False):
         m: nn.MaxPool2d = self.module  # type: ignore[assignment]
@@ -74,9 +76,12 @@ class BoundMaxPool2d(BoundOp):
                             return_indices=indices)
 
     def forward(self, ctx, x: Tensor) -> Tensor:
+        self.prepare(ctx, None, x)
+        return self._pool(x)
+
+    def prepare(self, ctx, stats, x: Tensor) -> None:
         if self.module.return_indices:
             raise BoundError(f"node {self.name}: MaxPool2d(return_indices=True) is not supported")
-        return self._pool(x)
 
     def ibp(self, ctx, x: Interval) -> Interval:
         return Interval(self._pool(x.lower), self._pool(x.upper))

@@ -151,10 +151,15 @@ class BoundCat(BoundOp):
     def _dim(args, kwargs):
         return kwargs.get("dim", args[0] if args else 0)
 
+    value_free = True
+
     def forward(self, ctx, tensors, *args, **kwargs):
         out = torch.cat(tensors, *args, **kwargs)
-        ctx["dim"] = _norm_dim(self._dim(args, kwargs), out.dim())
+        self.prepare(ctx, None, tensors, *args, **kwargs)
         return out
+
+    def prepare(self, ctx, stats, tensors, *args, **kwargs) -> None:
+        ctx["dim"] = _norm_dim(self._dim(args, kwargs), tensors[0].dim())
 
     def ibp(self, ctx, tensors, *args, **kwargs):
         lo = [t.lower if isinstance(t, Interval) else t for t in tensors]
@@ -208,16 +213,21 @@ class BoundArith(BoundOp):
         if kwargs:
             raise BoundError(f"node {self.name}: keyword arguments {sorted(kwargs)} are not supported")
 
+    value_free = True
+
     def forward(self, ctx, a, b=None, **kwargs):
+        self.prepare(ctx, None, a, b, **kwargs)
+        if self.kind == "neg":
+            return -a
+        return {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[self.kind](a, b)
+
+    def prepare(self, ctx, stats, a, b=None, **kwargs) -> None:
         self._check(kwargs)
         k = self.kind
-        if k == "neg":
-            return -a
         if k in ("mul", "div") and isinstance(a, Tensor) and isinstance(b, Tensor) and self._both(ctx):
             raise BoundError(f"node {self.name}: product/quotient of two perturbed tensors is not supported")
         if k == "div" and not self._perturbed_at(0):
             raise BoundError(f"node {self.name}: division by a perturbed tensor is not supported")
-        return {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[k](a, b)
 
     def _perturbed_at(self, i: int) -> bool:
         from torch.fx import Node
@@ -234,6 +244,8 @@ class BoundArith(BoundOp):
         ia, ib = isinstance(a, Interval), isinstance(b, Interval)
         if k == "add":
             if ia and ib:
+                if a._l is None and b._l is None:  # both centre/radius (affine outputs): stay so
+                    return Interval.from_mid_rad(a.mid + b.mid, a.rad + b.rad)
                 return Interval(a.lower + b.lower, a.upper + b.upper)
             x, c = (a, b) if ia else (b, a)
             return Interval(x.lower + c, x.upper + c)

@@ -8,9 +8,10 @@ parameter per backward; ``backward(create_graph=True)`` is refused by DDP).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -44,6 +45,11 @@ class RobustnessMetric(ABC):
                  extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
         ...
+
+    def forward_context(self, model: nn.Module) -> ContextManager[Any]:
+        """A context the caller's forward of the *same* batch runs in, for metrics that take
+        something from it (DSRNA-CB: the BatchNorm statistics). Default: nothing."""
+        return contextlib.nullcontext()
 
     def extra_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """Inputs the metric wants evaluated in the caller's forward, appended to ``x``.

@@ -6,8 +6,23 @@ bounds lb_j of the margin f_y(x') - f_j(x') over the ball ||x' - x|| <= eps (cli
 
     reduction="min"  (default): min_{j != y} lb_j  -- the certificate itself: > 0 iff certified
     reduction="mean":           mean_{j != y} lb_j -- smoother (a gradient through every class)
+    reduction="mean_margin":    a lower bound of the mean margin f_y - mean_{j != y} f_j itself,
+                                from ONE specification row e_y - mean_{j != y} e_j
 
-and R is its mean over the (first ``batch_fraction`` of the) batch. R is differentiable w.r.t.
+``mean_margin`` is sound (a bound of that linear function of the logits) and never looser than
+``mean``: a linear relaxation's bound is superadditive in the specification (each ReLU picks
+its best line for the summed coefficient; min over x of a sum >= sum of the mins), so
+bound(mean_j c_j) >= mean_j bound(c_j). Its backward pass has 1 row instead of K-1, which is
+what makes CROWN-IBP affordable inside an architecture step (BENCHMARKS.md).
+
+and R is its mean over the (first ``batch_fraction`` of the) batch.
+
+BatchNorm statistics (search runs BN in train mode): ``bn_stats="objective"`` (default) bounds
+the network with the statistics of the architecture objective's forward of the whole val batch
+-- the very function whose loss is minimised -- captured by :meth:`forward_context`, which
+also lets the bound engine skip its own clean pass (a third of the IBP work). Called without
+that context (or with ``bn_stats="own"``) the engine normalises with the statistics of the
+metric's own examples, as a separate forward of them would. R is differentiable w.r.t.
 the weights and the architecture parameters, because the bounds are built from the same
 modules, scaled by the same softmax(alpha) (and PC-DARTS betas) as the forward pass.
 
@@ -33,9 +48,10 @@ gap, so eps is identical on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -104,6 +120,20 @@ class CertifiedMetric(RobustnessMetric):
         self.updates = 0
         self._bounded: Any = None
         self._bounded_for: Optional[weakref.ref] = None
+        self._captured: Optional[Dict[Any, Any]] = None
+
+    @contextlib.contextmanager
+    def forward_context(self, model: nn.Module) -> Iterator[None]:
+        """``bn_stats="objective"``: capture the BN batch statistics of the caller's forward
+        (the arch objective's val batch) for the next call, which then bounds that very
+        function without a clean pass of its own (value-free propagation)."""
+        if self.cfg.bn_stats != "objective":
+            yield
+            return
+        from ..bounds import capture_bn_stats
+        with capture_bn_stats(model) as stats:
+            yield
+        self._captured = stats
 
     def bounded_model(self, model: nn.Module) -> Any:
         """The (cached) BoundedModel of the unwrapped model; rebuilt only for a different model."""
@@ -124,13 +154,18 @@ class CertifiedMetric(RobustnessMetric):
         k = num_classes(unwrap_model(model))
         eps = self.eps
         adapt = update and cfg.eps_rule != "fixed"
+        stats, self._captured = self._captured, None  # from forward_context, for this call only
         c, _ = margin_spec(ys, k, xs.dtype)
+        if cfg.reduction == "mean_margin":
+            c = c.mean(dim=1, keepdim=True)  # [B, 1, K]: e_y - mean_{j != y} e_j
         # the upper bounds only feed the eps rule: skip their (CROWN) backward pass otherwise
-        lb, ub = bm.bounds(xs, eps, norm=cfg.norm, method=cfg.method, C=c, need_upper=adapt)
+        lb, ub = bm.bounds(xs, eps, norm=cfg.norm, method=cfg.method, C=c, need_upper=adapt,
+                           bn_stats=stats)
         per = lb.min(dim=1).values if cfg.reduction == "min" else lb.mean(dim=1)
         r = per.mean()
-        logs: Dict[str, float] = {"R": float(r.detach()), "eps": eps,
-                                  "certified_frac": float((lb.detach().min(dim=1).values > 0).float().mean())}
+        logs: Dict[str, float] = {"R": float(r.detach()), "eps": eps}
+        if cfg.reduction != "mean_margin":  # per-class bounds: the certificate is their min
+            logs["certified_frac"] = float((lb.detach().min(dim=1).values > 0).float().mean())
         if adapt:
             gap = global_mean(ub.detach() - lb.detach())
             self.eps = next_eps(eps, gap, cfg)

@@ -15,6 +15,7 @@ Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -95,11 +96,12 @@ class SearchStrategy:
         if metric is not None:  # lets a metric that needs d logits / d x reuse this forward
             x = x.detach().requires_grad_(True)
             extra_in = metric.extra_inputs(x, y)
-        if extra_in is None:
-            logits, extra = self.model(x), None
-        else:  # one forward for the loss and the metric's extra inputs (see extra_inputs)
-            out = self.model(torch.cat([x, extra_in]))
-            logits, extra = out[: x.shape[0]], out[x.shape[0]:]
+        with (metric.forward_context(self.model) if metric is not None else contextlib.nullcontext()):
+            if extra_in is None:
+                logits, extra = self.model(x), None
+            else:  # one forward for the loss and the metric's extra inputs (see extra_inputs)
+                out = self.model(torch.cat([x, extra_in]))
+                logits, extra = out[: x.shape[0]], out[x.shape[0]:]
         loss = self.loss(logits, y)
         logs["val_loss"] = loss.item()
         logs["val_acc"] = accuracy(logits, y)
