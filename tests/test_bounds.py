@@ -818,3 +818,19 @@ def test_bn_stats_of_a_module_called_twice_are_not_used():
     assert not bm.value_free_ok(stats)
     lb, _ = bm.bounds(x, 0.0, "inf", "ibp", bn_stats=stats)    # falls back to the clean pass
     torch.testing.assert_close(lb, net(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_stacked_upper_bound_equals_side_by_side(norm):
+    """ub(C) = -lb(-C): one pass over [C; -C] gives what lA/uA side by side give."""
+    net = randomize(_supernet(8, 1, 2, True, layers=3, classes=4), 5).to(DT).eval()
+    x = torch.rand(3, 1, 8, 8, dtype=DT)
+    C = torch.randn(3, 1, 4, dtype=DT)
+    bm = BoundedModel(net)
+    assert bm.stack_rows >= 1
+    stacked = bm.bounds(x, 0.02, norm, "crown-ibp", C=C)
+    bm.stack_rows = 0
+    side = bm.bounds(x, 0.02, norm, "crown-ibp", C=C)
+    for a, b in zip(stacked, side):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (stacked[0] < stacked[1]).all()
