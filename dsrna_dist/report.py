@@ -471,6 +471,16 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
+def run_labels(paths: List[Path]) -> Dict[Path, str]:
+    """A distinct short label per run dir: its path below the runs' common parent
+    (``darts_s0/search``), so runs whose leaf dirs share a name get distinct plot files."""
+    if len(paths) <= 1:
+        return {p: p.name for p in paths}
+    resolved = {p: p.resolve() for p in paths}
+    common = Path(os.path.commonpath([str(r) for r in resolved.values()]))
+    return {p: (str(r.relative_to(common)) if r != common else p.name) for p, r in resolved.items()}
+
+
 def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, base: Path,
            data: Dict[str, Any]) -> List[str]:
     from . import plots as P
@@ -502,26 +512,27 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
             link(f"{ds}: certified radii ({bm}, l_{norm})",
                  P.radius_histogram(hist, f"{ds}: certified radius ({bm}, l_{norm}, untargeted)",
                                     "radius (pixels)", pdir / f"radius_hist_{_safe(ds)}_{_safe(bm)}_{norm}.png"))
+    label = run_labels([s.path for s in runs.search])
     for s in runs.search:
-        tag = f"{s.method} [{s.path.name}]"
+        tag = f"{s.method} [{label[s.path]}]"
         if s.alphas:
             w = _alpha_weights(s.alphas)
             if w:
                 prims = s.alphas.get("primitives") or (s.cfg.get("model") or {}).get("primitives") or []
-                link(f"softmax(alpha): {tag}", P.alpha_heatmap(w, prims, tag, pdir / f"alphas_{_safe(s.path.name)}.png"))
+                link(f"softmax(alpha): {tag}", P.alpha_heatmap(w, prims, tag, pdir / f"alphas_{_safe(label[s.path])}.png"))
     cells: Dict[str, List[SearchRun]] = {}  # one diagram per distinct genotype
     for s in runs.search:
         if s.genotype is not None:
             cells.setdefault(s.genotype.to_json(), []).append(s)
     for same in cells.values():
         s = same[0]
-        tag = ", ".join(sorted({x.method for x in same})) + f" [{s.path.name}" + (
+        tag = ", ".join(sorted({x.method for x in same})) + f" [{label[s.path]}" + (
             f" +{len(same) - 1} more]" if len(same) > 1 else "]")
         for cell in ("normal", "reduce"):
             link(f"{cell} cell: {tag}", P.cell_diagram(s.genotype, cell, tag,
-                                                      pdir / f"cell_{_safe(s.path.name)}_{cell}.png"))
+                                                      pdir / f"cell_{_safe(label[s.path])}_{cell}.png"))
         if len(same) > 1:
-            md.append("Same cell found by: " + ", ".join(f"`{x.path.name}`" for x in same))
+            md.append("Same cell found by: " + ", ".join(f"`{label[x.path]}`" for x in same))
             md.append("")
     return md
 

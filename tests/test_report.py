@@ -176,6 +176,22 @@ def test_plots_exist_and_are_linked(tree, tmp_path):
         assert f"](report_plots/{p.name})" in md
 
 
+def test_plots_of_runs_with_the_same_leaf_name_do_not_collide(tmp_path):
+    """The compare tree names every search dir ``search`` (``<method>_s<seed>/search``): each
+    run still gets its own alpha heatmap and cell diagrams, labelled by its relative path."""
+    root = tmp_path / "runs"
+    write_search(root / "darts_s0", "search", "darts", "none", 0)
+    write_search(root / "pcdarts_s0", "search", "pcdarts", "none", 0, genotype="PC_DARTS_CIFAR")
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out)))
+    md = out.read_text()
+    names = sorted(p.name for p in (tmp_path / "report_plots").glob("alphas_*.png"))
+    assert names == ["alphas_darts_s0_search.png", "alphas_pcdarts_s0_search.png"]
+    assert "[darts_s0/search]" in md and "[pcdarts_s0/search]" in md
+    cells = sorted(p.name for p in (tmp_path / "report_plots").glob("cell_*.png"))
+    assert len(cells) == 4 and len({c.rsplit("_", 1)[0] for c in cells}) == 2
+
+
 def test_discover_links_runs(tree):
     root, _ = tree
     runs = discover(root)
