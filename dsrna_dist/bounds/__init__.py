@@ -11,7 +11,9 @@ Public API:
 
 Conventions: inputs are [0, 1] pixels (normalization is inside the model), eps is in pixel
 units, the input set is the l_inf or l_2 ball clipped to ``[x_min, x_max]``; BN uses the
-statistics the model is in (train mode: the clean batch's statistics; eval: running stats).
+statistics the model is in (train mode: the clean batch's statistics, or those captured from
+the caller's own forward with :func:`capture_bn_stats`; eval: running stats). When every BN's
+statistics are known up front the engine propagates *value-free* (no clean pass).
 ``margin_lower_bound`` returns [B, K] lower bounds of f_y - f_j with column y equal to 0.
 """
 from __future__ import annotations

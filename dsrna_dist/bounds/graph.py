@@ -10,6 +10,10 @@
   replaced or moved later are picked up). Nodes that do not depend on the input (softmax(alpha),
   weight slices...) are computed concretely with autograd, so bounds stay differentiable in
   alpha/beta; perturbed nodes get a bound class.
+* Value-free runs: when every BatchNorm's statistics are known up front (eval mode, or batch
+  statistics captured from the caller's forward and passed as ``bn_stats``), no bound needs the
+  clean value of a perturbed node, so ops flagged ``value_free`` only ``prepare`` their context
+  and the clean pass is skipped; structural ops still run on same-shaped stand-ins.
 * Methods: ``ibp``; ``crown-ibp`` (IBP intermediate bounds, one backward pass from the
   specification, as Zhang et al. 2020; *not* intersected with IBP, so it can be looser than
   IBP on some nets: it is provably no looser only in special cases such as one hidden ReLU
