@@ -232,6 +232,13 @@ DIST_CASES = [
     ("darts", {}), ("darts", {"strategy.order": 2}),
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True}),
     ("sdarts_adv", {"strategy.adv_steps": 2}),
+    # DSRNA through the strategy: BN statistics captured from the objective's forward
+    ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
+                 "robustness.name": "certified", "robustness.reduction": "mean_margin",
+                 "robustness.batch_fraction": 0.5, "robustness.gamma": 1e-3}),
+    ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
+                 "robustness.name": "jacobian", "robustness.norm": "2",
+                 "robustness.estimator": "frobenius_sq_fd", "robustness.gamma": 10.0}),
 ]
 
 
@@ -249,10 +256,15 @@ def _dist_worker(rank, world, init_file, out_dir):
         model = Supernet(cfg.model, info())
         from dsrna_dist.search import build_optimizers
 
+        from dsrna_dist.robustness import build_metric
+
         w_opt, a_opt = build_optimizers(cfg, model)
         net = wrap_ddp(model, world)
+        metric = build_metric(cfg.robustness)
+        if metric is not None and hasattr(metric, "generator"):
+            metric.generator = torch.Generator().manual_seed(rank)   # each rank its own draws
         strat = build_strategy(SearchContext(cfg=cfg, model=model, net=net, w_optim=w_opt,
-                                             a_optim=a_opt, seed=cfg.run.seed))
+                                             a_optim=a_opt, seed=cfg.run.seed, metric=metric))
         arch0 = [p.detach().clone() for p in model.arch_parameters()]
         for step in range(2):
             xt, yt = batch(seed=100 * rank + 2 * step)  # every rank sees different data
@@ -271,6 +283,10 @@ def _dist_worker(rank, world, init_file, out_dir):
                 same &= all(torch.equal(gathered[0], g) for g in gathered[1:])
             report[f"{name}{extra}/{label}_identical"] = same
         report[f"{name}{extra}/arch_moved"] = all(not torch.equal(a, p) for a, p in zip(arch0, model.arch_parameters()))
+        if metric is not None:
+            states = [None] * world
+            dist.all_gather_object(states, metric.state_dict())
+            report[f"{name}{extra}/metric_state_identical"] = states[0] == states[1]
     report["world_size"] = dist.get_world_size()
     if rank == 0:
         import json
