@@ -121,6 +121,33 @@ def test_second_order_matches_exact_unrolled_gradient():
         assert torch.equal(p, b)  # weights restored exactly after the virtual step
 
 
+def test_second_order_step_survives_a_huge_objective_scale():
+    """DSRNA-CB's loose bounds make |gamma * R| ~ 1e24 on the full DARTS space: the weight
+    gradient v of the objective then overflows a float32 sum of squares. The finite-difference
+    radius r = fd_r / ||v|| must still be finite and non-zero, and the arch gradient finite."""
+    from dsrna_dist.robustness.base import RobustnessMetric
+
+    class Huge(RobustnessMetric):
+        name = "huge"
+
+        def __call__(self, model, x, y, *, logits=None, extra=None, update=True):
+            return -1e22 * logits.pow(2).mean(), {}
+
+    cfg = tiny_cfg(**{"strategy.order": 2, "robustness.gamma": 1.0})
+    model, w_opt, a_opt, strat = make(cfg)
+    strat.ctx.metric = Huge(cfg.robustness)
+    xt, yt = batch(seed=1)
+    xv, yv = batch(seed=2)
+    v = torch.autograd.grad(strat.arch_objective(xv, yv, {}), model.weight_parameters(), allow_unused=True)
+    assert not torch.isfinite(torch.cat([t.reshape(-1) for t in v if t is not None]).norm())  # the trap
+    captured = {}
+    orig = strat._apply_arch_grads
+    strat._apply_arch_grads = lambda grads: captured.setdefault("g", [t.clone() for t in grads]) and orig(grads)
+    strat.arch_step(xt, yt, xv, yv, epoch=0, step=0, lr=0.05)
+    assert all(torch.isfinite(g).all() for g in captured["g"])
+    assert all(torch.isfinite(a).all() for a in model.arch_parameters())
+
+
 def test_clip_to_simplex_matches_reference_loop():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 8, generator=g) * 0.4

@@ -61,7 +61,10 @@ class DARTS(SearchStrategy):
             dalpha, v = grads[:len(A)], grads[len(A):]
             all_reduce_mean_(v)
             # 3) finite-difference Hessian-vector product around the current weights
-            r = self.cfg.strategy.fd_r / torch.cat([t.reshape(-1) for t in v]).norm().clamp_min(1e-12)
+            # the norm in float64: an objective with a huge robustness term (DSRNA-CB's loose
+            # bounds reach |R| ~ 1e24 on the full DARTS space) overflows a float32 sum of squares
+            v_norm = torch.cat([t.reshape(-1) for t in v]).double().norm().clamp_min(1e-12)
+            r = (self.cfg.strategy.fd_r / v_norm).to(v[0].dtype)
             self._set(W, [b + r * t for b, t in zip(backup, v)])
             g_pos = self.grads_of(self.loss(self.model(xt), yt), A)
             self._set(W, [b - r * t for b, t in zip(backup, v)])
