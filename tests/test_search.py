@@ -148,6 +148,22 @@ def test_second_order_step_survives_a_huge_objective_scale():
     assert all(torch.isfinite(a).all() for a in model.arch_parameters())
 
 
+def test_huge_arch_gradients_still_move_alpha():
+    """float32 Adam would square 1e25 into inf and step 0; scaled to 1e15 the first Adam step
+    moves every alpha by lr (the sign step), and ordinary gradients pass unchanged."""
+    cfg = tiny_cfg(**{"arch_optim.weight_decay": 0.0})
+    model, w_opt, a_opt, strat = make(cfg)
+    before = [p.detach().clone() for p in model.arch_parameters()]
+    strat._apply_arch_grads([torch.full_like(p, 1e25) for p in model.arch_parameters()])
+    lr = a_opt.param_groups[0]["lr"]
+    for p, b in zip(model.arch_parameters(), before):
+        torch.testing.assert_close(b - p.detach(), torch.full_like(p, lr), rtol=1e-4, atol=1e-7)
+    g = [torch.randn_like(p) for p in model.arch_parameters()]
+    strat._apply_arch_grads([t.clone() for t in g])
+    for p, t in zip(model.arch_parameters(), g):
+        assert torch.equal(p.grad, t)
+
+
 def test_clip_to_simplex_matches_reference_loop():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 8, generator=g) * 0.4

@@ -50,6 +50,9 @@ class SearchContext:
     logs: Dict[str, float] = field(default_factory=dict)
 
 
+ARCH_GRAD_LIMIT = 1e15  # see SearchStrategy._apply_arch_grads
+
+
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.detach().argmax(1) == y).float().mean().item()
 
@@ -118,6 +121,15 @@ class SearchStrategy:
         for p, g in zip(self.arch_params, grads):
             p.grad = torch.zeros_like(p) if g is None else g.detach().clone()
         all_reduce_mean_([p.grad for p in self.arch_params])
+        # float32 Adam squares the gradient: above ~1e19 its second moment is inf and the step
+        # silently 0. A huge robustness term (DSRNA-CB's loose bounds on the full DARTS space)
+        # gets there, so scale such gradients down to max |g| = ARCH_GRAD_LIMIT (no-op below it;
+        # Adam is scale-invariant up to eps). No host sync: the scale stays a tensor.
+        grads_ = [p.grad for p in self.arch_params]
+        peak = torch.stack([g.abs().max() for g in grads_]).max()
+        scale = (peak / ARCH_GRAD_LIMIT).clamp(min=1.0)
+        for g in grads_:
+            g.div_(scale)
         self.ctx.a_optim.step()
 
     def grads_of(self, out: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
