@@ -164,6 +164,31 @@ def test_huge_arch_gradients_still_move_alpha():
         assert torch.equal(p.grad, t)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_non_finite_metric_stops_the_arch_step_with_its_name(order):
+    """Bounds that overflow (R = -inf / NaN) stop the search with an error naming the metric,
+    before any parameter changes (2nd order: the weights of the virtual step are restored)."""
+    from dsrna_dist.robustness.base import RobustnessMetric
+    from dsrna_dist.strategies import NonFiniteLossError
+
+    class Overflow(RobustnessMetric):
+        name = "overflow"
+
+        def __call__(self, model, x, y, *, logits=None, extra=None, update=True):
+            return logits.sum() * float("nan"), {}
+
+    cfg = tiny_cfg(**{"strategy.order": order})
+    model, w_opt, a_opt, strat = make(cfg)
+    strat.ctx.metric = Overflow(cfg.robustness)
+    before = [p.detach().clone() for p in model.parameters()]
+    xt, yt = batch(seed=1)
+    xv, yv = batch(seed=2)
+    with pytest.raises(NonFiniteLossError, match="'overflow' gave a non-finite R"):
+        strat.arch_step(xt, yt, xv, yv, epoch=0, step=0, lr=0.05)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
 def test_clip_to_simplex_matches_reference_loop():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 8, generator=g) * 0.4
@@ -330,6 +355,10 @@ def _dist_worker(rank, world, init_file, out_dir):
             states = [None] * world
             dist.all_gather_object(states, metric.state_dict())
             report[f"{name}{extra}/metric_state_identical"] = states[0] == states[1]
+    from dsrna_dist.engine.sync import any_rank
+
+    report["any_rank_one_true"] = any_rank(rank == 1)      # True on both ranks
+    report["any_rank_none_true"] = not any_rank(False)
     report["world_size"] = dist.get_world_size()
     if rank == 0:
         import json

@@ -54,6 +54,17 @@ def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
+def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """True on every rank iff ``flag`` is true on some rank: a decision all ranks take together
+    (a rank that stops alone would leave the others waiting in the next collective)."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+@torch.no_grad()
 def assert_identical_across_ranks(tensors: Iterable[torch.Tensor]) -> bool:
     """True iff every tensor is bitwise equal to rank 0's copy on every rank (same on all ranks).
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, SearchConfig
-from ..engine.sync import all_reduce_mean_
+from ..engine.sync import all_reduce_mean_, any_rank
 from ..registry import Registry
 from ..space.supernet import ArchWeights, Supernet
 
@@ -112,6 +112,12 @@ class SearchStrategy:
             return loss
         r, mlogs = metric(self.model, x, y, logits=logits, extra=extra, update=update_metric)
         logs["R"] = float(r.detach())
+        if any_rank(not math.isfinite(logs["R"]), r.device):  # every rank stops together
+            raise NonFiniteLossError(
+                f"robustness metric {metric.name!r} gave a non-finite R in the architecture step "
+                f"(R = {logs['R']:.4g} on this rank): its bounds overflowed. Interval-based bounds "
+                f"grow geometrically with depth; use a smaller robustness.eps, fewer cells or the "
+                f"PC-DARTS space (partial channels)")
         logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
         return loss - self.cfg.robustness.gamma * r
 
