@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import ops_linear, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
+from . import ops_linear, ops_mix, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
 from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
                    method_key, module_key)
 from .ops_linear import BoundBatchNorm, uses_batch_stats

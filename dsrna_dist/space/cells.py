@@ -20,6 +20,25 @@ from torch import nn
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 
 
+def weighted_sum(weights: torch.Tensor, index: Sequence[int], branches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i weights[index[i]] * branches[i]``, accumulated left to right.
+
+    The alpha/beta-weighted sum of DARTS. It is one traced call (``torch.fx.wrap`` below), so
+    the bound engine sees one operator per edge instead of a product and a sum per branch
+    (``dsrna_dist/bounds/ops_mix.py``); the arithmetic is the plain loop, unchanged.
+    """
+    out = None
+    for k, y in zip(index, branches):
+        y = weights[k] * y
+        out = y if out is None else out + y
+    if out is None:  # static: only when every candidate is `none`
+        raise RuntimeError("weighted_sum of no branches (a MixedOp without a non-none candidate op)")
+    return out
+
+
+torch.fx.wrap("weighted_sum")
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet channel shuffle with static sizes: (B, g*c, H, W) -> interleaved groups."""
     return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
@@ -40,13 +59,7 @@ class MixedOp(nn.Module):
         self.index = tuple(index)  # position of each built op in the weight vector
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = None
-        for k, op in zip(self.index, self.ops):
-            y = weights[k] * op(x)
-            out = y if out is None else out + y
-        if out is None:  # static: only when every candidate is `none`
-            raise RuntimeError("MixedOp without a non-none candidate op")
-        return out
+        return weighted_sum(weights, self.index, [op(x) for op in self.ops])
 
 
 class PartialMixedOp(nn.Module):
@@ -101,12 +114,13 @@ class SearchCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         e = 0
         for i in range(self.nodes):
-            acc = None
-            for j in range(2 + i):
-                y = self.edges[e](states[j], weights[e])
-                if edge_weights is not None:
-                    y = edge_weights[e] * y
-                acc = y if acc is None else acc + y
-                e += 1
+            ys = [self.edges[e + j](states[j], weights[e + j]) for j in range(2 + i)]
+            if edge_weights is not None:  # PC-DARTS edge normalization: beta-weighted
+                acc = weighted_sum(edge_weights, tuple(range(e, e + 2 + i)), ys)
+            else:
+                acc = ys[0]
+                for y in ys[1:]:
+                    acc = acc + y
+            e += 2 + i
             states.append(acc)
         return torch.cat(states[2:], dim=1)
