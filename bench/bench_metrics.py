@@ -14,7 +14,6 @@ Targets (the lead's brief): Jacobian (l_2, 1 projection) <= 1.5x, CROWN-IBP cert
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
-from dsrna_dist.robustness import build_metric
+from dsrna_dist.robustness import build_metric, metric_forward
 from dsrna_dist.space.supernet import Supernet
 
 
@@ -69,13 +68,7 @@ def make_step(model: Supernet, x: torch.Tensor, y: torch.Tensor, over: Optional[
 
     def step() -> None:
         xv = x.detach().requires_grad_(share)
-        extra_in = None if metric is None else metric.extra_inputs(xv, y)
-        with (metric.forward_context(model) if metric is not None else contextlib.nullcontext()):
-            if extra_in is None:  # as SearchStrategy.arch_objective does
-                logits, extra = model(xv), None
-            else:
-                out = model(torch.cat([xv, extra_in]))
-                logits, extra = out[: xv.shape[0]], out[xv.shape[0]:]
+        logits, extra = metric_forward(model, metric, xv, y)  # as SearchStrategy.arch_objective
         obj = F.cross_entropy(logits, y)
         if metric is not None:
             r, _ = metric(model, xv, y, logits=logits if (share or extra is not None) else None, extra=extra)

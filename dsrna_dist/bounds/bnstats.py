@@ -15,7 +15,7 @@ from typing import Dict, Iterator, Optional, Tuple
 from torch import Tensor, nn
 
 from .graph import unwrap
-from .ops_linear import uses_batch_stats
+from .ops_linear import batch_stats, uses_batch_stats
 
 Stats = Dict[nn.Module, Optional[Tuple[Tensor, Tensor]]]
 
@@ -34,9 +34,7 @@ def capture_bn_stats(model: nn.Module) -> Iterator[Stats]:
         if m in stats:
             stats[m] = None
             return
-        x = args[0]
-        dims = [0] + list(range(2, x.dim()))
-        stats[m] = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+        stats[m] = batch_stats(args[0])
 
     handles = [m.register_forward_pre_hook(hook) for m in unwrap(model).modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(m)]

@@ -148,6 +148,7 @@ class BoundedModel:
         # nodes whose bounds a relaxation needs (inputs of ReLU / max pool)
         self.pre_act = {a for n, op in self.ops.items() if op.needs_input_bounds
                         for a in n.all_input_nodes if a in self.perturbed}
+        self._bn_modules = [op.module for op in self.ops.values() if isinstance(op, BoundBatchNorm)]
         self.relu_only_pre_act = {a for a in self.pre_act
                                   if all(isinstance(self.ops.get(u), BoundReLU) for u in a.users)}
 
@@ -202,10 +203,9 @@ class BoundedModel:
     def value_free_ok(self, bn_stats: Optional[BNStats]) -> bool:
         """Whether bounds can be propagated without the clean pass: every BatchNorm that
         normalises with batch statistics has them in ``bn_stats`` (none does in eval mode)."""
-        for op in self.ops.values():
-            if isinstance(op, BoundBatchNorm) and uses_batch_stats(op.module):
-                if bn_stats is None or bn_stats.get(op.module) is None:
-                    return False
+        for m in self._bn_modules:
+            if uses_batch_stats(m) and (bn_stats is None or bn_stats.get(m) is None):
+                return False
         return True
 
     def _propagate(self, x: Tensor, eps: Tensor, norm: str, method: str, x_min: float,

@@ -47,11 +47,7 @@ class BoundBatchNorm(_ChannelAffine):
 
     def forward(self, ctx, x: Tensor) -> Tensor:
         m: nn.modules.batchnorm._BatchNorm = self.module  # type: ignore[assignment]
-        stats = None
-        if uses_batch_stats(m):
-            dims = [0] + list(range(2, x.dim()))
-            stats = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
-        self.prepare(ctx, stats, x)
+        self.prepare(ctx, batch_stats(x) if uses_batch_stats(m) else None, x)
         return x * ctx["scale"] + ctx["shift"]
 
     def prepare(self, ctx, stats, x: Tensor) -> None:
@@ -74,6 +70,12 @@ class BoundBatchNorm(_ChannelAffine):
 def uses_batch_stats(m: nn.Module) -> bool:
     """Whether BN module ``m`` normalises with the batch's statistics (train mode / no running)."""
     return bool(m.training or m.running_mean is None)
+
+
+def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel of a BN input [B, C, ...], as BN's train mode uses."""
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dim=dims), x.var(dim=dims, unbiased=False)
 
 
 @register_modules(Normalize)

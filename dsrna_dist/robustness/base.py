@@ -87,6 +87,24 @@ def batch_subset(x: torch.Tensor, y: torch.Tensor, fraction: float) -> Tuple[tor
     return x[:m], y[:m]
 
 
+def metric_forward(model: nn.Module, metric: Optional[RobustnessMetric], x: torch.Tensor,
+                   y: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The objective's forward of ``x`` done so the metric can use it: (logits, extra).
+
+    Runs in the metric's :meth:`~RobustnessMetric.forward_context` and, when the metric asks
+    for :meth:`~RobustnessMetric.extra_inputs`, as ONE forward of ``cat([x, extra_inputs])``;
+    ``extra`` is then the output of those rows (else None). Pass both to the metric's call.
+    """
+    if metric is None:
+        return model(x), None
+    extra_in = metric.extra_inputs(x, y)
+    with metric.forward_context(model):
+        out = model(x if extra_in is None else torch.cat([x, extra_in]))
+    if extra_in is None:
+        return out, None
+    return out[: x.shape[0]], out[x.shape[0]:]
+
+
 def build_metric(cfg: RobustnessConfig) -> Optional[RobustnessMetric]:
     """The metric named ``cfg.name`` (``none`` -> None); unknown names list the valid ones."""
     return METRICS.get(cfg.name, key="robustness.name")(cfg)

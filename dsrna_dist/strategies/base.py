@@ -15,7 +15,6 @@ Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -27,6 +26,7 @@ from torch import nn
 from ..config import ConfigError, SearchConfig
 from ..engine.sync import all_reduce_mean_, any_rank
 from ..registry import Registry
+from ..robustness.base import metric_forward
 from ..space.supernet import ArchWeights, Supernet
 
 STRATEGIES: Registry[type] = Registry("search strategy")
@@ -95,16 +95,9 @@ class SearchStrategy:
                        update_metric: bool = True) -> torch.Tensor:
         """val_loss - gamma * R on the unwrapped model (R from the robustness metric, if any)."""
         metric = self.ctx.metric
-        extra_in = None
         if metric is not None:  # lets a metric that needs d logits / d x reuse this forward
             x = x.detach().requires_grad_(True)
-            extra_in = metric.extra_inputs(x, y)
-        with (metric.forward_context(self.model) if metric is not None else contextlib.nullcontext()):
-            if extra_in is None:
-                logits, extra = self.model(x), None
-            else:  # one forward for the loss and the metric's extra inputs (see extra_inputs)
-                out = self.model(torch.cat([x, extra_in]))
-                logits, extra = out[: x.shape[0]], out[x.shape[0]:]
+        logits, extra = metric_forward(self.model, metric, x, y)
         loss = self.loss(logits, y)
         logs["val_loss"] = loss.item()
         logs["val_acc"] = accuracy(logits, y)
