@@ -365,7 +365,9 @@ def _dist_worker(rank, world, init_file, out_dir):
 
         with open(os.path.join(out_dir, "report.json"), "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    from dsrna_dist.engine.runtime import teardown
+
+    teardown(None, 0, hard_exit=True)  # barrier, destroy, os._exit: gloo can abort at interpreter exit
 
 
 @pytest.mark.dist
