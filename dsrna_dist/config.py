@@ -166,6 +166,8 @@ class RobustnessConfig:
                              "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); fixed: never")
     eps_step: float = fld(0.001, ge=0.0, help="certified: eps change per arch step (see eps_rule)")
     eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target global mean (upper - lower) margin bound gap")
+    eps_every: int = fld(1, ge=1, help="certified: apply the eps rule on every n-th metric call only; the upper "
+                                         "bounds it needs are computed on those calls only")
     eps_min: float = fld(1e-4, gt=0.0, help="certified: eps never goes below this")
     eps_max: float = fld(0.3, gt=0.0, help="certified: eps never goes above this")
     projections: int = fld(1, ge=1, help="jacobian frobenius_sq(_fd): random projections per step (Hoffman et al. 2019)")

@@ -257,10 +257,12 @@ def test_eps_rules():
 
 def test_certified_state_dict_roundtrip():
     m = build_metric(cfg(name="certified", eps=0.07))
-    assert m.state_dict() == {"eps": 0.07, "updates": 0}
+    assert m.state_dict() == {"eps": 0.07, "updates": 0, "calls": 0}
     m2 = build_metric(cfg(name="certified"))
-    m2.load_state_dict({"eps": 0.012, "updates": 9})
-    assert m2.eps == 0.012 and m2.state_dict()["updates"] == 9
+    m2.load_state_dict({"eps": 0.012, "updates": 9, "calls": 17})
+    assert m2.eps == 0.012 and m2.state_dict() == {"eps": 0.012, "updates": 9, "calls": 17}
+    m2.load_state_dict({"eps": 0.012, "updates": 9})        # a checkpoint from before eps_every
+    assert m2.state_dict()["calls"] == 9
     with pytest.raises(ValueError, match="eps"):
         m2.load_state_dict({"updates": 1})
 
@@ -412,6 +414,41 @@ def test_certified_metric_adapts_eps_and_backprops_to_alpha():
     bm = m.bounded_model(net)
     m(net, x, y, update=False)
     assert m.eps == pytest.approx(0.02) and m.bounded_model(net) is bm   # cached, not rebuilt
+
+
+@needs_bounds
+def test_eps_every_updates_on_schedule_and_skips_upper_bounds_between(monkeypatch):
+    """eps_every=3: the rule runs on calls 0, 3, 6 only; the other calls ask the engine for no
+    upper bounds (the saving) and report no gap; a metric resumed mid-schedule keeps it."""
+    torch.manual_seed(7)
+    net = tiny_supernet(pc=2).train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    m = build_metric(cfg(name="certified", eps=0.03, eps_step=0.01, eps_target_gap=1e-6, eps_every=3,
+                         eps_min=1e-4, reduction="mean_margin"))
+    asked = []
+
+    def spy(metric) -> None:                              # record what the engine is asked for
+        bm = metric.bounded_model(net)
+        real = bm.bounds
+        monkeypatch.setattr(bm, "bounds", lambda *a, **k: asked.append(k["need_upper"]) or real(*a, **k))
+
+    spy(m)
+    eps_seen, gaps = [], []
+    for call in range(7):
+        if call == 4:                                     # resume from a checkpoint mid-schedule
+            state = m.state_dict()
+            m = build_metric(m.cfg)
+            m.load_state_dict(state)
+            spy(m)
+        _, logs = m(net, x, y)
+        eps_seen.append(logs["eps"])
+        gaps.append("bound_gap" in logs)
+    assert asked == [True, False, False, True, False, False, True]
+    assert gaps == asked
+    assert eps_seen == pytest.approx([0.03, 0.02, 0.02, 0.02, 0.01, 0.01, 0.01])   # loose gap: shrinks
+    assert m.state_dict() == {"eps": pytest.approx(0.0001), "updates": 3, "calls": 7}
+    m(net, x, y, update=False)                            # an evaluation call is not on the schedule
+    assert m.state_dict()["calls"] == 7 and asked[-1] is False
 
 
 # ----------------------------------------------------------------------------- 2-rank DDP

@@ -42,9 +42,12 @@ for the next call by a fixed step ("linearly")::
 
 A gap wider than the target means the relaxation is loose at this eps (the bound says little
 about the architecture), so eps shrinks; a tight gap lets eps grow towards the attack radius.
-A non-finite gap counts as too wide. eps lives in :meth:`state_dict` so a resumed search
-continues with the eps it had; the update is computed in Python floats from the all-reduced
-gap, so eps is identical on every rank.
+A non-finite gap counts as too wide. With ``eps_every = n`` the rule runs on every n-th call
+only (calls 0, n, 2n, ...), and only those calls pay for the upper bounds (a second
+specification row, or a second set of K-1 rows, in the CROWN backward pass); eps then moves
+by ``eps_step`` per n arch steps. eps and the call count live in :meth:`state_dict` so a
+resumed search continues with the eps and the schedule it had; the update is computed in
+Python floats from the all-reduced gap, so eps is identical on every rank.
 """
 from __future__ import annotations
 
@@ -118,8 +121,10 @@ class CertifiedMetric(RobustnessMetric):
                               f"robustness.eps_max={cfg.eps_max}")
         self.eps = min(cfg.eps_max, max(cfg.eps_min, cfg.eps))
         self.updates = 0
+        self.calls = 0  # calls with update=True: the eps_every schedule
         self._bounded: Any = None
         self._bounded_for: Optional[weakref.ref] = None
+        self._classes = 0  # num_classes of that model (a module scan: once, not per call)
         self._captured: Optional[Dict[Any, Any]] = None
 
     @contextlib.contextmanager
@@ -142,6 +147,7 @@ class CertifiedMetric(RobustnessMetric):
             from ..bounds import BoundedModel  # import late: bounds is optional for other metrics
             self._bounded = BoundedModel(mod)
             self._bounded_for = weakref.ref(mod)
+            self._classes = num_classes(mod)
         return self._bounded
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -151,9 +157,11 @@ class CertifiedMetric(RobustnessMetric):
         cfg = self.cfg
         xs, ys = batch_subset(x.detach(), y, cfg.batch_fraction)
         bm = self.bounded_model(model)
-        k = num_classes(unwrap_model(model))
+        k = self._classes
         eps = self.eps
-        adapt = update and cfg.eps_rule != "fixed"
+        adapt = update and cfg.eps_rule != "fixed" and self.calls % cfg.eps_every == 0
+        if update:
+            self.calls += 1
         stats, self._captured = self._captured, None  # from forward_context, for this call only
         c, _ = margin_spec(ys, k, xs.dtype)
         if cfg.reduction == "mean_margin":
@@ -174,7 +182,7 @@ class CertifiedMetric(RobustnessMetric):
         return r, logs
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"eps": self.eps, "updates": self.updates}
+        return {"eps": self.eps, "updates": self.updates, "calls": self.calls}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         missing = {"eps", "updates"} - set(state)
@@ -182,3 +190,4 @@ class CertifiedMetric(RobustnessMetric):
             raise ValueError(f"certified metric state lacks {sorted(missing)}")
         self.eps = float(state["eps"])
         self.updates = int(state["updates"])
+        self.calls = int(state.get("calls", self.updates))  # checkpoints before eps_every: one update per call
