@@ -303,7 +303,7 @@ DIST_CASES = [
     # DSRNA through the strategy: BN statistics captured from the objective's forward
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
                  "robustness.name": "certified", "robustness.reduction": "mean_margin",
-                 "robustness.batch_fraction": 0.5, "robustness.gamma": 1e-3}),
+                 "robustness.batch_fraction": 0.5, "robustness.gamma": 1e-3, "robustness.eps_every": 2}),
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
                  "robustness.name": "jacobian", "robustness.norm": "2",
                  "robustness.estimator": "frobenius_sq_fd", "robustness.gamma": 10.0}),
