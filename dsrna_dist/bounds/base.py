@@ -76,6 +76,11 @@ class Interval:
         return self._r
 
     @property
+    def centred(self) -> bool:
+        """Held as centre/radius only (an affine map's output whose lower/upper nobody asked for)."""
+        return self._l is None
+
+    @property
     def ref(self) -> Tensor:
         """A tensor of the bounds' shape, dtype and device, computing nothing."""
         return self._l if self._l is not None else self._m

@@ -10,7 +10,7 @@ into alpha as the BN's own do.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -21,9 +21,12 @@ Stats = Dict[nn.Module, Optional[Tuple[Tensor, Tensor]]]
 
 
 @contextmanager
-def capture_bn_stats(model: nn.Module) -> Iterator[Stats]:
+def capture_bn_stats(model: nn.Module, bn_modules: Optional[Iterable[nn.Module]] = None) -> Iterator[Stats]:
     """``with capture_bn_stats(model) as stats: model(x)`` -> {BN: (mean, biased var)} of x.
 
+    ``bn_modules``: the BatchNorms to hook, when the caller already has them listed (a
+    BoundedModel's ``bn_modules``; this runs every architecture step, and a module scan of a
+    supernet is thousands of modules); default: every BatchNorm in ``model``.
     Only BatchNorms that use batch statistics are hooked. A BN module called more than once
     in the forward gets ``None`` (ambiguous statistics): the engine then falls back to its
     own clean pass rather than use the wrong ones.
@@ -36,8 +39,9 @@ def capture_bn_stats(model: nn.Module) -> Iterator[Stats]:
             return
         stats[m] = batch_stats(args[0])
 
-    handles = [m.register_forward_pre_hook(hook) for m in unwrap(model).modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(m)]
+    if bn_modules is None:
+        bn_modules = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(hook) for m in bn_modules if uses_batch_stats(m)]
     try:
         yield stats
     finally:

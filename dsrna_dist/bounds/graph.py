@@ -148,7 +148,8 @@ class BoundedModel:
         # nodes whose bounds a relaxation needs (inputs of ReLU / max pool)
         self.pre_act = {a for n, op in self.ops.items() if op.needs_input_bounds
                         for a in n.all_input_nodes if a in self.perturbed}
-        self._bn_modules = [op.module for op in self.ops.values() if isinstance(op, BoundBatchNorm)]
+        #: the BatchNorms the bounds go through (what capture_bn_stats must hook for this model)
+        self.bn_modules = [op.module for op in self.ops.values() if isinstance(op, BoundBatchNorm)]
         self.relu_only_pre_act = {a for a in self.pre_act
                                   if all(isinstance(self.ops.get(u), BoundReLU) for u in a.users)}
 
@@ -203,7 +204,7 @@ class BoundedModel:
     def value_free_ok(self, bn_stats: Optional[BNStats]) -> bool:
         """Whether bounds can be propagated without the clean pass: every BatchNorm that
         normalises with batch statistics has them in ``bn_stats`` (none does in eval mode)."""
-        for m in self._bn_modules:
+        for m in self.bn_modules:
             if uses_batch_stats(m) and (bn_stats is None or bn_stats.get(m) is None):
                 return False
         return True

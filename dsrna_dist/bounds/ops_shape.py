@@ -194,6 +194,8 @@ _ARITH = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub:
           operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
           operator.neg: "neg", torch.neg: "neg", "add": "add", "sub": "sub", "mul": "mul",
           "div": "div", "neg": "neg"}
+_APPLY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+          "neg": operator.neg}
 
 
 @register_functions((operator.add, "operator.add"), (torch.add, "torch.add"),
@@ -217,9 +219,7 @@ class BoundArith(BoundOp):
 
     def forward(self, ctx, a, b=None, **kwargs):
         self.prepare(ctx, None, a, b, **kwargs)
-        if self.kind == "neg":
-            return -a
-        return {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[self.kind](a, b)
+        return _APPLY["neg"](a) if self.kind == "neg" else _APPLY[self.kind](a, b)
 
     def prepare(self, ctx, stats, a, b=None, **kwargs) -> None:
         self._check(kwargs)
@@ -244,7 +244,7 @@ class BoundArith(BoundOp):
         ia, ib = isinstance(a, Interval), isinstance(b, Interval)
         if k == "add":
             if ia and ib:
-                if a._l is None and b._l is None:  # both centre/radius (affine outputs): stay so
+                if a.centred and b.centred:  # both centre/radius (affine outputs): stay so
                     return Interval.from_mid_rad(a.mid + b.mid, a.rad + b.rad)
                 return Interval(a.lower + b.lower, a.upper + b.upper)
             x, c = (a, b) if ia else (b, a)

@@ -136,7 +136,7 @@ class CertifiedMetric(RobustnessMetric):
             yield
             return
         from ..bounds import capture_bn_stats
-        with capture_bn_stats(model) as stats:
+        with capture_bn_stats(model, self.bounded_model(model).bn_modules) as stats:
             yield
         self._captured = stats
 
