@@ -762,6 +762,28 @@ def _bounds_and_grads(bm, net, x, eps, norm, method, **kw):
     return lb.detach(), ub.detach(), [g for g in grads if g is not None]
 
 
+@pytest.mark.parametrize("shape", [(16, 3, 5, 5), (7, 4), (2, 1, 3, 3), (64, 8, 4, 4)])
+def test_batch_stats_match_batchnorm_and_their_gradients_var_mean(shape):
+    """The two-pass statistics normalise exactly as BN's train mode does, and equal
+    torch.var_mean (biased) in value and gradient."""
+    from dsrna_dist.bounds.ops_linear import batch_stats
+
+    torch.manual_seed(0)
+    x = (3.0 + 2.0 * torch.randn(shape, dtype=torch.float64)).requires_grad_(True)
+    mean, var = batch_stats(x)
+    view = (-1,) + (1,) * (x.dim() - 2)
+    ours = (x - mean.view(view)) / torch.sqrt(var.view(view) + 1e-5)
+    ref = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    dims = [0] + list(range(2, x.dim()))
+    rv, rm = torch.var_mean(x, dim=dims, unbiased=False)
+    assert torch.allclose(mean, rm, atol=1e-12) and torch.allclose(var, rv, rtol=1e-12)
+    w = torch.randn_like(var)
+    g_ours = torch.autograd.grad((mean * w).sum() + (var * w).sum(), x)[0]
+    g_ref = torch.autograd.grad((rm * w).sum() + (rv * w).sum(), x)[0]
+    assert torch.allclose(g_ours, g_ref, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["pcdarts", "network", "ops"])
 def test_value_free_propagation_equals_the_clean_pass(kind):
     """Skipping the clean pass (eval mode, or train mode with BN statistics captured from the
