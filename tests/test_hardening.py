@@ -379,7 +379,7 @@ def _check_launcher_output(r: subprocess.CompletedProcess, needle: str) -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], text[-4000:]
     assert "dsrna_dist/" not in "".join(ln for ln in text.splitlines() if ln.strip().startswith("File ")), text[-4000:]
-    assert len(re.findall(r"exitcode\s*:\s*2\b", text)) == 2, text[-4000:]
+    assert len(re.findall(r"^\s*exitcode\s+: 2\b", text, re.M)) == 2, text[-4000:]  # both ranks
     assert r.returncode != 0
 
 
@@ -405,3 +405,38 @@ def test_accelerate_launch_config_typo_prints_one_error_line(tmp_path):
     r = _launch("accelerate", ["--optim.lrr=0.1", f"--run.out_dir={tmp_path}"])
     _check_launcher_output(r, "optim.lrr")
     assert not any(tmp_path.iterdir())
+
+
+AGREE = textwrap.dedent("""
+    import sys
+    from dsrna_dist.config import ConfigError
+    from dsrna_dist.engine.runtime import agree_on_start
+    rank = int(sys.argv[1])
+    fail = {"none": (), "one": (1,), "both": (0, 1)}[sys.argv[2]]
+    agree_on_start(ConfigError(f"key 'x': bad on rank {rank}") if rank in fail else None)
+    print(f"rank {rank} started", flush=True)
+""")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("fail", ["one", "both", "none"])
+def test_ranks_agree_on_a_start_error(fail):
+    """Two real gloo ranks (env rendezvous, no launcher): whichever rank fails, rank 0 alone
+    prints one line naming the lowest failing rank, and every rank exits 2; or all continue."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([PY, "-c", AGREE, str(r), fail], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    codes = [p.returncode for p in procs]
+    if fail == "none":
+        assert codes == [0, 0] and all("started" in o for o, _ in outs), outs
+        return
+    assert codes == [2, 2], outs
+    assert outs[1][1].strip() == "" and not any("started" in o for o, _ in outs), outs
+    want = "error (rank 1): key 'x': bad on rank 1" if fail == "one" else "error: key 'x': bad on rank 0"
+    assert outs[0][1].strip() == want, outs
