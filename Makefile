@@ -16,6 +16,8 @@ APT_FFCV := pkg-config libopencv-dev libturbojpeg0-dev g++
 APT_DEEPSPEED := g++ ninja-build
 EXTRAS ?= test,attacks
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# e.g. https://download.pytorch.org/whl/cpu: the CPU-only wheels (no nvidia-* CUDA packages, GBs smaller)
+TORCH_INDEX ?=
 METHOD ?= jacobian
 
 .PHONY: install install-ffcv install-deepspeed install-all system-packages demo test test-all compare clean
@@ -36,7 +38,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# test-only independent attack reference; --no-deps: its requests pin clashes, and it never imports requests
 	$(PIP) install -q --no-deps torchattacks==3.5.1
