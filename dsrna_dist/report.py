@@ -560,6 +560,10 @@ def from_args(config: str = "", **overrides: Any) -> None:
 
     try:
         preflight(cfg)
+        from .engine.io import remove_stale_temps
+
+        out = Path(cfg.out)  # temps a killed earlier report left next to its outputs
+        remove_stale_temps(out.parent, targets=[out.name, out.with_suffix(".json").name])
         out = write_report(cfg)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)

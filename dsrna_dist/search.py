@@ -275,6 +275,14 @@ def preflight(cfg: SearchConfig) -> Any:
 
     check_config(cfg)
     arrays = load_arrays(cfg.data, "train")
+    from .data import search_split
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # as the launcher will set it
+    tr_idx, va_idx = search_split(int(arrays.labels.shape[0]), cfg.data.train_portion, cfg.run.seed)
+    half = min(len(tr_idx), len(va_idx))
+    if half < cfg.data.batch_size * world:
+        raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} per process x {world} processes "
+                          f"is larger than a search half ({half} images); no full batch")
     last = Path(cfg.run.out_dir) / cfg.run.name / "checkpoints" / "last.pt"
     if cfg.run.resume and last.is_file():
         load_checkpoint(last, cfg)  # truncated / corrupt / other config: CheckpointError now, not after writes

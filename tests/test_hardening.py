@@ -217,8 +217,12 @@ def test_atomic_write_respects_umask(tmp_path):
     for p in keep[1:]:
         p.write_text("keep")
     stale = tmp_path / ".a.json.k2j_x9Qa.tmp"
-    stale.write_text("stale")
-    assert remove_stale_temps(tmp_path) == [stale]
+    other = tmp_path / ".notes.txt.abcdefgh.tmp"
+    for p in (stale, other):
+        p.write_text("stale")
+    assert remove_stale_temps(tmp_path, targets=["a.json"]) == [stale]  # a shared dir: ours only
+    assert other.exists() and all(p.exists() for p in keep)
+    assert remove_stale_temps(tmp_path) == [other]  # a run dir: every such temp
     assert all(p.exists() for p in keep)
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Sequence
 
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 # what mkstemp(prefix="." + name + ".", suffix=".tmp") creates: a dot, the name, 8 random chars
@@ -35,17 +35,21 @@ def _umask() -> int:
     return m
 
 
-def remove_stale_temps(*dirs: "str | Path") -> List[Path]:
+def remove_stale_temps(*dirs: "str | Path", targets: Optional[Sequence[str]] = None) -> List[Path]:
     """Delete temp files an interrupted atomic write left in ``dirs`` (not recursive); return them.
 
-    Call only when no other process writes into these directories (a run's start, rank 0).
+    ``targets``: only temps of these file names (for a directory shared with other files, e.g. a
+    report's). Call only when no other process writes there (a run's start, on rank 0).
     """
+    prefixes = None if targets is None else tuple(TEMP_PREFIX + t + "." for t in targets)
     removed: List[Path] = []
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
             continue
         for p in d.iterdir():
+            if prefixes is not None and not p.name.startswith(prefixes):
+                continue
             if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
                 try:
                     p.unlink()

@@ -170,7 +170,7 @@ def setup_runtime(cfg: Any, stage: str) -> Runtime:
     _refuse_incompatible_run_dir(run_dir, cfg)  # before anything in it is rewritten
     if is_main:
         # a kill during an atomic save left a temp file; nothing else writes here now
-        stale = remove_stale_temps(run_dir, run_dir / "checkpoints")
+        stale = remove_stale_temps(run_dir, run_dir / "checkpoints", run_dir / "genotypes")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(str(run_dir / "config.yaml"), dump_yaml(cfg))
