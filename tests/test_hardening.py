@@ -55,15 +55,40 @@ def tree(root: Path) -> dict:
     return out
 
 
-def run_inproc(stage: str, argv: list, capsys) -> tuple:
-    """``dsrna_dist.<stage>.main(argv)`` in this process -> (exit code, stderr error lines, stderr)."""
+def stage_config(stage: str, argv: list):
+    """The stage's validated config from CLI-style ``argv`` (``--config X`` and ``--k=v``)."""
+    from dsrna_dist.config import EvalConfig
+
+    path, over, it = None, {}, iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it)
+        else:
+            k, v = a[2:].split("=", 1)
+            over[k] = yaml.safe_load(v)
+    return load_config({"search": SearchConfig, "train": TrainConfig, "evaluate": EvalConfig}[stage], path, over)
+
+
+def start(stage: str, argv: list) -> int:
+    """Start a stage in this process through its checked entry (preflight, then the run)."""
     import importlib
 
     mod = importlib.import_module(f"dsrna_dist.{stage}")
+    if stage == "report":
+        return mod.main(argv) or 0
+    cfg = stage_config(stage, argv)
+    if stage == "search":
+        from dsrna_dist.engine import run_checked
+
+        return run_checked(cfg, "search", mod.preflight, mod.run_search)
+    return getattr(mod, stage)(cfg)  # train.train(cfg), evaluate.evaluate(cfg)
+
+
+def run_inproc(stage: str, argv: list, capsys) -> tuple:
+    """:func:`start` -> (exit code, stderr ``error`` lines, stderr)."""
     capsys.readouterr()
-    code = 0
     try:
-        mod.main(argv)
+        code = start(stage, argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     err = capsys.readouterr().err
@@ -85,15 +110,13 @@ def runs(tmp_path_factory, umask022):
 
     base = tmp_path_factory.mktemp("runs")
     out = io.StringIO()
-    from dsrna_dist import evaluate, search, train
-
     with redirect_stdout(out), redirect_stderr(out):
-        search.main(SEARCH_ARGS + [f"--run.out_dir={base}", "--run.name=s"])
-        train.main(TRAIN_ARGS + [f"--run.out_dir={base}", "--run.name=t"])
+        start("search", SEARCH_ARGS + [f"--run.out_dir={base}", "--run.name=s"])
+        start("train", TRAIN_ARGS + [f"--run.out_dir={base}", "--run.name=t"])
         eval_cfg = base / "eval.yaml"
         eval_cfg.write_text(yaml.safe_dump(EVAL_YAML))
-        evaluate.main(["--config", str(eval_cfg), f"--run.out_dir={base}", "--run.name=e",
-                       f"--checkpoint={base / 't/checkpoints/best.pt'}"])
+        start("evaluate", ["--config", str(eval_cfg), f"--run.out_dir={base}", "--run.name=e",
+                           f"--checkpoint={base / 't/checkpoints/best.pt'}"])
     for f in ("s/genotype.json", "s/checkpoints/last.pt", "t/checkpoints/last.pt", "e/summary.json"):
         assert (base / f).is_file(), (f, out.getvalue()[-3000:])
     return base
@@ -111,10 +134,12 @@ def test_plain_and_nested_run_names_are_accepted(name):
     assert load_config(TrainConfig, None, {"run.name": name}).run.name == name
 
 
-def test_stage_refuses_escaping_run_name_and_writes_nothing(tmp_path, capsys):
+def test_stage_refuses_escaping_run_name_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    code, lines, err = run_inproc("train", TRAIN_ARGS + [f"--run.out_dir={out}", "--run.name=../escaped"], capsys)
-    assert code == 2 and len(lines) == 1 and "run.name" in lines[0], err
+    r = subprocess.run([PY, "-m", "dsrna_dist.train", *TRAIN_ARGS, f"--run.out_dir={out}", "--run.name=../escaped"],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.returncode == 2 and len(lines) == 1 and "run.name" in lines[0], r.stderr
     assert not (tmp_path / "escaped").exists() and not out.exists()
 
 
