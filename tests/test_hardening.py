@@ -285,9 +285,11 @@ def _adv_setup(mode: str):
     from dsrna_dist.space.supernet import Supernet
     from dsrna_dist.strategies import SearchContext, build_strategy
 
-    cfg = replace(SearchConfig(), **{"model.init_channels": 4, "model.layers": 3, "model.nodes": 2,
-                                     "strategy.name": "sdarts_adv", "strategy.adv_steps": 3,
-                                     "strategy.adv_bn": mode})
+    over = {"model.init_channels": 4, "model.layers": 3, "model.nodes": 2, "strategy.name": "sdarts_adv",
+            "strategy.adv_steps": 3}
+    if mode != "default":  # the default must be the reference's eval mode
+        over["strategy.adv_bn"] = mode
+    cfg = replace(SearchConfig(), **over)
     info = types.SimpleNamespace(name="t", in_channels=3, image_size=8, num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3)
     torch.manual_seed(0)
     model = Supernet(cfg.model, info)
@@ -305,7 +307,7 @@ def _bn_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("mode", ["default", "eval", "train"])
 def test_sdarts_adv_attack_mode_and_running_stats(mode):
     model, strat, x, y = _adv_setup(mode)
     before = _bn_state(model)
@@ -313,7 +315,7 @@ def test_sdarts_adv_attack_mode_and_running_stats(mode):
     w = strat.perturbation(x, y, epoch=0, step=0)
     after = _bn_state(model)
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
-    assert unchanged == (mode == "eval")  # eval: as the reference; train: the documented alternative
+    assert unchanged == (mode != "train")  # eval (default): as the reference; train: the documented alternative
     assert all(m.training for m in model.modules())  # train mode restored for the weight step
     # the attack really ran: the perturbation moved the weights within the eps ball on the simplex
     base = model.arch_weights()
