@@ -45,8 +45,9 @@ def help_before_imports(module_name: str, stage: str, doc: Optional[str]) -> Non
     """
     argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
     if (module_name == "__main__" or argv0 == f"dsrna-{stage}") and wants_help(sys.argv[1:]):
-        print(help_text(stage, doc))
-        sys.stdout.flush()
+        if os.environ.get("RANK", "0") in ("", "0"):  # under a launcher: printed once, by rank 0
+            print(help_text(stage, doc))
+            sys.stdout.flush()
         raise SystemExit(0)
 
 

@@ -471,3 +471,16 @@ def test_ranks_agree_on_a_start_error(fail):
     assert outs[1][1].strip() == "" and not any("started" in o for o, _ in outs), outs
     want = "error (rank 1): key 'x': bad on rank 1" if fail == "one" else "error: key 'x': bad on rank 0"
     assert outs[0][1].strip() == want, outs
+
+
+def test_run_dir_that_cannot_be_a_directory_is_refused(tmp_path):
+    from dsrna_dist.engine import CheckpointError
+    from dsrna_dist.engine.runtime import check_run_dir_writable
+
+    (tmp_path / "f").write_text("x")
+    for out, name in ((tmp_path, "f"), (tmp_path / "f", "x"), (tmp_path / "f" / "deeper", "x")):
+        cfg = replace(TrainConfig(), **{"run.out_dir": str(out), "run.name": name})
+        with pytest.raises(CheckpointError, match="not a directory"):
+            check_run_dir_writable(cfg)
+    check_run_dir_writable(replace(TrainConfig(), **{"run.out_dir": str(tmp_path / "new" / "deep"), "run.name": "x"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

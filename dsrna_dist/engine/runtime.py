@@ -311,6 +311,8 @@ def check_run_dir_writable(cfg: Any) -> None:
     ``config.yaml``), else the nearest existing ancestor it would be created in.
     """
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run dir {run_dir} exists and is not a directory (keys 'run.out_dir', 'run.name')")
     probe = [run_dir, run_dir / "checkpoints", run_dir / "config.yaml"] if run_dir.exists() else []
     if not probe:
         anc = run_dir.parent
