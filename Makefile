@@ -1,35 +1,62 @@
 # dsrna_dist: install from nothing, run the offline main job, run the tests.
-#   make demo   search -> retrain -> attack + certify -> report on Fashion-MNIST, 2 CPU ranks
-#   make test   the default test suite (CPU only)
+#   make demo               search -> retrain -> attack + certify -> report on Fashion-MNIST, 2 CPU ranks
+#   make test               the default test suite (CPU only)
+#   make install-ffcv       optional: FFCV loaders (+ OpenCV / libjpeg-turbo system packages, a C++ build)
+#   make install-deepspeed  optional: DeepSpeed ZeRO engine for train (+ g++ / ninja for its ops)
+# `make demo` and `make test` install only the lean set (torch, the package, its test and attack
+# extras); FFCV and DeepSpeed tests skip when those are absent. `.ci/run` installs both and runs them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dataset-fashion-mnist pkg-config libopencv-dev libturbojpeg0-dev g++ ninja-build
-EXTRAS ?= test,deepspeed,attacks,ffcv
+APT_PACKAGES := dataset-fashion-mnist
+APT_FFCV := pkg-config libopencv-dev libturbojpeg0-dev g++
+APT_DEEPSPEED := g++ ninja-build
+EXTRAS ?= test,attacks
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# e.g. https://download.pytorch.org/whl/cpu: the CPU-only wheels (no nvidia-* CUDA packages, GBs smaller)
+TORCH_INDEX ?=
 METHOD ?= jacobian
 
-.PHONY: install system-packages demo test test-all compare clean
+.PHONY: install install-ffcv install-deepspeed install-all system-packages demo test test-all compare clean
 
 install: $(VENV)/.installed
 
-system-packages:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+# apt-get only what is missing (no-op when every package is installed); $(2): extra apt flags
+define apt_install
+	@if ! dpkg -s $(1) >/dev/null 2>&1; then \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(2) $(1); \
 	fi
+endef
+
+system-packages:
+	$(call apt_install,$(APT_PACKAGES),--no-install-recommends)
 
 $(VENV)/.installed: pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# test-only independent attack reference; --no-deps: its requests pin clashes, and it never imports requests
 	$(PIP) install -q --no-deps torchattacks==3.5.1
 	touch $@
+
+install-ffcv: $(VENV)/.installed-ffcv
+$(VENV)/.installed-ffcv: pyproject.toml $(VENV)/.installed
+	$(call apt_install,$(APT_FFCV))
+	$(PIP) install -q -e ".[$(EXTRAS),ffcv]"
+	touch $@
+
+install-deepspeed: $(VENV)/.installed-deepspeed
+$(VENV)/.installed-deepspeed: pyproject.toml $(VENV)/.installed
+	$(call apt_install,$(APT_DEEPSPEED),--no-install-recommends)
+	$(PIP) install -q -e ".[$(EXTRAS),deepspeed]"
+	touch $@
+
+install-all: install-ffcv install-deepspeed
 
 demo: install
 	METHOD=$(METHOD) PY=$(PY) bash launch/demo.sh

@@ -29,9 +29,12 @@ class ConfigError(ValueError):
 
 def fld(default: Any = dataclasses.MISSING, *, help: str = "", ge: float | None = None,
         gt: float | None = None, le: float | None = None, lt: float | None = None,
-        choices: tuple | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with help text and range/choice constraints checked at load time."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+        choices: tuple | None = None, default_factory: Any = dataclasses.MISSING,
+        check: Any = None) -> Any:
+    """A dataclass field with help text and range/choice constraints checked at load time.
+
+    ``check``: optional ``value -> problem or None`` for constraints a range cannot express."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "check": check}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,9 +47,30 @@ DARTS_PRIMITIVES: Tuple[str, ...] = (
 )
 
 
+def run_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be a run name, or None: a run dir must stay inside ``run.out_dir``.
+
+    Why: ``--run.name=../../etc/x`` used to write a whole run outside ``out_dir``, and an
+    absolute name silently ignored ``out_dir``. A plain name or a relative path whose every
+    component is a real name (no ``..``, ``.``, empty part) is accepted.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty name"
+    if "\0" in name or "\\" in name:
+        return f"{name!r} contains a NUL or backslash"
+    if os.path.isabs(name) or name.startswith("~"):
+        return f"{name!r} is an absolute path; give a name (outputs go to <run.out_dir>/<name>/)"
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return (f"{name!r} must be a plain name or a relative path that stays under run.out_dir "
+                "(no '..', '.' or empty components)")
+    return None
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = fld("run", help="run name; outputs go to <out_dir>/<name>/")
+    name: str = fld("run", check=run_name_problem,
+                    help="run name (a plain name or a relative path under out_dir); outputs go to <out_dir>/<name>/")
     out_dir: str = fld("runs", help="parent directory of run directories")
     seed: int = fld(0, ge=0, help="global seed (each rank derives its own stream from it)")
     deterministic: bool = fld(False, help="torch deterministic algorithms (slower)")
@@ -123,6 +147,9 @@ class StrategyConfig:
     perturb_eps: float = fld(0.03, ge=0.0, help="SDARTS: perturbation radius on softmax(alpha) at start")
     perturb_eps_max: float = fld(0.3, ge=0.0, help="SDARTS: radius at the last epoch (linear ramp)")
     adv_steps: int = fld(7, ge=1, help="SDARTS-ADV: PGD steps on alpha")
+    adv_bn: str = fld("eval", choices=("eval", "train"),
+                      help="SDARTS-ADV: mode of the PGD-on-alpha forwards: eval = as the reference (BN running "
+                           "stats, not updated by the attack); train = batch stats, running stats updated")
     max_skip: int = fld(-1, ge=-1, help="derive(): at most this many skip_connect per normal cell (-1 = no cap)")
 
 
@@ -364,6 +391,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"key {key!r}: {value!r} is not one of {list(meta['choices'])}")
+    problem = meta["check"](value) if meta.get("check") is not None else None
+    if problem:
+        raise ConfigError(f"key {key!r}: {problem}")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     for op, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
@@ -519,5 +549,10 @@ def parse_cli(cls: Type[T], prog: str, doc: str, config: Optional[str], override
     try:
         return load_config(cls, config or None, overrides)
     except ConfigError as e:
+        if all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+            # under a launcher: the ranks agree and rank 0 alone prints the line (exits here)
+            from .engine.runtime import agree_on_start
+
+            agree_on_start(e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

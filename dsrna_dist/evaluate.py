@@ -16,7 +16,12 @@ Test hook: ``DSRNA_EVAL_STOP_AFTER_CHUNKS=N`` kills the process (os._exit(137)) 
 """
 from __future__ import annotations
 
-import hashlib
+from .entry import help_before_imports
+
+DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
+help_before_imports(__name__, "evaluate", DOC)  # before torch: `--help` < 1 s
+
+import hashlib  # noqa: E402  (the heavy imports below come after the --help fast path)
 import json
 import math
 import os
@@ -31,10 +36,9 @@ import torch
 from torch import nn
 
 from .attacks import Attack, AttackError, attack_label, build_attack
-from .config import AttackConfig, ConfigError, EvalConfig, fire_main, parse_cli, to_dict
+from .config import AttackConfig, ConfigError, EvalConfig, parse_cli, to_dict
 
 PROG = "python -m dsrna_dist.evaluate"
-DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
 STOP_ENV = "DSRNA_EVAL_STOP_AFTER_CHUNKS"
 ATTACKS_FILE, CERTIFY_FILE, SUMMARY_FILE, STATE_FILE = "attacks.jsonl", "certify.jsonl", "summary.json", "eval_state.json"
 
@@ -49,6 +53,7 @@ class Plan:
     attacks: List[Tuple[str, Optional[Attack], Dict[str, Any]]]  # (label, attack or None=clean, meta)
     sweep_label: str
     fingerprint: Dict[str, Any]
+    data: Any = None  # the TestSet, opened by preflight (a missing dataset fails before any write)
 
 
 def _sha256(path: str) -> str:
@@ -129,7 +134,24 @@ def preflight(cfg: EvalConfig) -> Plan:
           "certify": to_dict(cfg.certify), "seed": cfg.run.seed}
     for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
         fp["data"].pop(k, None)  # do not change any result
-    return Plan(cfg, model, train_cfg, genotype, attacks, sweep_label, fp)
+    check_eval_dir(cfg, fp)
+    data = TestSet(cfg.data)
+    return Plan(cfg, model, train_cfg, genotype, attacks, sweep_label, fp, data)
+
+
+def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
+    """Refuse (before any write) a run dir holding results of a different evaluation."""
+    state_path = Path(cfg.run.out_dir) / cfg.run.name / STATE_FILE
+    if not (cfg.run.resume and state_path.is_file()):
+        return
+    try:
+        old = json.loads(state_path.read_text()).get("fingerprint")
+    except (ValueError, AttributeError, OSError):
+        return  # unreadable bookkeeping: run_eval starts over from the result files it can read
+    if isinstance(old, dict) and old != fingerprint:
+        diff = next((k for k in fingerprint if fingerprint[k] != old.get(k)), "?")
+        raise ConfigError(f"run dir {state_path.parent} holds results of a different evaluation ('{diff}' "
+                          "differs); choose another run.name or pass --run.resume=false to start over")
 
 
 # --------------------------------------------------------------------------- result files
@@ -278,7 +300,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
 
     cfg = plan.cfg
     model = plan.model.to(rt.device).eval()
-    data = TestSet(cfg.data)
+    data = plan.data if plan.data is not None else TestSet(cfg.data)
     n = len(data)
     run_dir: Path = rt.run_dir
     att_path, cert_path = run_dir / ATTACKS_FILE, run_dir / CERTIFY_FILE
@@ -435,14 +457,23 @@ def evaluate(cfg: EvalConfig) -> int:
     return run_checked(cfg, "evaluate", preflight, run_eval)
 
 
-def cli(config: str = "", **overrides: Any) -> None:
+def from_args(config: str = "", **overrides: Any) -> None:
+    """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(EvalConfig, PROG, DOC, config, overrides)
     evaluate(cfg)
 
 
 def main(argv: Optional[list] = None) -> None:
-    fire_main(EvalConfig, PROG, DOC, cli, argv)
+    """Run the stage on ``argv`` (default ``sys.argv[1:]``): ``["--config", "x.yaml", "--checkpoint=..."]``."""
+    from .entry import run_main
+
+    run_main("evaluate", DOC, from_args, argv)
+
+
+def cli() -> None:
+    """Console entry (``dsrna-evaluate``, ``python -m dsrna_dist.evaluate``)."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

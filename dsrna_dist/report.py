@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ReportConfig, fire_main, parse_cli
+from .config import ReportConfig, parse_cli
 
 PROG = "python -m dsrna_dist.report"
 DOC = __doc__.split("\n\n")[1] if __doc__ else ""
@@ -553,19 +553,67 @@ def _alpha_weights(rec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- CLI
-def cli(config: str = "", **overrides: Any) -> None:
+def from_args(config: str = "", **overrides: Any) -> None:
+    """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(ReportConfig, PROG, DOC, config, overrides)
+    from .engine.errors import is_unwritable_location, user_message
+
     try:
+        preflight(cfg)
+        from .engine.io import remove_stale_temps
+
+        out = Path(cfg.out)  # temps a killed earlier report left next to its outputs
+        remove_stale_temps(out.parent, targets=[out.name, out.with_suffix(".json").name])
         out = write_report(cfg)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # an unwritable --out / plots dir found while writing: bad input too
+        if not is_unwritable_location(e):
+            raise
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(2)
     print(f"report -> {out}")
 
 
+def _writable_target(path: Path, what: str) -> None:
+    """``path`` (a file or dir to create or replace) can be written: itself or its nearest
+    existing ancestor is a writable directory."""
+    p = path if path.exists() else path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if path.exists() and path.is_dir() and what == "--out":
+        raise ReportError(f"--out {path} is a directory; give a markdown file path")
+    d = p if p.is_dir() else p.parent
+    if not p.is_dir() and p != path:
+        raise ReportError(f"{what} {path}: {p} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK) or (path.is_file() and not os.access(path, os.W_OK)):
+        raise ReportError(f"{what} {path}: {d if not path.is_file() else path} is not writable")
+
+
+def preflight(cfg: ReportConfig) -> None:
+    """Bad input refused before any plot or report file is written."""
+    root = Path(cfg.runs)
+    if not root.is_dir():
+        raise ReportError(f"runs directory {root}: not found")
+    out = Path(cfg.out)
+    _writable_target(out, "--out")
+    _writable_target(out.with_suffix(".json"), "--out")
+    if cfg.plots:
+        _writable_target(Path(cfg.plots_dir) if cfg.plots_dir else out.parent / f"{out.stem}_plots", "--plots_dir")
+
+
 def main(argv: Optional[list] = None) -> None:
-    fire_main(ReportConfig, PROG, DOC, cli, argv)
+    """Run the stage on ``argv`` (default ``sys.argv[1:]``): ``["--runs", "runs/", "--out", "r.md"]``."""
+    from .entry import run_main
+
+    run_main("report", DOC, from_args, argv)
+
+
+def cli() -> None:
+    """Console entry (``dsrna-report``, ``python -m dsrna_dist.report``)."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

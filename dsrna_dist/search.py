@@ -12,7 +12,11 @@ right after global step N, to simulate a kill.
 """
 from __future__ import annotations
 
-import os
+from .entry import help_before_imports
+
+help_before_imports(__name__, "search", __doc__.split("\n\n")[0])  # before torch: `--help` < 1 s
+
+import os  # noqa: E402  (the heavy imports below come after the --help fast path)
 import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -20,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import ConfigError, SearchConfig, fire_main, parse_cli
+from .config import ConfigError, SearchConfig, parse_cli
 from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
                      capture_rng, restore_training_state, run_checked, training_state)
 from .space.supernet import Supernet
@@ -255,23 +259,46 @@ def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, floa
 
 
 # --------------------------------------------------------------------------- CLI
-def main(config: str = "", **overrides: Any) -> None:
+def from_args(config: str = "", **overrides: Any) -> None:
     """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
     cfg = parse_cli(SearchConfig, PROG, DOC, config, overrides)
     run_checked(cfg, "search", preflight, run_search)
 
 
 def preflight(cfg: SearchConfig) -> Any:
-    """Config mismatches and missing data: refused before any run dir is touched."""
+    """Config mismatches, missing data and an unusable checkpoint to resume from: refused
+    before any run dir is touched. Returns the train split (loaded once, used by the loop)."""
+    from pathlib import Path
+
     from .data import load_arrays
+    from .engine import load_checkpoint
 
     check_config(cfg)
-    return load_arrays(cfg.data, "train")
+    arrays = load_arrays(cfg.data, "train")
+    from .data import search_split
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # as the launcher will set it
+    tr_idx, va_idx = search_split(int(arrays.labels.shape[0]), cfg.data.train_portion, cfg.run.seed)
+    half = min(len(tr_idx), len(va_idx))
+    if half < cfg.data.batch_size * world:
+        raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} per process x {world} processes "
+                          f"is larger than a search half ({half} images); no full batch")
+    last = Path(cfg.run.out_dir) / cfg.run.name / "checkpoints" / "last.pt"
+    if cfg.run.resume and last.is_file():
+        load_checkpoint(last, cfg)  # truncated / corrupt / other config: CheckpointError now, not after writes
+    return arrays
 
 
-def cli(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> None:
+    """Run the stage on ``argv`` (default ``sys.argv[1:]``): ``["--config", "x.yaml", "--epochs=2"]``."""
+    from .entry import run_main
+
+    run_main("search", DOC, from_args, argv)
+
+
+def cli() -> None:
     """Console entry (``dsrna-search``, ``python -m dsrna_dist.search``)."""
-    fire_main(SearchConfig, PROG, DOC, main, argv)
+    main()
 
 
 if __name__ == "__main__":

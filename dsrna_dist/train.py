@@ -19,7 +19,11 @@ factor is large.
 """
 from __future__ import annotations
 
-import contextlib
+from .entry import help_before_imports
+
+help_before_imports(__name__, "train", __doc__.split("\n\n")[0])  # before torch: `--help` < 1 s
+
+import contextlib  # noqa: E402  (the heavy imports below come after the --help fast path)
 import json
 import math
 import os
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import genotype as G
-from .config import ConfigError, OptimConfig, TrainConfig, fire_main, parse_cli
+from .config import ConfigError, OptimConfig, TrainConfig, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
                      restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
@@ -90,6 +94,13 @@ def preflight(cfg: TrainConfig) -> Plan:
         raise ConfigError("key 'ema': weight EMA is not implemented in train yet; set ema=0")
     g = resolve_genotype(cfg.model)
     info = dataset_info(cfg.data)  # the config form: ImageNet crop size, synthetic shape
+    from .engine.preflight import check_data
+
+    n = check_data(cfg.data, ("train", "test"))  # a missing dataset fails before any write
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if 0 <= n["train"] < cfg.data.batch_size * world:
+        raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} x {world} ranks is larger "
+                          f"than the training set ({n['train']} images; no full batch per epoch)")
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_network(cfg.model, g, info)
     state, path = None, None
@@ -376,14 +387,22 @@ def train(cfg: TrainConfig) -> int:
     return run_checked(cfg, "train", preflight, run)
 
 
-def main(config: str = "", **overrides: Any) -> None:
-    cfg = parse_cli(TrainConfig, "dsrna_dist.train", __doc__ or "", config, overrides)
+def from_args(config: str = "", **overrides: Any) -> None:
+    """fire target: ``--config PATH`` plus dotted ``--section.key=value`` overrides."""
+    cfg = parse_cli(TrainConfig, "python -m dsrna_dist.train", __doc__.split("\n\n")[0], config, overrides)
     train(cfg)
 
 
-def cli(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None) -> None:
+    """Run the stage on ``argv`` (default ``sys.argv[1:]``): ``["--config", "x.yaml", "--epochs=2"]``."""
+    from .entry import run_main
+
+    run_main("train", __doc__.split("\n\n")[0], from_args, argv)
+
+
+def cli() -> None:
     """Console entry (``dsrna-train``, ``python -m dsrna_dist.train``)."""
-    fire_main(TrainConfig, "dsrna_dist.train", __doc__ or "", main, argv)
+    main()
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_bad_input_fails_before_writing(tmp_path, capsys, override, needle):
     from dsrna_dist.train import main
 
     with pytest.raises(SystemExit) as e:  # the CLI entry, in-process (the subprocess path: below)
-        main(str(write_cfg(tmp_path)), **override)
+        main(["--config", str(write_cfg(tmp_path))] + [f"--{k}={json.dumps(v)}" for k, v in override.items()])
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and needle in lines[0], lines

@@ -6,6 +6,7 @@ classes lazily keeps ``dsrna_dist.engine`` importable on its own.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 from typing import Tuple, Type
 
@@ -35,8 +36,25 @@ def user_error_types() -> Tuple[Type[BaseException], ...]:
     return tuple(found)
 
 
+# An output location the user pointed at that cannot be written is bad input, not a bug.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def is_unwritable_location(exc: BaseException) -> bool:
+    """A permission / read-only / full-disk OSError (raised while writing the run dir)."""
+    return isinstance(exc, OSError) and getattr(exc, "errno", None) in _UNWRITABLE
+
+
+def user_message(exc: BaseException) -> str:
+    """The one-line text of a user error (KeyError-style quotes and OSError noise removed)."""
+    if is_unwritable_location(exc) and not isinstance(exc, user_error_types()):
+        where = exc.filename if getattr(exc, "filename", None) else "the output location"
+        return f"cannot write {where}: {exc.strerror or exc}; choose a writable run.out_dir"
+    return " ".join(str(exc).strip("'\"").split("\n")).strip()
+
+
 def is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, user_error_types()):
+    if isinstance(exc, user_error_types()) or is_unwritable_location(exc):
         return True
     # same-named classes from a module that failed to import above still count
     names = {n for _, n in _USER_ERRORS} | {"CheckpointError"}

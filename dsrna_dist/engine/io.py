@@ -1,24 +1,70 @@
 """Atomic file writes: temp file in the same directory, fsync, rename.
 
 Why: a run killed mid-write must never leave a truncated checkpoint or result where a good
-one used to be; ``os.replace`` is atomic on POSIX within one filesystem.
+one used to be; ``os.replace`` is atomic on POSIX within one filesystem. A kill during the
+write leaves a temp file (``.<name>.<random>.tmp``) behind; :func:`remove_stale_temps` deletes
+those when the next run starts. Files get ``0666 & ~umask`` (0644 under the usual umask, like
+the logs): ``mkstemp``'s private 0600 would hide results from the group.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import tempfile
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
 
-import torch
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+# what mkstemp(prefix="." + name + ".", suffix=".tmp") creates: a dot, the name, 8 random chars
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows, else set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def remove_stale_temps(*dirs: "str | Path", targets: Optional[Sequence[str]] = None) -> List[Path]:
+    """Delete temp files an interrupted atomic write left in ``dirs`` (not recursive); return them.
+
+    ``targets``: only temps of these file names (for a directory shared with other files, e.g. a
+    report's). Call only when no other process writes there (a run's start, on rank 0).
+    """
+    prefixes = None if targets is None else tuple(TEMP_PREFIX + t + "." for t in targets)
+    removed: List[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if prefixes is not None and not p.name.startswith(prefixes):
+                continue
+            if _TEMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def _atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     d = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TEMP_PREFIX + os.path.basename(path) + ".", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -51,4 +97,6 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str, obj: Any) -> None:
+    import torch  # here, not at import: this module is on the light start-up path
+
     _atomic(path, lambda f: torch.save(obj, f))

@@ -15,14 +15,14 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointManager
-from .errors import is_user_error
-from .io import atomic_write_text
+from .errors import CheckpointError, is_user_error, user_message
+from .io import atomic_write_text, remove_stale_temps
 from .logs import close_logging, setup_logging
 from .procgroup import init_process_group_from_env, launched_distributed, resolve_backend
 from .seeding import derive_seed, rank_generator, seed_everything, set_deterministic
@@ -169,9 +169,13 @@ def setup_runtime(cfg: Any, stage: str) -> Runtime:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     _refuse_incompatible_run_dir(run_dir, cfg)  # before anything in it is rewritten
     if is_main:
+        # a kill during an atomic save left a temp file; nothing else writes here now
+        stale = remove_stale_temps(run_dir, run_dir / "checkpoints", run_dir / "genotypes")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         atomic_write_text(str(run_dir / "config.yaml"), dump_yaml(cfg))
+    else:
+        stale = []
     log = setup_logging(rank, world, run_dir / f"{stage}.log" if is_main else None)
     if world > 1:
         dist.barrier()  # run dir exists for everyone before anyone writes into it
@@ -184,6 +188,9 @@ def setup_runtime(cfg: Any, stage: str) -> Runtime:
     rt.print(f"{stage}: world_size={world} device={acc.device} backend="
              f"{dist.get_backend() if dist.is_initialized() else 'none'} "
              f"mixed_precision={acc.mixed_precision} run_dir={run_dir}")
+    if stale:
+        rt.print(f"removed {len(stale)} temp file(s) left by an interrupted save: "
+                 + ", ".join(p.name for p in stale[:4]) + (" ..." if len(stale) > 4 else ""))
     return rt
 
 
@@ -230,23 +237,32 @@ def teardown(rt: Optional[Runtime], exit_code: int = 0, *, hard_exit: Optional[b
     return exit_code
 
 
-def report_error(exc: BaseException, rank: int = 0) -> int:
-    """Print the failure as one clear line (plus a traceback for bugs); return the exit code."""
-    where = f" (rank {rank})" if rank else ""
+def describe_error(exc: BaseException) -> Tuple[int, str, Optional[str]]:
+    """``(exit code, one-line message, traceback text or None)``; prints nothing.
+
+    User errors (bad config, data, checkpoint, genotype, an unwritable output dir) are exit 2
+    with no traceback; anything else is a bug: exit 1 with its traceback.
+    """
     if isinstance(exc, KeyboardInterrupt):
-        print(f"error{where}: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted", None
     if is_user_error(exc):
-        msg = str(exc).strip("'\"")  # KeyError-derived errors quote their message
-        print(f"error{where}: {msg}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        return EXIT_USER_ERROR, user_message(exc), None
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     lost = next((s for s in _PEER_LOST if s in text), None)
     if lost:
         text = f"lost a peer rank ({lost}); the root cause is in another rank's error above"
-    print(f"error{where}: {type(exc).__name__}: {text}", file=sys.stderr)
-    return EXIT_BUG
+    return EXIT_BUG, f"{type(exc).__name__}: {text}", tb
+
+
+def report_error(exc: BaseException, rank: int = 0) -> int:
+    """Print the failure as one clear line (plus a traceback for bugs); return the exit code."""
+    where = f" (rank {rank})" if rank else ""
+    code, line, tb = describe_error(exc)
+    if tb:
+        print(tb, end="", file=sys.stderr)
+    print(f"error{where}: {line}", file=sys.stderr)
+    return code
 
 
 def _current_rank() -> int:
@@ -288,16 +304,94 @@ def run_stage(main: Callable[[Runtime], Optional[int]], cfg: Any, stage: str) ->
     return code
 
 
+def check_run_dir_writable(cfg: Any) -> None:
+    """Refuse (as bad input, exit 2) an output location this process cannot write.
+
+    Checked before anything is written: the run dir if it exists (and its ``checkpoints/`` and
+    ``config.yaml``), else the nearest existing ancestor it would be created in.
+    """
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run dir {run_dir} exists and is not a directory (keys 'run.out_dir', 'run.name')")
+    probe = [run_dir, run_dir / "checkpoints", run_dir / "config.yaml"] if run_dir.exists() else []
+    if not probe:
+        anc = run_dir.parent
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise CheckpointError(f"run dir {run_dir}: {anc} is not a directory (key 'run.out_dir')")
+        probe = [anc]
+    for p in probe:
+        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+            raise CheckpointError(f"run dir {run_dir}: {p} is not writable (read-only output "
+                                  f"location; key 'run.out_dir' = {cfg.run.out_dir!r})")
+
+
+def _start_world() -> Tuple[int, int]:
+    """(rank, world size) as the launcher announced them; (0, 1) for a plain process."""
+    if not launched_distributed():
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def agree_on_start(exc: Optional[BaseException], dist_cfg: Any = None) -> None:
+    """Every rank reports how its start (config, preflight) went; exits everywhere on failure.
+
+    Why: each rank validates the same inputs, so a bad input fails on every rank; printing it
+    N times, or letting the launcher's kill of the peers race the message, hides it. Under a
+    launcher the ranks meet in the process group (created here, reused by Accelerate later),
+    exchange ``(code, message)``, and rank 0 alone prints ONE ``error:`` line (the lowest
+    failing rank's) while every rank exits with that rank's code (2 for bad input). A bug still
+    prints its traceback on the rank where it happened. A plain process just prints and exits.
+    Returns only when every rank started fine.
+    """
+    if not launched_distributed():
+        if exc is not None:
+            raise SystemExit(report_error(exc, 0))
+        return
+    rank, _ = _start_world()
+    mine = (0, "", None) if exc is None else describe_error(exc)
+    if mine[2]:
+        print(mine[2], end="", file=sys.stderr)  # a bug: its traceback, on its own rank
+    try:
+        backend = resolve_backend(getattr(dist_cfg, "backend", "auto"))
+    except Exception:  # a bad dist.backend is reported by the config path; agree over the default
+        backend = resolve_backend("auto")
+    timeout = timedelta(seconds=int(getattr(dist_cfg, "timeout_s", 1800) or 1800))
+    init_process_group_from_env(backend, timeout)
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, (int(mine[0]), mine[1]))
+    failed = [(r, c, m) for r, (c, m) in enumerate(outcomes) if c]
+    if not failed:
+        return
+    r, code, msg = failed[0]
+    if rank == 0:
+        print(f"error{f' (rank {r})' if r else ''}: {msg}", file=sys.stderr)
+    try:
+        dist.barrier()  # rank 0 has printed before anyone leaves (and the launcher kills the rest)
+        dist.destroy_process_group()
+    except Exception:
+        pass
+    _flush()
+    os._exit(code)
+
+
 def run_checked(cfg: Any, stage: str, preflight: Callable[[Any], Any],
                 main: Callable[[Runtime, Any], Optional[int]]) -> int:
-    """``preflight(cfg)`` first, then :func:`run_stage` with ``main(rt, plan)``.
+    """``preflight(cfg)`` and the run-dir checks first, then :func:`run_stage` with ``main(rt, plan)``.
 
     Why: everything checkable without a process group (cross-key config checks, data files,
-    checkpoints, genotypes) fails here with one ``error:`` line before any run directory or
-    result file is touched.
+    checkpoints, genotypes, run-dir compatibility and writability) fails here with one
+    ``error:`` line before any run directory or result file is touched; under a launcher the
+    ranks agree first (:func:`agree_on_start`) so the line is printed once, by rank 0.
     """
+    plan, failure = None, None
     try:
+        if _start_world()[0] == 0:
+            check_run_dir_writable(cfg)
+        _refuse_incompatible_run_dir(Path(cfg.run.out_dir) / cfg.run.name, cfg)
         plan = preflight(cfg)
-    except Exception as exc:  # noqa: BLE001 - one clean line, exit code by error kind
-        raise SystemExit(report_error(exc, _current_rank())) from None
+    except Exception as exc:  # noqa: BLE001 - reported once, exit code by error kind
+        failure = exc
+    agree_on_start(failure, getattr(cfg, "dist", None))
     return run_stage(lambda rt: main(rt, plan), cfg, stage)

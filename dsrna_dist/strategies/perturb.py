@@ -4,13 +4,21 @@ Only the op weights (``normal``, ``reduce``) are perturbed; PC-DARTS edge weight
 through unchanged. Perturbed rows are put back on the simplex the way the reference does
 (``clip``): clamp to [0, 1], a row that became all zero gets a one at its former argmax, then
 divide by the row sum.
+
+SDARTS-ADV's attack runs the supernet in eval mode by default, as the reference
+(``Linf_PGD_alpha`` calls ``model.eval()`` and restores train mode afterwards): BatchNorm uses
+its running statistics and the ``adv_steps + 2`` attack forwards do not update them.
+``strategy.adv_bn=train`` keeps the former behaviour (batch statistics; running stats updated
+by every attack forward) for comparison.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..engine.seeding import derive_seed
 from ..engine.sync import all_reduce_mean_
@@ -51,6 +59,24 @@ def uniform_noise(base: ArchWeights, eps: float, gen: torch.Generator) -> ArchWe
         noise = torch.rand(b.shape, generator=gen, device=b.device, dtype=b.dtype) * (2 * eps) - eps
         out[k] = clip_to_simplex(b + noise)
     return out
+
+
+@contextlib.contextmanager
+def attack_mode(module: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """Run the block with ``module`` in eval mode (``mode="eval"``) and put every submodule's
+    own train/eval flag back afterwards; ``mode="train"`` leaves the module as it is."""
+    if mode == "train":
+        yield module
+        return
+    if mode != "eval":
+        raise ValueError(f"attack mode must be 'eval' or 'train', got {mode!r}")
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, was in flags:
+            m.training = was
 
 
 def linf_pgd(loss_fn: Callable[[ArchWeights], torch.Tensor], base: ArchWeights, eps: float,
