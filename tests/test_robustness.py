@@ -540,6 +540,10 @@ def test_jacobian_metric_under_two_rank_ddp(tmp_path, kw):
 
 @pytest.mark.dist
 @needs_bounds
-def test_certified_metric_under_two_rank_ddp(tmp_path):
-    state = run_two_ranks(tmp_path, dict(name="certified", method="crown-ibp", eps_step=0.005))
+@pytest.mark.parametrize("rule", ["sign", "log"])
+def test_certified_metric_under_two_rank_ddp(tmp_path, rule):
+    state = run_two_ranks(tmp_path, dict(name="certified", method="crown-ibp", eps_step=0.005, eps_rule=rule,
+                                         eps_min=1e-6))
     assert "'updates': 3" in state and "'eps': 0.03" not in state   # adapted, identically
+    if rule == "log":
+        assert "'log_rule'" in state and "'measured': True" in state
