@@ -261,3 +261,34 @@ def test_share_mode_two_ranks_identical_alpha(tmp_path):
         assert r["alpha_identical"] and r["share_identical"] and r["metric_state_identical"], (case, r)
         assert r["R_differs"], (case, r)                      # each rank saw its own data
         assert r["shares"] == pytest.approx([0.5, 0.5], rel=1e-5), (case, r)
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_search_logs_grad_share_eps_and_gap_to_tensorboard_and_summary(tmp_path):
+    """A real search run (CLI, synthetic data): grad_share (= the configured share), eps and
+    the bound gap reach the step scalars in TensorBoard and the summary's epoch means."""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--data.name=synthetic", "--data.synthetic_size=64", "--data.synthetic_shape=[3,8,8]",
+            "--data.synthetic_classes=4", "--data.batch_size=8", "--model.init_channels=4", "--model.layers=3",
+            "--model.nodes=2", "--run.progress=false", "--steps_per_epoch=2", "--epochs=1", "--run.log_every=1",
+            "--strategy.name=pcdarts", "--model.partial_channels=2", "--model.edge_normalization=true",
+            "--robustness.name=certified", "--robustness.reduction=min", "--robustness.eps_rule=log",
+            "--robustness.eps_min=1e-6", "--robustness.trade_off=share", "--robustness.share=0.25",
+            "--run.name=s", f"--run.out_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    means = summary["last_epoch_means"]
+    assert means["grad_share"] == pytest.approx(0.25, rel=1e-5)
+    assert means["metric/bound_gap"] > 0 and 0 < means["metric/eps"] <= 0.03 and means["gamma_eff"] > 0
+    tb_dir = next(p.parent for p in (tmp_path / "s").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(tb_dir)).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"step/grad_share", "step/metric/eps", "step/metric/bound_gap", "step/gamma_eff"} <= tags, tags
+    eps = [e.value for e in acc.Scalars("step/metric/eps")]
+    assert len(eps) == 2 and eps[1] < eps[0]                       # the gap was wide: eps shrank
