@@ -8,7 +8,9 @@ Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
 * alpha/beta are excluded from DDP (``Supernet`` arch params are on DDP's ignore list); every
   arch-gradient computation uses ``torch.autograd.grad`` on the unwrapped ``model`` (which
   fires no DDP hook) and ends with an explicit mean all-reduce of the arch gradients, so
-  Adam sees bit-identical gradients and alpha stays bit-identical on every rank;
+  Adam sees bit-identical gradients and alpha stays bit-identical on every rank; with a
+  robustness metric the loss and R gradients are reduced separately and combined after the
+  reduction (:meth:`SearchStrategy.combine_arch_grads`), from norms every rank computes alike;
 * random perturbations (SDARTS) come from generators seeded by (seed, global step), the same
   on every rank, and PGD gradients are all-reduced: each rank perturbs identically, exactly
   as one process with the global batch would.
