@@ -142,7 +142,7 @@ def test_gradient_through_the_statistics_matches_finite_differences():
         for s in (1, -1):
             with torch.no_grad():
                 alpha[idx] += s * h
-            vals.append(float(metric(net, x, y)[0]))
+            vals.append(float(metric(net, x, y)[0].detach()))
             with torch.no_grad():
                 alpha[idx] -= s * h
         assert float(g[idx]) == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-5, abs=1e-10)
