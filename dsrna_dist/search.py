@@ -167,6 +167,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
              f"{steps} steps/epoch x {cfg.data.batch_size} x {rt.world_size} ranks, "
              f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}")
     genotype = model.derive(cfg.strategy.max_skip)
+    means: Dict[str, float] = {}  # the last epoch's step-log means (summary: grad_share, eps, ...)
     for epoch in range(start_epoch, cfg.epochs):
         lr = lr_at(cfg.optim, epoch, cfg.epochs)
         for g in w_optim.param_groups:
@@ -229,7 +230,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         # Search cost for the report: wall seconds of the epochs (summed over resumes) x ranks.
         atomic_write_json(str(rt.run_dir / "summary.json"), {
             "kind": "search", "search_time_s": round(search_time, 3), "world_size": rt.world_size,
-            "device": rt.device.type, "epochs": cfg.epochs, "genotype": genotype.to_dict()})
+            "device": rt.device.type, "epochs": cfg.epochs, "genotype": genotype.to_dict(),
+            "last_epoch_means": means})
         rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
     return 0
 
