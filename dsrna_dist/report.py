@@ -592,6 +592,8 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
                 stats = [mean_std([u.sweep[lab][e] for u in us if e in u.sweep.get(lab, {})]) for e in eps]
                 series[meth] = (eps, [m for m, _ in stats], [s or 0.0 for _, s in stats])
             if series:
+                data.setdefault("eps_sweeps", {}).setdefault(ds, {})[lab] = {
+                    m: {"eps": e, "mean": mu, "std": sd} for m, (e, mu, sd) in series.items()}
                 link(f"{ds}: robust accuracy vs eps ({lab})",
                      P.eps_sweep(series, f"{ds}: {lab}", "eps (pixels)", pdir / f"eps_sweep_{_safe(ds)}_{_safe(lab)}.png"))
         for key in sorted({k for us in methods.values() for u in us for k in u.radii}):
