@@ -322,3 +322,23 @@ def test_testset_reads_imagenet_folders_by_index(tmp_path):
     assert x.shape == (2, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
     # JPEG of a near-constant image: the decoded crop keeps its level (index 4 = class 1, k=1 -> 80)
     assert abs(x[0].mean().item() * 255 - 81) < 4 and abs(x[1].mean().item() * 255 - 1) < 4
+
+
+# ----------------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "eval").glob("*.yaml")))
+def test_shipped_eval_configs_build_their_attacks(name):
+    from dsrna_dist.evaluate import build_attacks
+
+    cfg = load_config(EvalConfig, str(ROOT / "configs" / "eval" / name), {})
+    attacks, _ = build_attacks(cfg)
+    meta = {lab: m for lab, _, m in attacks}
+    if cfg.eps_sweep:
+        assert cfg.eps_sweep[0] == 0.0, "the eps sweep starts at the clean point"
+    if name in ("fmnist_small.yaml", "cifar10.yaml"):   # AutoAttack, l_inf and l_2, next to the others
+        aa = {m["norm"]: m["eps"] for m in meta.values() if m["name"] == "autoattack"}
+        assert set(aa) == {"inf", "2"}
+        assert {"FGSM", "PGD-20", "PGD-100", "C&W"} <= set(meta)
+        assert cfg.masking.enabled and {"huge", "effort", "blackbox"} <= {m.get("role") for m in meta.values()}
+    if name == "fmnist_small.yaml":
+        assert cfg.data.name == "fashion_mnist" and cfg.data.test_subset == 0
+        assert meta["AutoAttack"]["eps"] == pytest.approx(0.1) and meta["PGD-20"]["eps"] == pytest.approx(0.1)
