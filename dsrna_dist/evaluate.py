@@ -12,6 +12,11 @@ the same command skips every example already on disk; <run>/summary.json (clean 
 accuracy in %, mean certified radii, checkpoint, genotype, params, throughput) is rewritten
 atomically at the end. A missing or corrupt checkpoint fails before anything is written.
 
+Gradient-masking checks (``masking:``, attacks/masking.py) add a few attacks labelled ``mask/...``
+on the first masking.num_examples examples (FGSM, PGD-k, PGD-K, PGD-K x restarts, Square, PGD at
+l_inf eps 1); summary.json["masking"] holds every check with its numbers and the warnings of
+the flagged ones (also logged). The eps sweep in the summary starts at the clean point (eps 0).
+
 Test hook: ``DSRNA_EVAL_STOP_AFTER_CHUNKS=N`` kills the process (os._exit(137)) after N chunks.
 """
 from __future__ import annotations
@@ -34,7 +39,8 @@ from .attacks import Attack, AttackError, attack_label, build_attack
 from .config import AttackConfig, ConfigError, EvalConfig, fire_main, parse_cli, to_dict
 
 PROG = "python -m dsrna_dist.evaluate"
-DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
+DOC = ("Attack (FGSM, PGD, C&W, AutoAttack, Square) and certify a trained network, with gradient-masking "
+       "checks; per-example JSONL + summary.json.")
 STOP_ENV = "DSRNA_EVAL_STOP_AFTER_CHUNKS"
 ATTACKS_FILE, CERTIFY_FILE, SUMMARY_FILE, STATE_FILE = "attacks.jsonl", "certify.jsonl", "summary.json", "eval_state.json"
 

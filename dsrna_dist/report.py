@@ -334,10 +334,10 @@ def _unit(t: Optional[TrainRun], evals: List[EvalRun]) -> Unit:
 
 
 def mean_std(values: Sequence[float], ddof: int = 1) -> Tuple[float, Optional[float]]:
-    """Mean and standard deviation (None for a single value)."""
+    """Mean and standard deviation (None for a single value, whatever ddof: one run has no spread to show)."""
     n = len(values)
     m = sum(values) / n
-    if n - ddof <= 0:
+    if n < 2 or n - ddof <= 0:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - ddof))
 

@@ -250,6 +250,14 @@ def test_headers_carry_the_threat_model(tmp_path):
         assert "| runs |" in block or "| runs" in block.splitlines()[2], block[:200]
 
 
+def test_no_std_for_a_single_run_whatever_ddof():
+    from dsrna_dist.report import fmt
+
+    for ddof in (0, 1):
+        assert fmt([12.3456], 2, ddof) == "12.35"
+    assert fmt([1.0, 3.0], 2, 0) == "2.00 ± 1.00" and fmt([1.0, 3.0], 2, 1) == "2.00 ± 1.41"
+
+
 def test_masking_warnings_are_in_the_report(tmp_path):
     root, evals = _one_method_tree(tmp_path)
     flagged = {"check": "huge_eps", "status": "flagged", "message": "PGD at l_inf eps 1 leaves 37.00% robust"}
