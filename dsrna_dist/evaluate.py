@@ -251,7 +251,9 @@ class TestSet:
 
 
 def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                   batch: int) -> List[Dict[str, Any]]:
+                   batch: int, cpu_s: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """One record per example per attack; ``cpu_s`` (label -> process CPU seconds) accumulates
+    what each attack cost, so the summary can say which attack the evaluation time went to."""
     recs: List[Dict[str, Any]] = []
     for s in range(0, len(idx), batch):
         xb, yb, ib = x[s:s + batch], y[s:s + batch], list(idx[s:s + batch])
@@ -263,14 +265,17 @@ def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, 
                 continue
             if len(sel) < len(ib):  # a check attack on the first N examples only
                 recs += attack_records(model, [(label, atk, {**meta, "max_index": None})], xb[sel], yb[sel],
-                                       [ib[k] for k in sel], batch)
+                                       [ib[k] for k in sel], batch, cpu_s)
                 continue
             if atk is None:
                 adv = clean
             else:
+                t0 = time.process_time()
                 xa = atk(model, xb, yb, ib)
                 with torch.no_grad():
                     adv = model(xa).argmax(1)
+                if cpu_s is not None:
+                    cpu_s[label] = cpu_s.get(label, 0.0) + time.process_time() - t0
             for k, i in enumerate(ib):
                 c, a, t = int(clean[k]), int(adv[k]), int(yb[k])
                 recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
@@ -427,11 +432,12 @@ def run_eval(rt: Any, plan: Plan) -> int:
     todo = [i for i in range(n) if i not in done_att]
     chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
     all_att = [r for i in sorted(done_att) for r in done_att[i]]
+    cpu_s: Dict[str, float] = {}
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
         x, y = data.x(idx, rt.device), data.y(idx, rt.device)
-        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size) if idx else []
+        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cpu_s) if idx else []
         recs = gather_objects(recs, key=None)
         order = {lab: k for k, lab in enumerate(labels_wanted)}
         recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
@@ -440,6 +446,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
         all_att += recs
         tick()
     t_att = time.perf_counter() - t0
+    per_rank = gather_objects([cpu_s], key=None)   # COLLECTIVE: every rank
+    att_cpu = {lab: sum(d.get(lab, 0.0) for d in per_rank) for lab in labels_wanted if any(lab in d for d in per_rank)}
 
     # ---- phase 2: certification of the first N correctly classified examples
     cert_recs: List[Dict[str, Any]] = [r for i in sorted(done_cert) for r in done_cert[i]]
@@ -491,7 +499,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
             "certify": to_dict(cfg.certify), "world_size": rt.world_size, "device": str(rt.device),
             "timing": {"attack_s": t_att, "attack_examples_per_s": len(todo) / t_att if t_att > 0 and todo else None,
                        "certify_s": t_cert, "certify_examples_per_s": n_cert_new / t_cert if t_cert > 0 else None,
-                       "peak_memory_mb": peak_memory_mb(rt.device)},
+                       "peak_memory_mb": peak_memory_mb(rt.device),
+                       "attack_cpu_s": att_cpu},   # process CPU seconds per attack, summed over ranks, this session
         })
         if not todo and not n_cert_new and summary_path.is_file():  # nothing new: keep the measured timing
             try:

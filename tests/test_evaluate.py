@@ -187,6 +187,8 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     assert s["train_run_dir"] == str(Path(ckpt).resolve().parent.parent)
     assert s["params"] > 0 and s["genotype"]["normal"]
     assert s["timing"]["attack_examples_per_s"] > 0 and s["timing"]["peak_memory_mb"] > 0
+    cpu = s["timing"]["attack_cpu_s"]
+    assert set(cpu) == {r["attack"] for r in recs} - {"clean"} and all(v > 0 for v in cpu.values())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tb"))
