@@ -447,9 +447,16 @@ def write_report(cfg: ReportConfig) -> Path:
             for u in us:
                 for lab, m in u.attack_meta.items():
                     meta.setdefault(lab, m)
+        # AutoAttack is the headline robust number: its columns come first
+        labels = [lab for lab in labels if (meta.get(lab) or {}).get("name") == "autoattack"] + \
+                 [lab for lab in labels if (meta.get(lab) or {}).get("name") != "autoattack"]
         md += _table(["Method", "runs", "Without attack"] + [threat_model(lab, meta.get(lab)) for lab in labels],
                      rows) + [""]
         dsd["threat_models"] = {lab: threat_model(lab, meta.get(lab)) for lab in labels}
+        head = [threat_model(lab, meta.get(lab)) for lab in labels if (meta.get(lab) or {}).get("name") == "autoattack"]
+        if head:
+            md += ["Headline robust accuracy: " + "; ".join(head) + " (the strongest standard attack; the other "
+                   "columns are lower bounds on the error it finds).", ""]
     # ---- Table 2 style: clean accuracy, params, search cost
     n_table += 1
     md += [f"## Table {n_table}. Accuracy (%) without attack, parameters and search cost", ""]

@@ -266,6 +266,19 @@ def test_autoattack_runs_fast_case(trained):
     assert robust_acc(model, x, y, aa) == 0.0
 
 
+def test_autoattack_l2_runs_fast_case(trained):
+    """l_2 through the same wrapper: the result stays in the l_2 ball and the box, and a large
+    eps breaks everything."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    atk = build_attack(AttackConfig(name="autoattack", norm="2", eps=3.0), seed=0)
+    assert atk.label == "AutoAttack (l2)" and not atk.per_example_seeded
+    aa = atk(model, x, y)
+    assert (flat_norm(aa - x, "2") <= 3.0 + 1e-4).all() and aa.min() >= 0 and aa.max() <= 1
+    assert robust_acc(model, x, y, aa) == 0.0
+
+
 @pytest.mark.slow
 def test_autoattack_runs_and_is_at_least_as_strong_as_pgd(trained):
     pytest.importorskip("pyautoattack")

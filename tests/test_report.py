@@ -51,13 +51,14 @@ def write_train(root: Path, name: str, search_dir: Path, seed: int, top1: float)
 
 
 def write_eval(root: Path, name: str, train_dir: Path, rng, n: int = 40, p_clean: float = 0.9,
-               p_adv: float = 0.5, params: int = 123456, methods=("crown-ibp",), radius=None):
+               p_adv: float = 0.5, params: int = 123456, methods=("crown-ibp",), radius=None, overrides=None):
     """An eval run dir as evaluate.py leaves it: config.yaml, attacks.jsonl, certify.jsonl and
     summary.json made by evaluate.summarize from those records."""
     d = root / name
     d.mkdir(parents=True)
     cfg = load_config(EvalConfig, None, {"data.name": "synthetic", "run.name": name, "eps_sweep": [0.01, 0.03],
-                                         "checkpoint": str(train_dir / "checkpoints" / "best.pt")})
+                                         "checkpoint": str(train_dir / "checkpoints" / "best.pt"),
+                                         **(overrides or {})})
     (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     attacks, sweep_label = build_attacks(cfg)
     recs, cert = [], []
@@ -348,3 +349,17 @@ def test_eps_sweep_starts_at_the_clean_point(tmp_path):
     assert eps == [0.0, 0.01, 0.03]
     cleans = [json.loads((e[0] / "summary.json").read_text())["clean_acc"] for e in evals]
     assert mean[0] == pytest.approx(statistics.mean(cleans))
+
+
+def test_autoattack_is_the_headline_column(tmp_path):
+    attacks = [{"name": "fgsm", "eps": 0.1}, {"name": "pgd", "eps": 0.1, "steps": 20, "step_size": 0.01},
+               {"name": "autoattack", "eps": 0.1}, {"name": "autoattack", "norm": "2", "eps": 1.0}]
+    root, _ = _one_method_tree(tmp_path, seeds=1, overrides={"attacks": attacks})
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    header = [c.strip() for c in next(line for line in md.splitlines()
+                                      if line.startswith("| Method | runs")).strip("|").split("|")]
+    assert header[3:] == ["AutoAttack (l_inf eps=0.1, standard)", "AutoAttack (l2) (l_2 eps=1, standard)",
+                          "FGSM (l_inf eps=0.1)", "PGD-20 (l_inf eps=0.1, 20 steps of 0.01)"]
+    assert "Headline robust accuracy: AutoAttack (l_inf eps=0.1, standard); AutoAttack (l2) (l_2 eps=1" in md
