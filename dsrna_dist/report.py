@@ -455,8 +455,8 @@ def write_report(cfg: ReportConfig) -> Path:
         dsd["threat_models"] = {lab: threat_model(lab, meta.get(lab)) for lab in labels}
         head = [threat_model(lab, meta.get(lab)) for lab in labels if (meta.get(lab) or {}).get("name") == "autoattack"]
         if head:
-            md += ["Headline robust accuracy: " + "; ".join(head) + " (the strongest standard attack; the other "
-                   "columns are lower bounds on the error it finds).", ""]
+            md += ["Headline robust accuracy: " + "; ".join(head) + " (each robust accuracy is an upper bound on the true one; "
+                   "AutoAttack's is the tightest standard one).", ""]
     # ---- Table 2 style: clean accuracy, params, search cost
     n_table += 1
     md += [f"## Table {n_table}. Accuracy (%) without attack, parameters and search cost", ""]
