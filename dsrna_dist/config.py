@@ -270,10 +270,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    name: str = fld("pgd", help="attack: clean, fgsm, pgd, cw, autoattack")
+    name: str = fld("pgd", help="attack: clean, fgsm, pgd, cw, autoattack, square")
     eps: float = fld(8 / 255, ge=0.0, help="radius in [0,1] pixel units (cw: 0 = unbounded, paper style)")
     norm: str = fld("inf", choices=("inf", "2"), help="threat model (cw is always l2)")
-    steps: int = fld(10, ge=0, help="pgd: iterations; cw: Adam iterations per c")
+    steps: int = fld(10, ge=0, help="pgd: iterations; cw: Adam iterations per c; square: queries")
     step_size: float = fld(2 / 255, ge=0.0, help="pgd: step (l_inf: per pixel; l_2: step length)")
     restarts: int = fld(1, ge=1, help="pgd: random restarts (an example counts as broken if any breaks it)")
     random_start: bool = fld(True, help="pgd: start uniformly in the eps ball (seeded per example)")
@@ -298,6 +298,22 @@ class CertifyConfig:
 
 
 @dataclass(frozen=True)
+class MaskingConfig:
+    """Gradient-masking checks (Carlini et al. 2019) run by evaluate; a failed check is a warning."""
+    enabled: bool = fld(True, help="run the gradient-masking checks (extra attacks on the first num_examples)")
+    num_examples: int = fld(500, ge=0, help="extra check attacks run on the first N test examples (0 = all)")
+    eps: float = fld(0.0, ge=0.0, help="eps of the effort and black-box checks (0 = eps of the first pgd attack)")
+    norm: str = fld("", choices=("", "inf", "2"), help="their norm ('' = that attack's norm)")
+    steps: Tuple[int, ...] = fld((10, 50), help="PGD step counts compared (step size 2.5 eps / steps)")
+    restarts: int = fld(5, ge=1, help="restarts of the longest PGD of the effort check")
+    huge_eps: float = fld(1.0, gt=0.0, help="l_inf eps at which PGD must reach 0% (1.0 = the whole box)")
+    huge_steps: int = fld(20, ge=1, help="PGD steps at huge_eps (step huge_eps / 4)")
+    blackbox_queries: int = fld(1000, ge=0, help="Square (l_inf) queries of the black-box check (0 = skip it)")
+    tolerance: float = fld(1.0, ge=0.0, help="percentage points a comparison may go the wrong way unflagged")
+    tolerance_examples: int = fld(1, ge=0, help="... or this many examples, whichever is larger (small test sets)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     run: RunConfig = fld(default_factory=RunConfig)
     dist: DistConfig = fld(default_factory=DistConfig)
@@ -312,6 +328,10 @@ class EvalConfig:
                                      help="attack template for eps_sweep (its eps is replaced; step_size 0 = eps/4)")
     certify: CertifyConfig = fld(default_factory=CertifyConfig)
     chunk_size: int = fld(0, ge=0, help="examples per rank between result writes (0 = data.eval_batch_size)")
+    masking: MaskingConfig = fld(default_factory=MaskingConfig)
+    certified_acc_eps: Tuple[float, ...] = fld((), help="l_inf eps for certified accuracy next to the mean radius "
+                                               "(empty = the eps of the l_inf attacks)")
+    certified_acc_eps_l2: Tuple[float, ...] = fld((), help="l_2 eps for certified accuracy (empty = the eps of the l_2 attacks)")
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,19 @@ the same command skips every example already on disk; <run>/summary.json (clean 
 accuracy in %, mean certified radii, checkpoint, genotype, params, throughput) is rewritten
 atomically at the end. A missing or corrupt checkpoint fails before anything is written.
 
+Gradient-masking checks (``masking:``, attacks/masking.py) add a few attacks labelled ``mask/...``
+on the first masking.num_examples examples (FGSM, PGD-k, PGD-K, PGD-K x restarts, Square, PGD at
+l_inf eps 1); summary.json["masking"] holds every check with its numbers and the warnings of
+the flagged ones (also logged). The eps sweep in the summary starts at the clean point (eps 0).
+
 Test hook: ``DSRNA_EVAL_STOP_AFTER_CHUNKS=N`` kills the process (os._exit(137)) after N chunks.
 """
 from __future__ import annotations
 
 from .entry import help_before_imports
 
-DOC = "Attack (FGSM, PGD, C&W, AutoAttack) and certify a trained network; per-example JSONL + summary.json."
+DOC = ("Attack (FGSM, PGD, C&W, AutoAttack, Square) and certify a trained network, with gradient-masking "
+       "checks; per-example JSONL + summary.json.")
 help_before_imports(__name__, "evaluate", DOC)  # before torch: `--help` < 1 s
 
 import hashlib  # noqa: E402  (the heavy imports below come after the --help fast path)
@@ -69,33 +75,62 @@ def _attack_seed(run_seed: int, label: str) -> int:
     return (int(run_seed) * 1000003 + zlib.crc32(label.encode())) & 0x7FFFFFFF
 
 
+def _meta(a: AttackConfig, atk: Attack, **extra: Any) -> Dict[str, Any]:
+    """What the summary, the masking checks and the report's table headers need to know of an attack."""
+    return {"name": a.name, "eps": float(a.eps), "norm": atk.norm, "sweep": False, "steps": int(a.steps),
+            "restarts": int(a.restarts), "step_size": float(a.step_size), "c": float(a.c),
+            "blackbox": bool(getattr(atk, "blackbox", False)),
+            "per_example_seeded": bool(getattr(atk, "per_example_seeded", True)), **extra}
+
+
 def build_attacks(cfg: EvalConfig) -> Tuple[List[Tuple[str, Optional[Attack], Dict[str, Any]]], str]:
-    """clean + cfg.attacks + the eps sweep, with unique labels; config errors name the key."""
+    """clean + cfg.attacks + the eps sweep + the gradient-masking check attacks, with unique
+    labels; config errors name the key.
+
+    eps_sweep entries of 0 are the clean point (no attack runs; the summary's sweep always starts
+    there). Check attacks carry ``role`` and, with masking.num_examples, ``max_index``: they run
+    on the first N test examples only. The effort-check attacks share one seed, so the restarted
+    PGD's first restart is the plain PGD of the same length.
+    """
+    from .attacks.masking import check_specs
+
     out: List[Tuple[str, Optional[Attack], Dict[str, Any]]] = [
         ("clean", None, {"name": "clean", "eps": 0.0, "norm": "inf", "sweep": False})]
-    specs: List[Tuple[str, AttackConfig, bool]] = []
+    specs: List[Tuple[str, AttackConfig, Dict[str, Any], int]] = []
     for i, a in enumerate(cfg.attacks):
         if a.name == "clean":
             continue
-        specs.append((f"attacks[{i}]", a, False))
+        specs.append((f"attacks[{i}]", a, {}, _attack_seed(cfg.run.seed, attack_label(a))))
     sweep_label = attack_label(cfg.sweep_attack)
     for j, e in enumerate(cfg.eps_sweep):
-        if e <= 0:
-            raise ConfigError(f"key 'eps_sweep[{j}]': eps must be > 0, got {e}")
+        if e < 0 or not math.isfinite(e):
+            raise ConfigError(f"key 'eps_sweep[{j}]': eps must be >= 0 (0 = the clean point), got {e}")
+        if e == 0:
+            continue
         step = cfg.sweep_attack.step_size or float(e) / 4  # 0 = scale the step with eps
         a = replace(cfg.sweep_attack, eps=float(e), step_size=step, label=f"{sweep_label}@{e:.6g}")
-        specs.append((f"eps_sweep[{j}]", a, True))
+        specs.append((f"eps_sweep[{j}]", a, {"sweep": True}, _attack_seed(cfg.run.seed, attack_label(a))))
+    mask_n = cfg.masking.num_examples or None
+    for key, a, role in check_specs(cfg):
+        seed = _attack_seed(cfg.run.seed, "masking" if role == "effort" else attack_label(a))
+        specs.append((key, a, {"role": role, "max_index": mask_n}, seed))
     seen = {"clean"}
-    for key, a, sweep in specs:
+    for key, a, extra, seed in specs:
         try:
-            atk = build_attack(a, _attack_seed(cfg.run.seed, attack_label(a)))
+            atk = build_attack(a, seed)
         except (AttackError, KeyError) as e:
             raise ConfigError(f"key '{key}': {str(e).strip(chr(39))}") from None
         if atk.label in seen:
             raise ConfigError(f"key '{key}': duplicate attack label {atk.label!r}; set a distinct 'label'")
         seen.add(atk.label)
-        out.append((atk.label, atk, {"name": a.name, "eps": float(a.eps), "norm": atk.norm, "sweep": sweep}))
+        out.append((atk.label, atk, _meta(a, atk, **extra)))
     return out, sweep_label
+
+
+def runs_on(meta: Dict[str, Any], index: int) -> bool:
+    """Whether an attack runs on test example ``index`` (check attacks: the first N only)."""
+    m = meta.get("max_index")
+    return m is None or int(index) < int(m)
 
 
 def preflight(cfg: EvalConfig) -> Plan:
@@ -180,14 +215,20 @@ def append_records(path: Path, records: Sequence[Dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def complete(records: Sequence[Dict[str, Any]], key: str, wanted: Sequence[Any]) -> Dict[int, List[Dict[str, Any]]]:
-    """index -> its records, only for indices that have exactly one record per wanted key value."""
+def complete(records: Sequence[Dict[str, Any]], key: str, wanted: Any) -> Dict[int, List[Dict[str, Any]]]:
+    """index -> its records, only for indices that have one record per wanted key value
+    (``wanted``: a list, or a function index -> list when attacks run on a prefix only)."""
     by: Dict[int, Dict[Any, Dict[str, Any]]] = {}
     for r in records:
         k = (r.get(key), r.get("norm")) if key == "method" else r.get(key)
         by.setdefault(int(r["index"]), {})[k] = r
-    want = set(wanted)
-    return {i: [d[k] for k in wanted] for i, d in by.items() if set(d) >= want}
+    want_of = wanted if callable(wanted) else (lambda i: wanted)
+    out: Dict[int, List[Dict[str, Any]]] = {}
+    for i, d in by.items():
+        w = list(want_of(i))
+        if set(d) >= set(w):
+            out[i] = [d[k] for k in w]
+    return out
 
 
 # --------------------------------------------------------------------------- work
@@ -232,19 +273,31 @@ class TestSet:
 
 
 def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                   batch: int) -> List[Dict[str, Any]]:
+                   batch: int, cpu_s: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """One record per example per attack; ``cpu_s`` (label -> process CPU seconds) accumulates
+    what each attack cost, so the summary can say which attack the evaluation time went to."""
     recs: List[Dict[str, Any]] = []
     for s in range(0, len(idx), batch):
         xb, yb, ib = x[s:s + batch], y[s:s + batch], list(idx[s:s + batch])
         with torch.no_grad():
             clean = model(xb).argmax(1)
         for label, atk, meta in attacks:
+            sel = [k for k, i in enumerate(ib) if runs_on(meta, i)]
+            if not sel:
+                continue
+            if len(sel) < len(ib):  # a check attack on the first N examples only
+                recs += attack_records(model, [(label, atk, {**meta, "max_index": None})], xb[sel], yb[sel],
+                                       [ib[k] for k in sel], batch, cpu_s)
+                continue
             if atk is None:
                 adv = clean
             else:
+                t0 = time.process_time()
                 xa = atk(model, xb, yb, ib)
                 with torch.no_grad():
                     adv = model(xa).argmax(1)
+                if cpu_s is not None:
+                    cpu_s[label] = cpu_s.get(label, 0.0) + time.process_time() - t0
             for k, i in enumerate(ib):
                 c, a, t = int(clean[k]), int(adv[k]), int(yb[k])
                 recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
@@ -270,16 +323,50 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def certified_accuracy(cert_recs: Sequence[Dict[str, Any]], attack_recs: Sequence[Dict[str, Any]],
+                       eps: Sequence[float], n: int) -> Tuple[Dict[str, Dict[str, Dict[str, float]]], int]:
+    """Certified accuracy (%) at fixed eps per method/norm, and the test prefix it is exact on.
+
+    Certification runs on the first N correctly classified examples, so on the prefix of the
+    test set that ends before the first *uncertified* correct example every correct example is
+    certified: there, certified accuracy = #(radius >= eps) / prefix length, exactly (an example
+    misclassified clean counts as not certified).
+    """
+    certified = {int(r["index"]) for r in cert_recs}
+    uncert = [int(r["index"]) for r in attack_recs
+              if r["attack"] == "clean" and r["correct"] and int(r["index"]) not in certified]
+    prefix = min(uncert) if uncert else n
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    if not prefix:
+        return out, 0
+    for r in cert_recs:
+        if int(r["index"]) >= prefix:
+            continue
+        d = out.setdefault(r["method"], {}).setdefault(r["norm"], {f"{e:g}": 0.0 for e in eps})
+        for e in eps:
+            if r["radius"] >= e:
+                d[f"{e:g}"] += 100.0 / prefix
+    return out, prefix
+
+
 def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[str, Any]],
-              attacks: Sequence[Tuple[str, Any, Dict[str, Any]]], sweep_label: str) -> Dict[str, Any]:
-    """Accuracies (%) per attack, the eps sweep, mean certified radii per bound method and norm."""
+              attacks: Sequence[Tuple[str, Any, Dict[str, Any]]], sweep_label: str,
+              masking: Optional[Any] = None, cert_eps: Optional[Dict[str, Sequence[float]]] = None) -> Dict[str, Any]:
+    """Accuracies (%) per attack, the eps sweep (from the clean point at eps 0), mean certified
+    radii and certified accuracy per bound method and norm, and the gradient-masking checks."""
+    from .attacks.masking import run_checks
+
     by: Dict[str, List[bool]] = {}
     for r in attack_recs:
         by.setdefault(r["attack"], []).append(bool(r["correct"]))
     acc = {lab: 100.0 * sum(v) / len(v) for lab, v in by.items() if v}
-    robust = {lab: acc[lab] for lab, _, m in attacks if lab != "clean" and not m["sweep"] and lab in acc}
+    robust = {lab: acc[lab] for lab, _, m in attacks
+              if lab != "clean" and not m["sweep"] and not m.get("role") and lab in acc}
+    checks = {lab: acc[lab] for lab, _, m in attacks if m.get("role") and lab in acc}
     sweep = [{"attack": sweep_label, "eps": m["eps"], "norm": m["norm"], "robust_acc": acc[lab]}
              for lab, _, m in attacks if m["sweep"] and lab in acc]
+    if sweep and "clean" in acc and not any(p["eps"] == 0 for p in sweep):
+        sweep.insert(0, {"attack": sweep_label, "eps": 0.0, "norm": sweep[0]["norm"], "robust_acc": acc["clean"]})
     cert: Dict[str, Dict[str, Dict[str, Any]]] = {}
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in cert_recs:
@@ -288,9 +375,25 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
         tg = [r["radius_target"] for r in rs if r.get("radius_target") is not None]
         cert.setdefault(meth, {})[norm] = {
             "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
-            "mean_radius_target": sum(tg) / len(tg) if tg else None}
+            "mean_radius_target": sum(tg) / len(tg) if tg else None,
+            "n_certified": sum(1 for r in rs if r["radius"] > 0)}
     n = len({r["index"] for r in attack_recs})
-    return {"n": n, "clean_acc": acc.get("clean"), "robust_acc": robust, "eps_sweep": sweep, "certified": cert}
+    if cert_recs:
+        default = {nm: sorted({m["eps"] for lab, _, m in attacks if lab in robust and m["eps"] > 0
+                               and m["norm"] == nm and m["name"] != "cw"}) for nm in ("inf", "2")}
+        cert_eps = {**default, **{k: list(v) for k, v in (cert_eps or {}).items() if v}}
+        for nm in ("inf", "2"):
+            ca, prefix = certified_accuracy([r for r in cert_recs if r["norm"] == nm], attack_recs,
+                                            list(cert_eps.get(nm, ())), n)
+            for meth, per in ca.items():
+                if nm in per and nm in cert.get(meth, {}):
+                    cert[meth][nm].update(certified_acc=per[nm], certified_acc_n=prefix)
+    mask = run_checks(attack_recs, attacks, getattr(masking, "tolerance", 1.0),
+                      getattr(masking, "tolerance_examples", 1)) if attack_recs else None
+    not_seeded = [lab for lab, _, m in attacks if m.get("per_example_seeded") is False]
+    return {"n": n, "clean_acc": acc.get("clean"), "robust_acc": robust, "eps_sweep": sweep, "certified": cert,
+            "masking": mask, "masking_attacks_acc": checks,
+            "rank_dependent_attacks": not_seeded}
 
 
 def run_eval(rt: Any, plan: Plan) -> int:
@@ -319,8 +422,11 @@ def run_eval(rt: Any, plan: Plan) -> int:
         raise ConfigError(f"run dir {run_dir} holds results of a different evaluation ('{diff}' differs); "
                           "choose another run.name or pass --run.resume=false to start over")
     labels_wanted = [lab for lab, _, _ in plan.attacks]
+
+    def wanted_at(i: int) -> List[str]:
+        return [lab for lab, _, m in plan.attacks if runs_on(m, i)]
     cert_wanted = [(m, nm) for m in cfg.certify.methods for nm in cfg.certify.norms] if cfg.certify.enabled else []
-    done_att = complete(read_records(att_path), "attack", labels_wanted) if resume else {}
+    done_att = complete(read_records(att_path), "attack", wanted_at) if resume else {}
     done_cert = complete(read_records(cert_path), "method", cert_wanted) if resume and cert_wanted else {}
     rt.barrier()
     if rt.is_main:  # drop torn lines and half-written examples, then append from a clean state
@@ -348,11 +454,12 @@ def run_eval(rt: Any, plan: Plan) -> int:
     todo = [i for i in range(n) if i not in done_att]
     chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
     all_att = [r for i in sorted(done_att) for r in done_att[i]]
+    cpu_s: Dict[str, float] = {}
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
         x, y = data.x(idx, rt.device), data.y(idx, rt.device)
-        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size) if idx else []
+        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cpu_s) if idx else []
         recs = gather_objects(recs, key=None)
         order = {lab: k for k, lab in enumerate(labels_wanted)}
         recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
@@ -361,6 +468,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
         all_att += recs
         tick()
     t_att = time.perf_counter() - t0
+    per_rank = gather_objects([cpu_s], key=None)   # COLLECTIVE: every rank
+    att_cpu = {lab: sum(d.get(lab, 0.0) for d in per_rank) for lab in labels_wanted if any(lab in d for d in per_rank)}
 
     # ---- phase 2: certification of the first N correctly classified examples
     cert_recs: List[Dict[str, Any]] = [r for i in sorted(done_cert) for r in done_cert[i]]
@@ -398,7 +507,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
 
     # ---- summary (rank 0)
     if rt.is_main:
-        s = summarize(all_att, cert_recs, plan.attacks, plan.sweep_label)
+        cert_eps = {"inf": cfg.certified_acc_eps, "2": cfg.certified_acc_eps_l2}
+        s = summarize(all_att, cert_recs, plan.attacks, plan.sweep_label, cfg.masking, cert_eps)
         ck = Path(cfg.checkpoint).resolve()
         s.update({
             "kind": "eval", "dataset": cfg.data.name, "n_test": n,
@@ -411,7 +521,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
             "certify": to_dict(cfg.certify), "world_size": rt.world_size, "device": str(rt.device),
             "timing": {"attack_s": t_att, "attack_examples_per_s": len(todo) / t_att if t_att > 0 and todo else None,
                        "certify_s": t_cert, "certify_examples_per_s": n_cert_new / t_cert if t_cert > 0 else None,
-                       "peak_memory_mb": peak_memory_mb(rt.device)},
+                       "peak_memory_mb": peak_memory_mb(rt.device),
+                       "attack_cpu_s": att_cpu},   # process CPU seconds per attack, summed over ranks, this session
         })
         if not todo and not n_cert_new and summary_path.is_file():  # nothing new: keep the measured timing
             try:
@@ -424,8 +535,19 @@ def run_eval(rt: Any, plan: Plan) -> int:
             tb.scalar("eval/clean_acc", s["clean_acc"], 0)
         for lab, v in s["robust_acc"].items():
             tb.scalar(f"eval/robust_acc/{lab}", v, 0)
-        for pt in s["eps_sweep"]:
-            tb.scalar(f"eval/eps_sweep/{pt['attack']}", pt["robust_acc"], int(round(pt["eps"] * 1e4)))  # step = eps x 1e4
+        # eps sweep on a readable axis: step = point index (0 = clean), the eps as a second
+        # series on the same steps and in the text table (eps x 1e4 as a step was unreadable)
+        for k, pt in enumerate(s["eps_sweep"]):
+            tb.scalar(f"eval/eps_sweep/{pt['attack']}/robust_acc", pt["robust_acc"], k)
+            tb.scalar(f"eval/eps_sweep/{pt['attack']}/eps", pt["eps"], k)
+        if s["eps_sweep"]:
+            tb.text("eval/eps_sweep", "| step | eps | robust acc (%) |\n|---|---|---|\n" + "\n".join(
+                f"| {k} | {pt['eps']:g} | {pt['robust_acc']:.2f} |" for k, pt in enumerate(s["eps_sweep"])), 0)
+        if s["masking"]:
+            for c in s["masking"]["checks"]:
+                tb.scalar(f"eval/masking/{c['check']}_flagged", float(c["status"] == "flagged"), 0)
+            if s["masking"]["warnings"]:
+                tb.text("eval/masking_warnings", "\n\n".join(s["masking"]["warnings"]), 0)
         for meth, per in s["certified"].items():
             for norm, v in per.items():
                 tb.scalar(f"eval/certified/{meth}/l{norm}", v["mean_radius"], 0)
@@ -439,6 +561,11 @@ def run_eval(rt: Any, plan: Plan) -> int:
                 f"l_{nm} {v['mean_radius']:.5f}" + (f" / target {v['mean_radius_target']:.5f}"
                                                      if v["mean_radius_target"] is not None else "")
                 for nm, v in per.items()))
+        for w in (s["masking"] or {}).get("warnings", []):
+            rt.print(f"WARNING (gradient masking check): {w}")
+        if s["rank_dependent_attacks"]:
+            rt.print("note: " + ", ".join(s["rank_dependent_attacks"]) + " draw randomness per call, not per "
+                     "example: their records can depend on batching and the number of ranks")
         rt.print(f"results -> {summary_path}")
     rt.barrier()
     return 0

@@ -129,16 +129,32 @@ def eps_sweep(series: Mapping[str, Tuple[Sequence[float], Sequence[float], Seque
     return _save(fig, path)
 
 
+def radius_bins(data: Mapping[str, Sequence[float]], bins: int = 20) -> np.ndarray:
+    """Log-spaced bin edges over the positive radii of every method (radii of different bound
+    methods span decades: a linear axis from 0 puts them all in the first bar)."""
+    pos = np.asarray([v for vs in data.values() for v in vs if v > 0], dtype=float)
+    if not len(pos):
+        raise ValueError("no positive radius: say 'no example certified' instead of drawing a histogram")
+    lo, hi = pos.min(), pos.max()
+    if hi <= lo * 1.0001:
+        lo, hi = lo / 1.5, hi * 1.5
+    return np.geomspace(lo, hi, bins + 1)
+
+
 def radius_histogram(data: Mapping[str, Sequence[float]], title: str, xlabel: str, path: Path,
                      bins: int = 20) -> Path:
-    """Certified radii per example, one translucent histogram per method."""
+    """Certified radii per example on a log axis fitted to the positive radii, one translucent
+    histogram per method; examples with radius 0 (not certified at any eps) are counted in the
+    legend rather than drawn (log scale has no 0)."""
     plt = _plt()
+    edges = radius_bins(data, bins)
     fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
-    allv = [v for vs in data.values() for v in vs]
-    hi = max(allv) if allv else 1.0
-    edges = np.linspace(0.0, hi if hi > 0 else 1.0, bins + 1)
     for name, vs in data.items():
-        ax.hist(vs, bins=edges, alpha=0.5, label=f"{name} (mean {np.mean(vs):.4g})" if len(vs) else name)
+        v = np.asarray(vs, dtype=float)
+        zeros = int((v <= 0).sum())
+        lab = f"{name} (mean {v.mean():.3g}" + (f", {zeros}/{len(v)} at 0" if zeros else "") + ")" if len(v) else name
+        ax.hist(v[v > 0], bins=edges, alpha=0.5, label=lab)
+    ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("examples")
     ax.set_title(title, fontsize=10)

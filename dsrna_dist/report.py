@@ -241,6 +241,9 @@ class Unit:
     sweep: Dict[str, Dict[float, float]] = field(default_factory=dict)    # sweep label -> eps -> acc
     params_m: Optional[float] = None
     radii: Dict[str, List[float]] = field(default_factory=dict)
+    attack_meta: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> threat model
+    masking: List[Dict[str, Any]] = field(default_factory=list)            # checks of the latest eval
+    rank_dependent: List[str] = field(default_factory=list)
 
 
 def _method_of(t: Optional[TrainRun], s: Optional[Dict[str, Any]]) -> str:
@@ -309,6 +312,12 @@ def _unit(t: Optional[TrainRun], evals: List[EvalRun]) -> Unit:
                 u.certified[f"{meth}/{norm}"] = dict(vals)
         for pt in s.get("eps_sweep") or []:
             u.sweep.setdefault(str(pt.get("attack", "PGD")), {})[float(pt["eps"])] = float(pt["robust_acc"])
+        for m in s.get("attacks") or []:
+            if isinstance(m, dict) and "label" in m:
+                u.attack_meta[str(m["label"])] = m
+        if isinstance(s.get("masking"), dict):
+            u.masking = [c for c in s["masking"].get("checks") or [] if isinstance(c, dict)]
+        u.rank_dependent = [str(x) for x in s.get("rank_dependent_attacks") or []]
         if isinstance(s.get("params"), (int, float)):
             u.params_m = float(s["params"]) / 1e6
         for r in read_jsonl(e.path / "certify.jsonl"):
@@ -316,16 +325,19 @@ def _unit(t: Optional[TrainRun], evals: List[EvalRun]) -> Unit:
                 u.radii.setdefault(f"{r.get('method')}/{r.get('norm')}", []).append(float(r["radius"]))
     if u.clean is None and t is not None and t.test_top1 is not None:
         u.clean = float(t.test_top1)
+    if u.clean is not None:  # the eps sweep starts at the clean point (older summaries lack it)
+        for pts in u.sweep.values():
+            pts.setdefault(0.0, u.clean)
     if u.params_m is None and t is not None:
         u.params_m = _params_from_checkpoint(t)
     return u
 
 
 def mean_std(values: Sequence[float], ddof: int = 1) -> Tuple[float, Optional[float]]:
-    """Mean and standard deviation (None for a single value)."""
+    """Mean and standard deviation (None for a single value, whatever ddof: one run has no spread to show)."""
     n = len(values)
     m = sum(values) / n
-    if n - ddof <= 0:
+    if n < 2 or n - ddof <= 0:
         return m, None
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - ddof))
 
@@ -338,6 +350,31 @@ def fmt(values: Sequence[Optional[float]], decimals: int, ddof: int, sig: bool =
     m, s = mean_std(vals, ddof)
     f = (lambda v: f"{v:.{decimals}g}") if sig else (lambda v: f"{v:.{decimals}f}")
     return f(m) if s is None else f"{f(m)} ± {f(s)}"
+
+
+def threat_model(label: str, meta: Optional[Dict[str, Any]]) -> str:
+    """Column header that says what was run: ``PGD-20 (l_inf eps=0.3, 20 steps of 0.01)``."""
+    if not meta:
+        return label
+    name, norm = meta.get("name"), "l_inf" if str(meta.get("norm", "inf")) == "inf" else "l_2"
+    eps = meta.get("eps")
+    e = f"{norm} eps={eps:.4g}" if isinstance(eps, (int, float)) and eps > 0 else f"{norm}, unbounded"
+    steps, rs = meta.get("steps"), meta.get("restarts") or 1
+    if name == "pgd" and steps:
+        st = meta.get("step_size")
+        parts = [f"{steps} steps" + (f" of {st:.3g}" if isinstance(st, (int, float)) and st > 0 else "")]
+        if rs > 1:
+            parts.append(f"{rs} restarts")
+        return f"{label} ({e}, {', '.join(parts)})"
+    if name == "cw":
+        c = meta.get("c")
+        return f"{label} ({e}" + (f", c={c:g}" if isinstance(c, (int, float)) else "") + (
+            f", {steps} steps" if steps else "") + ")"
+    if name == "autoattack":
+        return f"{label} ({e}, standard)"
+    if name == "square":
+        return f"{label} ({e}, {steps} queries)"
+    return f"{label} ({e})"
 
 
 def _grouped(units: Sequence[Unit]) -> Dict[str, Dict[str, List[Unit]]]:
@@ -378,10 +415,13 @@ def write_report(cfg: ReportConfig) -> Path:
     dec, ddof = cfg.decimals, cfg.std_ddof
     md: List[str] = ["# DSRNA report", "",
                      f"Runs under `{root}`: {len(runs.search)} search, {len(runs.train)} train, "
-                     f"{len(runs.evals)} eval. Values are mean ± std over the trained networks of a "
-                     f"method (seeds; std with ddof={ddof}); accuracies in %, radii in [0,1] pixel units.", ""]
+                     f"{len(runs.evals)} eval. Values are the mean over the trained networks of a method "
+                     f"(seeds; the `runs` column says how many), ± std (ddof={ddof}) only where there are >= 2 "
+                     "runs; accuracies in %, radii in [0,1] pixel units. Column headers give the threat model "
+                     "(norm, eps, steps, c).", ""]
     data: Dict[str, Any] = {"datasets": {}, "search_runs": []}
     grouped = _grouped(units)
+    md += _masking_section(units, data)
     n_table = 0
     # ---- Tables 1/3/4: accuracy under attack, per dataset
     for ds, methods in sorted(grouped.items()):
@@ -402,7 +442,21 @@ def write_report(cfg: ReportConfig) -> Path:
                 rec["robust"][lab] = vals
             rows.append(row)
             dsd["methods"][meth] = rec
-        md += _table(["Method", "runs", "Without attack"] + labels, rows) + [""]
+        meta = {}
+        for us in methods.values():
+            for u in us:
+                for lab, m in u.attack_meta.items():
+                    meta.setdefault(lab, m)
+        # AutoAttack is the headline robust number: its columns come first
+        labels = [lab for lab in labels if (meta.get(lab) or {}).get("name") == "autoattack"] + \
+                 [lab for lab in labels if (meta.get(lab) or {}).get("name") != "autoattack"]
+        md += _table(["Method", "runs", "Without attack"] + [threat_model(lab, meta.get(lab)) for lab in labels],
+                     rows) + [""]
+        dsd["threat_models"] = {lab: threat_model(lab, meta.get(lab)) for lab in labels}
+        head = [threat_model(lab, meta.get(lab)) for lab in labels if (meta.get(lab) or {}).get("name") == "autoattack"]
+        if head:
+            md += ["Headline robust accuracy: " + "; ".join(head) + " (each robust accuracy is an upper bound on the true one; "
+                   "AutoAttack's is the tightest standard one).", ""]
     # ---- Table 2 style: clean accuracy, params, search cost
     n_table += 1
     md += [f"## Table {n_table}. Accuracy (%) without attack, parameters and search cost", ""]
@@ -419,31 +473,37 @@ def write_report(cfg: ReportConfig) -> Path:
             rec.update(params_m=params, search_cost_h=cost_m, search_cost_h_std=cost_sd)
     md += _table(["Dataset", "Method", "Test Acc. (%)", "Params (M)", "Search cost", "Search method",
                   "runs"], rows) + [""]
-    # ---- Tables 5/6: certified lower bounds (rows: datasets, columns: methods)
-    cert_keys = sorted({k for u in units for k in u.certified})
+    # ---- Tables 5/6: certified lower bounds, tightest bound method first (CROWN when present)
+    cert_keys = {k for u in units for k in u.certified}
     for norm, nname in (("inf", "l_inf"), ("2", "l_2")):
-        keys = [k for k in cert_keys if k.endswith("/" + norm)]
-        if not keys:
-            continue
-        all_methods = sorted({m for ds in grouped.values() for m in ds})
-        for k in keys:
-            bmethod = k.split("/")[0]
+        bms = [b for b in BOUND_ORDER if f"{b}/{norm}" in cert_keys]
+        bms += sorted(k.split("/")[0] for k in cert_keys if k.endswith("/" + norm) and k.split("/")[0] not in bms)
+        for rank, bmethod in enumerate(bms):
+            k = f"{bmethod}/{norm}"
             n_table += 1
-            md += [f"## Table {n_table}. Averaged {nname}-norm certified lower bounds ({bmethod}); "
-                   "untargeted / random target (CNN-Cert style)", ""]
+            eps_cols = sorted({float(e) for u in units for e in (u.certified.get(k, {}).get("certified_acc") or {})})
+            which = "tightest bound method evaluated" if rank == 0 else "looser bound method"
+            md += [f"## Table {n_table}. Averaged {nname}-norm certified lower bounds, bound method: "
+                   f"{BOUND_NAMES.get(bmethod, bmethod)} ({which}); untargeted and random target (CNN-Cert style)", ""]
             rows = []
             for ds, methods in sorted(grouped.items()):
-                row = [ds]
-                for meth in all_methods:
-                    us = methods.get(meth, [])
-                    unt = [u.certified[k].get("mean_radius") for u in us if k in u.certified]
-                    tgt = [u.certified[k].get("mean_radius_target") for u in us if k in u.certified]
-                    row.append(f"{fmt(unt, 3, ddof, sig=True)} / {fmt(tgt, 3, ddof, sig=True)}" if unt else "n/a")
-                    if unt:
-                        data["datasets"][ds]["methods"][meth].setdefault("certified", {})[k] = {
-                            "mean_radius": unt, "mean_radius_target": tgt}
-                rows.append(row)
-            md += _table(["Dataset"] + all_methods, rows) + [""]
+                for meth, us in sorted(methods.items()):
+                    have = [u for u in us if k in u.certified]
+                    if not have:
+                        continue
+                    unt = [u.certified[k].get("mean_radius") for u in have]
+                    tgt = [u.certified[k].get("mean_radius_target") for u in have]
+                    nex = [u.certified[k].get("n") for u in have]
+                    cacc = {e: [(u.certified[k].get("certified_acc") or {}).get(f"{e:g}") for u in have]
+                            for e in eps_cols}
+                    rows.append([ds, meth, str(len(have)), fmt(unt, 3, ddof, sig=True), fmt(tgt, 3, ddof, sig=True)]
+                                + [fmt(cacc[e], dec, ddof) for e in eps_cols]
+                                + ["/".join(str(x) for x in sorted(set(n for n in nex if n is not None))) or "n/a"])
+                    data["datasets"][ds]["methods"][meth].setdefault("certified", {})[k] = {
+                        "mean_radius": unt, "mean_radius_target": tgt, "runs": len(have),
+                        "certified_acc": {f"{e:g}": v for e, v in cacc.items()}}
+            md += _table(["Dataset", "Method", "runs", "mean radius (untargeted)", "mean radius (random target)"]
+                         + [f"certified acc. (%) at eps={e:.4g}" for e in eps_cols] + ["examples"], rows) + [""]
     # ---- plots
     if cfg.plots:
         md += _plots(runs, grouped, plots, out.parent, data)
@@ -461,6 +521,42 @@ def write_report(cfg: ReportConfig) -> Path:
     atomic_write_text(str(out), "\n".join(md) + "\n")
     atomic_write_json(str(out.with_suffix(".json")), data)
     return out
+
+
+BOUND_ORDER = ("crown", "crown-ibp", "ibp")
+BOUND_NAMES = {"crown": "CROWN", "crown-ibp": "CROWN-IBP", "ibp": "IBP"}
+
+
+def _masking_section(units: Sequence[Unit], data: Dict[str, Any]) -> List[str]:
+    """Gradient-masking warnings (evaluate's checks) at the top, where a reader cannot miss them."""
+    checked = [u for u in units if u.masking]
+    if not checked:
+        return []
+    md = ["## Gradient-masking checks", ""]
+    data["masking"] = {}
+    flagged = 0
+    for u in checked:
+        data["masking"][u.name] = u.masking
+        for c in u.masking:
+            if c.get("status") == "flagged":
+                flagged += 1
+                md.append(f"> **WARNING** ({u.dataset}, {u.method}, `{u.name}`): {c.get('check')}: {c.get('message')}")
+                md.append("")
+    ran = sum(1 for u in checked for c in u.masking if c.get("status") in ("ok", "flagged"))
+    if not flagged:
+        md += [f"All {ran} checks passed on {len(checked)} evaluated network(s) (accuracy non-increasing in eps, "
+               "PGD at a huge eps reaches 0%, more steps/restarts never help, black-box never beats white-box).", ""]
+    else:
+        md += [f"{flagged} of {ran} checks flagged: the robust accuracies of the networks named above are likely "
+               "overestimates.", ""]
+    skipped = sorted({c.get("check") for u in checked for c in u.masking if c.get("status") == "skipped"})
+    if skipped:
+        md += ["Not run (nothing to compare): " + ", ".join(skipped) + ".", ""]
+    dep = sorted({a for u in units for a in u.rank_dependent})
+    if dep:
+        md += [f"Note: {', '.join(dep)} draw their randomness per call, not per example (the authors' package): "
+               "their per-example results can change with the batch size and the number of ranks.", ""]
+    return md
 
 
 def _rel(p: Path, base: Path) -> str:
@@ -503,15 +599,23 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
                 stats = [mean_std([u.sweep[lab][e] for u in us if e in u.sweep.get(lab, {})]) for e in eps]
                 series[meth] = (eps, [m for m, _ in stats], [s or 0.0 for _, s in stats])
             if series:
+                data.setdefault("eps_sweeps", {}).setdefault(ds, {})[lab] = {
+                    m: {"eps": e, "mean": mu, "std": sd} for m, (e, mu, sd) in series.items()}
                 link(f"{ds}: robust accuracy vs eps ({lab})",
                      P.eps_sweep(series, f"{ds}: {lab}", "eps (pixels)", pdir / f"eps_sweep_{_safe(ds)}_{_safe(lab)}.png"))
         for key in sorted({k for us in methods.values() for u in us for k in u.radii}):
             hist = {meth: [r for u in us for r in u.radii.get(key, [])] for meth, us in sorted(methods.items())}
             hist = {m: v for m, v in hist.items() if v}
             bm, norm = key.split("/")
+            if not any(r > 0 for v in hist.values() for r in v):
+                n = sum(len(v) for v in hist.values())
+                md += [f"{ds}, {BOUND_NAMES.get(bm, bm)} l_{norm}: no example certified (all {n} radii are 0; "
+                       "no histogram).", ""]
+                continue
             link(f"{ds}: certified radii ({bm}, l_{norm})",
-                 P.radius_histogram(hist, f"{ds}: certified radius ({bm}, l_{norm}, untargeted)",
-                                    "radius (pixels)", pdir / f"radius_hist_{_safe(ds)}_{_safe(bm)}_{norm}.png"))
+                 P.radius_histogram(hist, f"{ds}: certified radius ({BOUND_NAMES.get(bm, bm)}, l_{norm}, untargeted)",
+                                    "radius (pixels, log scale)",
+                                    pdir / f"radius_hist_{_safe(ds)}_{_safe(bm)}_{norm}.png"))
     label = run_labels([s.path for s in runs.search])
     for s in runs.search:
         tag = f"{s.method} [{label[s.path]}]"

@@ -59,7 +59,8 @@ CASES = [AttackConfig(name="clean"), AttackConfig(name="fgsm", eps=0.05),
          AttackConfig(name="pgd", eps=0.05, steps=5, step_size=0.02, restarts=2),
          AttackConfig(name="pgd", eps=0.4, norm="2", steps=5, step_size=0.2),
          AttackConfig(name="cw", eps=0.3, steps=10, lr=0.05, binary_search_steps=2),
-         AttackConfig(name="cw", eps=0.0, steps=10, lr=0.05)]
+         AttackConfig(name="cw", eps=0.0, steps=10, lr=0.05),
+         AttackConfig(name="square", eps=0.05, steps=30)]
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.name}-{c.norm}-{c.eps:g}")
@@ -265,6 +266,19 @@ def test_autoattack_runs_fast_case(trained):
     assert robust_acc(model, x, y, aa) == 0.0
 
 
+def test_autoattack_l2_runs_fast_case(trained):
+    """l_2 through the same wrapper: the result stays in the l_2 ball and the box, and a large
+    eps breaks everything."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    atk = build_attack(AttackConfig(name="autoattack", norm="2", eps=3.0), seed=0)
+    assert atk.label == "AutoAttack (l2)" and not atk.per_example_seeded
+    aa = atk(model, x, y)
+    assert (flat_norm(aa - x, "2") <= 3.0 + 1e-4).all() and aa.min() >= 0 and aa.max() <= 1
+    assert robust_acc(model, x, y, aa) == 0.0
+
+
 @pytest.mark.slow
 def test_autoattack_runs_and_is_at_least_as_strong_as_pgd(trained):
     pytest.importorskip("pyautoattack")
@@ -275,3 +289,47 @@ def test_autoattack_runs_and_is_at_least_as_strong_as_pgd(trained):
     pgd = build_attack(AttackConfig(name="pgd", eps=eps, step_size=eps / 4, steps=10), seed=0)(model, x, y)
     assert (flat_norm(aa - x, "inf") <= eps + 1e-6).all() and aa.min() >= 0 and aa.max() <= 1
     assert robust_acc(model, x, y, aa) <= robust_acc(model, x, y, pgd) + noise(0.5, len(y))
+
+
+# ----------------------------------------------------------------------------- Square (black-box)
+class _NoBackward(nn.Module):
+    """Raises if anything back-propagates through it: proves an attack only reads scores."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise AssertionError("a black-box attack asked for input gradients")
+        return self.m(x)
+
+
+def test_square_is_black_box_and_per_example_seeded(trained):
+    model, x, y = trained
+    cfg = AttackConfig(name="square", eps=0.06, steps=60)
+    atk = build_attack(cfg, seed=3)
+    assert atk.blackbox and atk.label == "Square-60"
+    full = atk(_NoBackward(model).eval(), x[:20], y[:20], list(range(20)))
+    parts = torch.cat([atk(model, x[i:20:3], y[i:20:3], list(range(i, 20, 3))) for i in range(3)])
+    order = [j for i in range(3) for j in range(i, 20, 3)]
+    assert torch.equal(full[order], parts), "results must not depend on which examples share the batch"
+    assert (flat_norm(full - x[:20], "inf") <= 0.06 + 1e-6).all()
+    with pytest.raises(AttackError, match="norm 'inf' only"):
+        build_attack(AttackConfig(name="square", eps=0.5, norm="2", steps=10))
+
+
+def test_square_as_strong_as_the_reference_square(trained):
+    """Against the authors' Square (pyautoattack, same budget, margin loss): no weaker beyond noise,
+    and much stronger than random corners of the same ball (what it starts from)."""
+    pyaa = pytest.importorskip("pyautoattack.square")
+    model, x, y = trained
+    x, y = x[:60], y[:60]
+    eps, q = 0.05, 200
+    ours = build_attack(AttackConfig(name="square", eps=eps, steps=q), seed=0)(model, x, y)
+    ref = pyaa.SquareAttack(model, norm="Linf", n_queries=q, eps=eps, seed=0, device=x.device).perturb(x, y)
+    a_ours, a_ref = robust_acc(model, x, y, ours), robust_acc(model, x, y, ref)
+    assert a_ours <= a_ref + noise(a_ref, len(y)), (a_ours, a_ref)
+    g = torch.Generator().manual_seed(0)
+    corners = (x + eps * (torch.randint(0, 2, x.shape, generator=g) * 2 - 1)).clamp(0, 1)
+    assert a_ours < robust_acc(model, x, y, corners) - 0.1

@@ -31,7 +31,10 @@ EVAL = {
     "sweep_attack": {"name": "pgd", "steps": 3, "step_size": 0.01},
     "certify": {"methods": ["ibp", "crown-ibp"], "norms": ["inf"], "num_examples": 6, "batch_size": 4,
                 "bisection_steps": 6},
+    # cheap masking checks on the first 8 examples: exercises prefix-only attacks in sharding and resume
+    "masking": {"num_examples": 8, "steps": [2, 4], "restarts": 2, "blackbox_queries": 20, "huge_steps": 3},
 }
+MASK_LABELS = ["mask/FGSM", "mask/PGD-2", "mask/PGD-4", "mask/PGD-4x2", "mask/Square-20", "mask/PGD-3@1"]
 
 
 def make_train_run(d: Path, seed: int = 3, epochs: int = 4) -> Path:
@@ -133,8 +136,9 @@ def test_records_equal_a_direct_computation(full_run, ckpt):
         clean = model(x).argmax(1)
     recs = jsonl(run / "attacks.jsonl")
     labels = ["clean", "FGSM", "PGD-3", "C&W", "PGD-3@0.01", "PGD-3@0.05"]
-    assert len(recs) == 37 * len(labels)
-    assert sorted({r["attack"] for r in recs}) == sorted(labels)
+    assert len(recs) == 37 * len(labels) + 8 * len(MASK_LABELS)
+    assert sorted({r["attack"] for r in recs}) == sorted(labels + MASK_LABELS)
+    assert {r["index"] for r in recs if r["attack"] in MASK_LABELS} == set(range(8))
     by = {(r["index"], r["attack"]): r for r in recs}
     assert len(by) == len(recs), "one record per example per attack"
     for i in range(37):
@@ -167,7 +171,13 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     clean = [r for r in recs if r["attack"] == "clean"]
     assert s["clean_acc"] == pytest.approx(100 * sum(r["correct"] for r in clean) / 37)
     assert s["n"] == 37 and s["kind"] == "eval" and s["dataset"] == "synthetic"
-    assert [p["eps"] for p in s["eps_sweep"]] == [0.01, 0.05]
+    assert [p["eps"] for p in s["eps_sweep"]] == [0.0, 0.01, 0.05]   # from the clean point
+    assert s["eps_sweep"][0]["robust_acc"] == s["clean_acc"]
+    assert [c["check"] for c in s["masking"]["checks"]] == ["eps_monotone", "huge_eps", "effort", "blackbox"]
+    assert not set(MASK_LABELS) & set(s["robust_acc"]), "check attacks stay out of the robust-accuracy table"
+    for lab in MASK_LABELS:
+        rs = [r["correct"] for r in recs if r["attack"] == lab]
+        assert len(rs) == 8 and s["masking_attacks_acc"][lab] == pytest.approx(100 * sum(rs) / 8)
     assert s["robust_acc"]["PGD-3"] <= s["robust_acc"]["FGSM"] + 100 * 3 / 37  # stronger attack (noise)
     cert = jsonl(run / "certify.jsonl")
     for m in ("ibp", "crown-ibp"):
@@ -177,12 +187,19 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     assert s["train_run_dir"] == str(Path(ckpt).resolve().parent.parent)
     assert s["params"] > 0 and s["genotype"]["normal"]
     assert s["timing"]["attack_examples_per_s"] > 0 and s["timing"]["peak_memory_mb"] > 0
+    cpu = s["timing"]["attack_cpu_s"]
+    assert set(cpu) == {r["attack"] for r in recs} - {"clean"} and all(v > 0 for v in cpu.values())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
     assert "eval/robust_acc/PGD-3" in tags and ea.Scalars("eval/clean_acc")[0].value == pytest.approx(s["clean_acc"])
+    # the eps sweep on a readable axis: step = point index, eps as its own series
+    acc = ea.Scalars("eval/eps_sweep/PGD-3/robust_acc")
+    eps = ea.Scalars("eval/eps_sweep/PGD-3/eps")
+    assert [e.step for e in acc] == [0, 1, 2] and [round(e.value, 6) for e in eps] == [0.0, 0.01, 0.05]
+    assert [e.value for e in acc] == pytest.approx([p["robust_acc"] for p in s["eps_sweep"]])
 
 
 def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckpt):
@@ -307,3 +324,23 @@ def test_testset_reads_imagenet_folders_by_index(tmp_path):
     assert x.shape == (2, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
     # JPEG of a near-constant image: the decoded crop keeps its level (index 4 = class 1, k=1 -> 80)
     assert abs(x[0].mean().item() * 255 - 81) < 4 and abs(x[1].mean().item() * 255 - 1) < 4
+
+
+# ----------------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "eval").glob("*.yaml")))
+def test_shipped_eval_configs_build_their_attacks(name):
+    from dsrna_dist.evaluate import build_attacks
+
+    cfg = load_config(EvalConfig, str(ROOT / "configs" / "eval" / name), {})
+    attacks, _ = build_attacks(cfg)
+    meta = {lab: m for lab, _, m in attacks}
+    if cfg.eps_sweep:
+        assert cfg.eps_sweep[0] == 0.0, "the eps sweep starts at the clean point"
+    if name in ("fmnist_small.yaml", "cifar10.yaml"):   # AutoAttack, l_inf and l_2, next to the others
+        aa = {m["norm"]: m["eps"] for m in meta.values() if m["name"] == "autoattack"}
+        assert set(aa) == {"inf", "2"}
+        assert {"FGSM", "PGD-20", "PGD-100", "C&W"} <= set(meta)
+        assert cfg.masking.enabled and {"huge", "effort", "blackbox"} <= {m.get("role") for m in meta.values()}
+    if name == "fmnist_small.yaml":
+        assert cfg.data.name == "fashion_mnist" and cfg.data.test_subset == 0
+        assert meta["AutoAttack"]["eps"] == pytest.approx(0.1) and meta["PGD-20"]["eps"] == pytest.approx(0.1)

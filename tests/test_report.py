@@ -51,13 +51,14 @@ def write_train(root: Path, name: str, search_dir: Path, seed: int, top1: float)
 
 
 def write_eval(root: Path, name: str, train_dir: Path, rng, n: int = 40, p_clean: float = 0.9,
-               p_adv: float = 0.5, params: int = 123456):
+               p_adv: float = 0.5, params: int = 123456, methods=("crown-ibp",), radius=None, overrides=None):
     """An eval run dir as evaluate.py leaves it: config.yaml, attacks.jsonl, certify.jsonl and
     summary.json made by evaluate.summarize from those records."""
     d = root / name
     d.mkdir(parents=True)
     cfg = load_config(EvalConfig, None, {"data.name": "synthetic", "run.name": name, "eps_sweep": [0.01, 0.03],
-                                         "checkpoint": str(train_dir / "checkpoints" / "best.pt")})
+                                         "checkpoint": str(train_dir / "checkpoints" / "best.pt"),
+                                         **(overrides or {})})
     (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     attacks, sweep_label = build_attacks(cfg)
     recs, cert = [], []
@@ -70,13 +71,15 @@ def write_eval(root: Path, name: str, train_dir: Path, rng, n: int = 40, p_clean
                          "eps": meta["eps"], "norm": meta["norm"], "adv_pred": y if adv_ok else (y + 2) % 4,
                          "correct": adv_ok})
         if clean_ok and len({c["index"] for c in cert}) < 10:
-            for norm in ("inf", "2"):
-                r = rng.random() * (0.01 if norm == "inf" else 0.1)
-                cert.append({"index": i, "label": y, "method": "crown-ibp", "norm": norm, "radius": r,
-                             "radius_target": 1.5 * r, "target": (y + 1) % 4})
+            for meth in methods:
+                for norm in ("inf", "2"):
+                    r = radius(meth, norm) if radius else rng.random() * (0.01 if norm == "inf" else 0.1)
+                    cert.append({"index": i, "label": y, "method": meth, "norm": norm, "radius": r,
+                                 "radius_target": 1.5 * r, "target": (y + 1) % 4})
     (d / "attacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (d / "certify.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cert))
     s = summarize(recs, cert, attacks, sweep_label)
+    s.update(attacks=[{"label": lab, **meta} for lab, _, meta in attacks])   # as evaluate.run_eval writes it
     s.update(kind="eval", dataset="synthetic", checkpoint=cfg.checkpoint,
              train_run_dir=str(train_dir.resolve()), params=params, genotype=G.load("DARTS_V2").to_dict())
     (d / "summary.json").write_text(json.dumps(s))
@@ -120,7 +123,8 @@ def _cell(md: str, table_title: str, row_key: str, col: str) -> str:
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
         if row_key in cells[:2]:
-            return cells[header.index(col)]
+            # headers carry the threat model after the label: "PGD-10 (l_inf eps=..., 10 steps ...)"
+            return cells[next(i for i, h in enumerate(header) if h == col or h.startswith(col + " ("))]
     raise AssertionError(f"row {row_key} not in {table_title}")
 
 
@@ -148,9 +152,10 @@ def test_tables_aggregate_over_seeds(tree, tmp_path):
         assert _cell(md, "without attack, parameters", method, "Test Acc. (%)").startswith(f"{cm:.2f}")
         cost = _cell(md, "without attack, parameters", method, "Search cost")
         assert cost.startswith(f"{statistics.mean(e['cost']):.3g}") and cost.endswith("CPU-h")
-        cert = _cell(md, "l_inf-norm certified lower bounds", "synthetic", method)
+        cert = _cell(md, "l_inf-norm certified lower bounds", method, "mean radius (untargeted)")
         m, sd = statistics.mean(e["cert_inf"]), (statistics.stdev(e["cert_inf"]) if len(e["cert_inf"]) > 1 else None)
-        assert cert.split(" / ")[0] == (f"{m:.3g}" if sd is None else f"{m:.3g} ± {sd:.3g}")
+        assert cert == (f"{m:.3g}" if sd is None else f"{m:.3g} ± {sd:.3g}")
+        assert _cell(md, "l_inf-norm certified lower bounds", method, "runs") == str(len(e["cert_inf"]))
     data = json.loads(out.with_suffix(".json").read_text())
     got = data["datasets"]["synthetic"]["methods"]["DSRNA-CB"]["robust"]["PGD-10"]
     assert sorted(got) == pytest.approx(sorted(expect["DSRNA-CB"]["pgd"]))
@@ -212,3 +217,149 @@ def test_cli(tree, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--std_ddof" in r.stdout
+
+
+# ----------------------------------------------------------------------------- what a reviewer needs to see
+def _one_method_tree(tmp_path, seeds=2, **kw):
+    import random
+
+    rng = random.Random(1)
+    root = tmp_path / "runs"
+    evals = []
+    for seed in range(seeds):
+        s = write_search(root, f"search_s{seed}", "pcdarts", "certified", seed)
+        t = write_train(root, f"train_s{seed}", s, seed, top1=90)
+        evals.append(write_eval(root, f"eval_s{seed}", t, rng, **kw))
+    return root, evals
+
+
+def test_headers_carry_the_threat_model(tmp_path):
+    root, _ = _one_method_tree(tmp_path, seeds=1)
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method | runs | Without attack"))
+    d = EvalConfig()   # write_eval evaluates with the default attacks: read the threat model from there
+    fgsm, pgd10, cw = d.attacks[0], d.attacks[1], d.attacks[3]
+    assert f"FGSM (l_inf eps={fgsm.eps:.4g})" in header
+    assert f"PGD-10 (l_inf eps={pgd10.eps:.4g}, 10 steps of {pgd10.step_size:.3g})" in header
+    assert f"C&W (l_2, unbounded, c={cw.c:g}, {cw.steps} steps)" in header
+    # one run: no std anywhere in the tables, and the number of runs is in every table
+    tables = md.split("## Plots")[0].split("## Runs")[0]
+    assert "±" not in tables.split("## Table 1")[1]
+    for block in tables.split("## Table ")[1:]:
+        assert "| runs |" in block or "| runs" in block.splitlines()[2], block[:200]
+
+
+def test_no_std_for_a_single_run_whatever_ddof():
+    from dsrna_dist.report import fmt
+
+    for ddof in (0, 1):
+        assert fmt([12.3456], 2, ddof) == "12.35"
+    assert fmt([1.0, 3.0], 2, 0) == "2.00 ± 1.00" and fmt([1.0, 3.0], 2, 1) == "2.00 ± 1.41"
+
+
+def test_masking_warnings_are_in_the_report(tmp_path):
+    root, evals = _one_method_tree(tmp_path)
+    flagged = {"check": "huge_eps", "status": "flagged", "message": "PGD at l_inf eps 1 leaves 37.00% robust"}
+    for k, (d, _, _) in enumerate(evals):
+        s = json.loads((d / "summary.json").read_text())
+        ok = [{"check": c, "status": "ok", "message": "fine"} for c in ("eps_monotone", "huge_eps", "effort", "blackbox")]
+        s["masking"] = {"checks": [flagged] + ok[2:] if k == 0 else ok}
+        (d / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    warn = [line for line in md.splitlines() if line.startswith("> **WARNING**")]
+    assert len(warn) == 1 and "train_s0" in warn[0] and flagged["message"] in warn[0]
+    assert md.index("WARNING") < md.index("## Table 1"), "warnings come before the numbers they qualify"
+    assert "1 of 7 checks flagged" in md
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["masking"]["train_s0"][0]["status"] == "flagged"
+    # all passing: one line that says so
+    for d, _, _ in evals:
+        s = json.loads((d / "summary.json").read_text())
+        s["masking"] = {"checks": [{"check": "effort", "status": "ok", "message": "fine"}]}
+        (d / "summary.json").write_text(json.dumps(s))
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    assert "WARNING" not in md and "All 2 checks passed on 2 evaluated network(s)" in md
+
+
+def test_certified_tables_crown_first_with_certified_accuracy(tmp_path):
+    scale = {"crown": 0.02, "crown-ibp": 0.004, "ibp": 0.0}
+    import random
+
+    rr = random.Random(5)
+    root, evals = _one_method_tree(tmp_path, methods=("ibp", "crown-ibp", "crown"),
+                                   radius=lambda m, nm: scale[m] * rr.random() * (10 if nm == "2" else 1))
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    caps = [line for line in md.splitlines() if "certified lower bounds" in line]
+    assert [c.split("bound method: ")[1].split(" ")[0] for c in caps] == ["CROWN", "CROWN-IBP", "IBP"] * 2
+    assert "l_inf" in caps[0] and "tightest" in caps[0]
+    # certified accuracy at the l_inf attack eps, recomputed here from the records
+    eps = EvalConfig().attacks[0].eps   # FGSM's 2/255
+    vals = []
+    for d, recs, cert in evals:
+        correct = [r["index"] for r in recs if r["attack"] == "clean" and r["correct"]]
+        certified = {c["index"] for c in cert}
+        uncert = [i for i in correct if i not in certified]
+        prefix = min(uncert) if uncert else 40
+        hit = {c["index"] for c in cert if c["method"] == "crown" and c["norm"] == "inf" and c["radius"] >= eps
+               and c["index"] < prefix}
+        vals.append(100 * len(hit) / prefix)
+    cell = _cell(md, caps[0], "DSRNA-CB", f"certified acc. (%) at eps={eps:.4g}")
+    assert cell == f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+    assert 0 < statistics.mean(vals) < 100
+
+
+def test_radius_histograms_fit_the_radii_or_say_nothing_certified(tmp_path):
+    from dsrna_dist.plots import radius_bins
+
+    root, _ = _one_method_tree(tmp_path, seeds=1, methods=("ibp", "crown"),
+                               radius=lambda m, nm: 0.0 if m == "ibp" else (1e-4 if nm == "inf" else 3e-2))
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out)))
+    md = out.read_text()
+    names = sorted(p.name for p in (tmp_path / "report_plots").glob("radius_hist_*"))
+    assert names == ["radius_hist_synthetic_crown_2.png", "radius_hist_synthetic_crown_inf.png"]
+    assert "synthetic, IBP l_inf: no example certified (all 10 radii are 0; no histogram)." in md
+    edges = radius_bins({"a": [0.0, 1e-5, 3e-3], "b": [2e-4]})
+    assert edges[0] == pytest.approx(1e-5) and edges[-1] == pytest.approx(3e-3)
+    ratios = edges[1:] / edges[:-1]
+    assert ratios == pytest.approx([ratios[0]] * len(ratios)), "log-spaced"
+    with pytest.raises(ValueError, match="no example certified"):
+        radius_bins({"a": [0.0, 0.0]})
+
+
+def test_eps_sweep_starts_at_the_clean_point(tmp_path):
+    root, evals = _one_method_tree(tmp_path)
+    # an older summary without the eps = 0 point: the report adds the clean accuracy there
+    d = evals[0][0]
+    s = json.loads((d / "summary.json").read_text())
+    s["eps_sweep"] = [p for p in s["eps_sweep"] if p["eps"] > 0]
+    (d / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out)))
+    data = json.loads(out.with_suffix(".json").read_text())
+    (lab, series), = data["eps_sweeps"]["synthetic"].items()
+    eps, mean = series["DSRNA-CB"]["eps"], series["DSRNA-CB"]["mean"]
+    assert eps == [0.0, 0.01, 0.03]
+    cleans = [json.loads((e[0] / "summary.json").read_text())["clean_acc"] for e in evals]
+    assert mean[0] == pytest.approx(statistics.mean(cleans))
+
+
+def test_autoattack_is_the_headline_column(tmp_path):
+    attacks = [{"name": "fgsm", "eps": 0.1}, {"name": "pgd", "eps": 0.1, "steps": 20, "step_size": 0.01},
+               {"name": "autoattack", "eps": 0.1}, {"name": "autoattack", "norm": "2", "eps": 1.0}]
+    root, _ = _one_method_tree(tmp_path, seeds=1, overrides={"attacks": attacks})
+    out = tmp_path / "report.md"
+    write_report(ReportConfig(runs=str(root), out=str(out), plots=False))
+    md = out.read_text()
+    header = [c.strip() for c in next(line for line in md.splitlines()
+                                      if line.startswith("| Method | runs")).strip("|").split("|")]
+    assert header[3:] == ["AutoAttack (l_inf eps=0.1, standard)", "AutoAttack (l2) (l_2 eps=1, standard)",
+                          "FGSM (l_inf eps=0.1)", "PGD-20 (l_inf eps=0.1, 20 steps of 0.01)"]
+    assert "Headline robust accuracy: AutoAttack (l_inf eps=0.1, standard); AutoAttack (l2) (l_2 eps=1" in md

@@ -1,4 +1,4 @@
-"""Attacks behind one interface (registry ``ATTACKS``): clean, fgsm, pgd, cw, autoattack.
+"""Attacks behind one interface (registry ``ATTACKS``): clean, fgsm, pgd, cw, autoattack, square.
 
 ``build_attack(cfg, seed)(model, x, y, indices) -> x_adv`` on inputs in [0, 1]; eps in pixels.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..config import AttackConfig
 from .base import ATTACKS, Attack, AttackError, attack_label, flat_norm, margin, project
-from . import clean, fgsm, pgd, cw, autoattack  # noqa: F401  (register)
+from . import clean, fgsm, pgd, cw, autoattack, square  # noqa: F401  (register)
 
 
 def build_attack(cfg: AttackConfig, seed: int = 0) -> Attack:

@@ -17,6 +17,9 @@ from .base import ATTACKS, Attack, check_finite_eps
 
 @ATTACKS.register("autoattack")
 class AutoAttackStandard(Attack):
+    #: seeded per call (the package's own RNG use), so records depend on batching and ranks
+    per_example_seeded = False
+
     def validate(self) -> None:
         check_finite_eps(self.cfg, self.label)
 

@@ -37,6 +37,7 @@ def attack_label(cfg: AttackConfig) -> str:
         "pgd": f"PGD-{cfg.steps}{l2}",
         "cw": "C&W",
         "autoattack": "AutoAttack" + l2,
+        "square": f"Square-{cfg.steps}{l2}",
     }.get(cfg.name, f"{cfg.name}{l2}")
 
 
@@ -122,6 +123,10 @@ class Attack:
 
     #: whether results must lie in the eps ball (C&W with eps == 0 is unbounded)
     bounded: bool = True
+    #: score-based (reads logits only): the control of the "black-box beats white-box" masking check
+    blackbox: bool = False
+    #: randomness drawn per example from (seed, index): results do not depend on batching or ranks
+    per_example_seeded: bool = True
 
     def __init__(self, cfg: AttackConfig, seed: int = 0) -> None:
         self.cfg = cfg
