@@ -4,6 +4,6 @@ A new strategy is one file here that registers a :class:`SearchStrategy` subclas
 import line below.
 """
 from .base import STRATEGIES, NonFiniteLossError, SearchContext, SearchStrategy, build_strategy
-from . import darts, pcdarts, pcdarts_adv, pdarts, sdarts_adv, sdarts_rs  # noqa: F401,E402  (register)
+from . import darts, pcdarts, pcdarts_adv, pdarts, robnet, sdarts_adv, sdarts_rs  # noqa: F401,E402  (register)
 
 __all__ = ["STRATEGIES", "NonFiniteLossError", "SearchContext", "SearchStrategy", "build_strategy"]
