@@ -126,3 +126,16 @@ def test_search_stage_stops_early_logs_the_reason_and_a_rerun_stays_stopped(tmp_
     assert r2.returncode == 0 and "search stopped early" in r2.stdout + r2.stderr
     assert "epoch 2:" not in r2.stdout + r2.stderr
     assert (tmp_path / "s" / "genotype.json").read_text() == g1
+
+
+def test_report_method_names_for_the_new_methods():
+    from dsrna_dist.report import method_name
+
+    none = {"name": "none"}
+    assert method_name({"strategy": {"name": "darts"}, "stopping": {"name": "dartsplus"}, "robustness": none}) == "DARTS+"
+    assert method_name({"strategy": {"name": "pdarts"}, "robustness": none}) == "P-DARTS"
+    assert method_name({"strategy": {"name": "robnet"}, "robustness": none}) == "RobNet"
+    assert method_name({"strategy": {"name": "pdarts"}, "robustness": {"name": "jacobian"}}) == "DSRNA-Jacobian (P-DARTS)"
+    assert method_name({"strategy": {"name": "sdarts_rs"}, "stopping": {"name": "dartsplus"},
+                        "robustness": none}) == "SDARTS-RS + DARTS+ stopping"
+    assert method_name({"strategy": {"name": "darts"}, "stopping": {"name": "none"}, "robustness": none}) == "DARTS (1st)"
