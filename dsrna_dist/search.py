@@ -162,6 +162,9 @@ def rebuild_for(rt: Runtime, cfg: SearchConfig, info: Any, metric: Any, strategy
     want_cfg, want_mask = strategy.supernet_config(), strategy.supernet_mask()
     if same_supernet(ctx.model, want_cfg, want_mask):
         return ctx
+    free = getattr(rt.accelerator, "free_memory", None)
+    if free is not None:  # accelerate keeps every prepared model: drop the old supernet's reference
+        free()
     new = setup_supernet(rt, cfg, info, metric, want_cfg, want_mask,
                          loaders=(ctx.train_loader, ctx.val_loader, ctx.steps), broadcast=broadcast)
     strategy.bind(new)

@@ -103,7 +103,8 @@ def test_defaults_are_the_published_cifar10_settings_and_schedule_matches_refere
 @pytest.mark.parametrize("bad,key", [({"epochs": 5}, "pdarts.stage_epochs"),
                                      ({"pdarts.keep_ops": [3, 2]}, "pdarts.keep_ops"),
                                      ({"pdarts.keep_ops": [9]}, "pdarts.keep_ops"),
-                                     ({"pdarts.skip_dropout": [0.1]}, "pdarts.skip_dropout")])
+                                     ({"pdarts.skip_dropout": [0.1]}, "pdarts.skip_dropout"),
+                                     ({"strategy.arch_start_epoch": 3}, "strategy.arch_start_epoch")])
 def test_bad_stage_settings_name_the_key(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(tiny_cfg(**bad))
@@ -138,8 +139,9 @@ def test_prune_keeps_top_k_per_edge_on_a_constructed_alpha():
     assert np.flatnonzero(kept[0].numpy()).tolist() == [PRIMS.index("dil_conv_5x5")]
 
 
-def test_masked_supernet_builds_only_kept_ops_and_masks_alpha():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("pc", [False, True])
+def test_masked_supernet_builds_only_kept_ops_and_masks_alpha(pc):
+    cfg = tiny_cfg(**({"model.partial_channels": 2, "model.edge_normalization": True} if pc else {}))
     g = torch.Generator().manual_seed(1)
     edges, ops = num_edges(2), len(PRIMS)
     mask = {k: prune_ops(torch.randn(edges, ops, generator=g), torch.ones(edges, ops, dtype=torch.bool), 3, PRIMS)
@@ -148,6 +150,7 @@ def test_masked_supernet_builds_only_kept_ops_and_masks_alpha():
     for cell in model.cells:
         kind = "reduce" if cell.reduction else "normal"
         for e, edge in enumerate(cell.edges):
+            edge = edge.mixed if pc else edge  # PC-DARTS: the partial-channel edge wraps a MixedOp
             kept = [k for k in range(ops) if mask[kind][e, k] and PRIMS[k] != "none"]
             assert list(edge.index) == kept and len(edge.ops) == len(kept)
     w = model.arch_weights()

@@ -105,6 +105,9 @@ class PDARTS(DARTS):
                 raise ConfigError(f"key 'pdarts.keep_ops': {list(p.keep_ops)} must be non-increasing "
                                   f"counts within 1..{n_ops} (model.primitives has {n_ops} ops)")
             prev = k
+        if cfg.strategy.arch_start_epoch:
+            raise ConfigError("key 'strategy.arch_start_epoch': pdarts delays arch updates in every stage "
+                              "by pdarts.arch_start_epoch; leave strategy.arch_start_epoch at 0")
         if any(not 0.0 <= r < 1.0 for r in p.skip_dropout):
             raise ConfigError(f"key 'pdarts.skip_dropout': rates must lie in [0, 1), got {list(p.skip_dropout)}")
 
