@@ -177,12 +177,15 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     check_config(cfg)
     info, train_loader, val_loader, steps = build_loaders(cfg, rt, arrays)
     fmt = memory_format(cfg)
-    metric = build_metric(cfg)
     loaders = (train_loader, val_loader, steps)
+    # same order of random draws as before the lifecycle hooks: supernet init, then the metric
+    ctx = setup_supernet(rt, cfg, info, None, loaders=loaders, broadcast=False)
+    metric = ctx.metric = build_metric(cfg)
 
     start_epoch, global_step, search_time = 0, 0, 0.0
     state = rt.maybe_resume(cfg)
-    ctx = setup_supernet(rt, cfg, info, metric, loaders=loaders, broadcast=state is None)
+    if state is None:
+        broadcast_parameters(ctx.model.parameters())  # one architecture and one init everywhere
     strategy = build_strategy(ctx)
     genotype = None
     if state is not None:
