@@ -191,7 +191,10 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     if state is not None:
         # the strategy's state says which supernet the checkpoint holds (P-DARTS: stage, op lists)
         strategy.load_state_dict(state.get("strategy", {}))
-        ctx = rebuild_for(rt, cfg, info, metric, strategy, ctx, broadcast=False)
+    # the supernet the strategy searches now (P-DARTS stage 0: pdarts.stage_layers[0] cells);
+    # a no-op for strategies that search cfg.model with every op
+    ctx = rebuild_for(rt, cfg, info, metric, strategy, ctx, broadcast=state is None)
+    if state is not None:
         global_step, start_epoch = restore_training_state(
             state, models={"model": ctx.model}, optimizers={"weights": ctx.w_optim, "arch": ctx.a_optim},
             source=str(rt.ckpt.last_path))
@@ -209,7 +212,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     rt.print(f"search: {cfg.strategy.name} (order {cfg.strategy.order}) on {info.name}, "
              f"{steps} steps/epoch x {cfg.data.batch_size} x {rt.world_size} ranks, "
-             f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}"
+             f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}, "
+             f"supernet of {ctx.model.cfg.layers} cells"
              + (f", stopping {cfg.stopping.name}" if cfg.stopping.name != "none" else ""))
     if genotype is None:
         genotype = strategy.genotype()

@@ -30,7 +30,7 @@ def info(c=3, size=8, k=4):
 
 def tiny_cfg(**dotted):
     base = {"strategy.name": "pdarts", "model.init_channels": 4, "model.layers": 3, "model.nodes": 2,
-            "epochs": 4, "pdarts.stage_layers": [2, 4], "pdarts.stage_epochs": [2, 2],
+            "epochs": 4, "pdarts.stage_layers": [3, 4], "pdarts.stage_epochs": [2, 2],
             "pdarts.keep_ops": [3], "pdarts.skip_dropout": [0.1, 0.4], "pdarts.arch_start_epoch": 1,
             "optim.lr": 0.05, "arch_optim.lr": 0.01}
     base.update(dotted)
@@ -277,7 +277,7 @@ def test_stage_change_prunes_deepens_and_keeps_searching_with_a_metric():
 
     cfg = tiny_cfg(**{"robustness.name": "jacobian", "robustness.gamma": 0.01})
     strat = make(cfg, metric=build_metric(cfg.robustness))
-    assert strat.supernet_mask() is None and strat.supernet_config().layers == 2
+    assert strat.supernet_mask() is None and strat.supernet_config().layers == 3 == len(strat.model.cells)
     for epoch in range(4):
         for step in range(2):
             xt, yt = batch(seed=10 * epoch + step)
@@ -304,9 +304,9 @@ def test_stage_change_prunes_deepens_and_keeps_searching_with_a_metric():
 
 TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
              "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
-             "--model.init_channels=4", "--model.layers=3", "--model.nodes=2",
+             "--model.init_channels=4", "--model.layers=2", "--model.nodes=2",
              "--run.progress=false", "--steps_per_epoch=3", "--run.tensorboard=false",
-             "--strategy.name=pdarts", "--epochs=4", "--pdarts.stage_layers=[2,4]",
+             "--strategy.name=pdarts", "--epochs=4", "--pdarts.stage_layers=[3,4]",
              "--pdarts.stage_epochs=[2,2]", "--pdarts.keep_ops=[3]", "--pdarts.skip_dropout=[0.1,0.4]",
              "--pdarts.arch_start_epoch=1"]
 
@@ -331,6 +331,8 @@ def check_kill_and_resume_across_stage_change(tmp_path, ranks, stop_at):
     full = launch([*args, "--run.name=full"], ranks=ranks)
     out = full.stdout + full.stderr
     assert full.returncode == 0, out[-3000:]
+    # stage 0 searches pdarts.stage_layers[0] = 3 cells although model.layers = 2
+    assert "supernet of 3 cells" in out and "supernet of 2 cells" not in out
     assert "supernet rebuilt: 4 cells, at most 3 candidate ops" in out
     if ranks > 1:
         assert "world_size=2" in out and out.count(f"alpha identical on {ranks} ranks") == 4
@@ -342,7 +344,7 @@ def check_kill_and_resume_across_stage_change(tmp_path, ranks, stop_at):
     resumed = launch([*args, "--run.name=resumed"], ranks=ranks)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
-    assert "resuming from" in out
+    assert "resuming from" in out and "supernet of 4 cells" in out  # resumed into stage 1
     if ranks > 1:
         assert out.count(f"alpha identical on {ranks} ranks") == 2
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
