@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsrna_dist.config import SearchConfig, StoppingConfig, replace
-from dsrna_dist.genotype import Genotype
+from dsrna_dist.config import SearchConfig, StoppingConfig
 from dsrna_dist.space.supernet import derive_genotype, num_edges
 from dsrna_dist.strategies.dartsplus import DartsPlusStopping, edge_rankings, is_learnable
 

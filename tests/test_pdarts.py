@@ -17,7 +17,7 @@ from dsrna_dist.search import build_optimizers, check_config
 from dsrna_dist.space.cells import MixedOp
 from dsrna_dist.space.supernet import Supernet, derive_genotype, num_edges
 from dsrna_dist.strategies import SearchContext, build_strategy
-from dsrna_dist.strategies.pdarts import PDARTS, prune_ops, skip_dropout_rate
+from dsrna_dist.strategies.pdarts import prune_ops
 
 torch.set_num_threads(1)
 PRIMS = SearchConfig().model.primitives
