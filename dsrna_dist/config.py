@@ -140,7 +140,8 @@ class SupernetConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = fld("darts", help="search strategy: darts, pcdarts, sdarts_rs, sdarts_adv, pcdarts_adv")
+    name: str = fld("darts", help="search strategy: darts, pcdarts, sdarts_rs, sdarts_adv, pcdarts_adv, "
+                                         "pdarts, robnet")
     order: int = fld(1, choices=(1, 2), help="DARTS 1st or 2nd order (unrolled) architecture gradient")
     arch_start_epoch: int = fld(0, ge=0, help="first epoch with architecture updates (PC-DARTS: 15)")
     fd_r: float = fld(0.01, gt=0.0, help="2nd order: finite-difference step r / ||v||")
@@ -225,6 +226,46 @@ class RobustnessConfig:
 
 
 @dataclass(frozen=True)
+class PDARTSConfig:
+    """P-DARTS (Chen et al. 2019); defaults are the published CIFAR-10 settings."""
+    stage_layers: Tuple[int, ...] = fld((5, 11, 17), help="pdarts: cells of the supernet in each stage")
+    stage_epochs: Tuple[int, ...] = fld((25, 25, 25), help="pdarts: epochs of each stage (sum = epochs)")
+    keep_ops: Tuple[int, ...] = fld((5, 3), help="pdarts: ops kept per edge after each stage but the last "
+                                                 "(8 -> 5 -> 3; the last stage ends in the derived genotype)")
+    skip_dropout: Tuple[float, ...] = fld((0.1, 0.4, 0.7), help="pdarts: initial dropout rate on skip-connect "
+                                                                "branches, per stage")
+    dropout_decay: float = fld(0.2, ge=0.0, help="pdarts: rate = p0 * exp(-decay * (epoch - arch_start_epoch)) "
+                                                 "once arch updates run (reference scale_factor)")
+    arch_start_epoch: int = fld(10, ge=0, help="pdarts: epochs of each stage before arch updates start")
+    max_skip: int = fld(2, ge=-1, help="pdarts: at most this many skip_connect in the final normal cell "
+                                       "(-1 = no cap)")
+
+
+@dataclass(frozen=True)
+class StoppingConfig:
+    """Early stopping of the search, usable with any strategy (DARTS+, Liang et al. 2019)."""
+    name: str = fld("none", choices=("none", "dartsplus"), help="stopping rule: none or dartsplus")
+    max_skip: int = fld(2, ge=1, help="dartsplus: stop when the derived normal cell has >= this many skip_connect")
+    patience: int = fld(10, ge=1, help="dartsplus: stop when the per-edge ranking of alpha is unchanged for "
+                                       "this many consecutive epochs")
+    rank_ops: str = fld("learnable", choices=("learnable", "all"),
+                        help="dartsplus: ops whose alpha ranking must be stable (learnable = ops with weights)")
+    min_epochs: int = fld(0, ge=0, help="dartsplus: never stop before this many epochs")
+
+
+@dataclass(frozen=True)
+class RobNetConfig:
+    """RobNet baseline (Guo et al. 2020): one-shot PGD-AT supernet, then rank sampled cells."""
+    eps: float = fld(8 / 255, gt=0.0, help="robnet: l_inf PGD radius (pixel scale), training and ranking")
+    step_size: float = fld(2 / 255, gt=0.0, help="robnet: PGD step")
+    train_steps: int = fld(7, ge=1, help="robnet: PGD steps in adversarial training of the supernet")
+    eval_steps: int = fld(10, ge=1, help="robnet: PGD steps when ranking sampled architectures")
+    samples: int = fld(1000, ge=1, help="robnet: architectures sampled and ranked after training")
+    finetune_steps: int = fld(10, ge=0, help="robnet: PGD-AT steps on each sampled architecture before ranking")
+    eval_batches: int = fld(4, ge=1, help="robnet: held-out (search val) batches per rank for the ranking")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     run: RunConfig = fld(default_factory=RunConfig)
     dist: DistConfig = fld(default_factory=DistConfig)
@@ -234,6 +275,9 @@ class SearchConfig:
     optim: OptimConfig = fld(default_factory=OptimConfig)
     arch_optim: ArchOptimConfig = fld(default_factory=ArchOptimConfig)
     robustness: RobustnessConfig = fld(default_factory=RobustnessConfig)
+    pdarts: PDARTSConfig = fld(default_factory=PDARTSConfig)
+    stopping: StoppingConfig = fld(default_factory=StoppingConfig)
+    robnet: RobNetConfig = fld(default_factory=RobNetConfig)
     epochs: int = fld(50, ge=1, help="search epochs")
     steps_per_epoch: int = fld(0, ge=0, help="cap on steps per epoch (0 = full epoch); for smoke runs")
 

@@ -84,7 +84,9 @@ def method_name(search_cfg: Dict[str, Any]) -> str:
     name, order = st.get("name", "darts"), int(st.get("order", 1) or 1)
     base = {"darts": f"DARTS ({'2nd' if order == 2 else '1st'})", "pcdarts": "PC-DARTS",
             "sdarts_rs": "SDARTS-RS", "sdarts_adv": "SDARTS-ADV", "pcdarts_adv": "PC-DARTS-ADV",
-            "pcdarts_rs": "PC-DARTS-RS"}.get(name, name)
+            "pcdarts_rs": "PC-DARTS-RS", "pdarts": "P-DARTS", "robnet": "RobNet"}.get(name, name)
+    if (search_cfg.get("stopping") or {}).get("name") == "dartsplus":  # DARTS+ early stopping
+        base = "DARTS+" if name == "darts" and order == 1 else f"{base} + DARTS+ stopping"
     metric = (search_cfg.get("robustness") or {}).get("name", "none")
     if metric in (None, "", "none"):
         return base

@@ -72,7 +72,8 @@ def wrap_ddp(model: Supernet, world_size: int, prepare: Optional[Callable[[nn.Mo
     if world_size == 1:
         return model
     ddp = nn.parallel.DistributedDataParallel
-    ddp._set_params_and_buffers_to_ignore_for_model(model, model.arch_parameter_names())
+    ddp._set_params_and_buffers_to_ignore_for_model(
+        model, model.arch_parameter_names() + model.arch_buffer_names())
     return prepare(model) if prepare is not None else ddp(model)
 
 
@@ -133,45 +134,104 @@ def check_config(cfg: SearchConfig) -> None:
                           f"is not divisible by K={cfg.model.partial_channels}")
 
 
+def setup_supernet(rt: Runtime, cfg: SearchConfig, info: Any, metric: Any,
+                   model_cfg: Any = None, op_mask: Any = None, *, loaders: Tuple[Any, Any, int] = (None, None, 0),
+                   broadcast: bool = True) -> SearchContext:
+    """THE one place a supernet, its two optimizers and its DDP wrapper are built: at the
+    start, on resume, and whenever a strategy says the supernet changes (P-DARTS stages).
+    ``broadcast``: make rank 0's fresh init everyone's (skipped when a checkpoint is loaded next)."""
+    model = Supernet(model_cfg if model_cfg is not None else cfg.model, info, op_mask)
+    model = model.to(rt.device, memory_format=memory_format(cfg))
+    w_optim, a_optim = build_optimizers(cfg, model)
+    if broadcast:
+        broadcast_parameters(model.parameters())  # one architecture and one init everywhere
+    net = wrap_ddp(model, rt.world_size, rt.accelerator.prepare_model)
+    return SearchContext(cfg=cfg, model=model, net=net, w_optim=w_optim, a_optim=a_optim, metric=metric,
+                         seed=cfg.run.seed, train_loader=loaders[0], val_loader=loaders[1], steps=loaders[2])
+
+
+def same_supernet(model: Supernet, model_cfg: Any, op_mask: Any) -> bool:
+    """Whether ``model`` already is the supernet (config, per-edge op lists) a strategy wants."""
+    have = model.op_mask()
+    if (have is None) != (op_mask is None):
+        return False
+    if have is not None and not all(torch.equal(have[k], torch.as_tensor(op_mask[k]).cpu()) for k in have):
+        return False
+    return model.cfg == model_cfg
+
+
+def rebuild_for(rt: Runtime, cfg: SearchConfig, info: Any, metric: Any, strategy: Any, ctx: SearchContext,
+                broadcast: bool = True) -> SearchContext:
+    """Rebuild through :func:`setup_supernet` when the strategy wants another supernet."""
+    want_cfg, want_mask = strategy.supernet_config(), strategy.supernet_mask()
+    if same_supernet(ctx.model, want_cfg, want_mask):
+        return ctx
+    free = getattr(rt.accelerator, "free_memory", None)
+    if free is not None:  # accelerate keeps every prepared model: drop the old supernet's reference
+        free()
+    new = setup_supernet(rt, cfg, info, metric, want_cfg, want_mask,
+                         loaders=(ctx.train_loader, ctx.val_loader, ctx.steps), broadcast=broadcast)
+    strategy.bind(new)
+    return new
+
+
 def run_search(rt: Runtime, arrays: Any = None) -> int:
     """The search loop; ``arrays``: the train set if already loaded (see :func:`main`)."""
     cfg: SearchConfig = rt.cfg
     check_config(cfg)
     info, train_loader, val_loader, steps = build_loaders(cfg, rt, arrays)
     fmt = memory_format(cfg)
-    model = Supernet(cfg.model, info).to(rt.device, memory_format=fmt)
-    metric = build_metric(cfg)
-    w_optim, a_optim = build_optimizers(cfg, model)
+    loaders = (train_loader, val_loader, steps)
+    # same order of random draws as before the lifecycle hooks: supernet init, then the metric
+    ctx = setup_supernet(rt, cfg, info, None, loaders=loaders, broadcast=False)
+    metric = ctx.metric = build_metric(cfg)
 
     start_epoch, global_step, search_time = 0, 0, 0.0
     state = rt.maybe_resume(cfg)
+    if state is None:
+        broadcast_parameters(ctx.model.parameters())  # one architecture and one init everywhere
+    strategy = build_strategy(ctx)
+    genotype = None
+    if state is not None:
+        # the strategy's state says which supernet the checkpoint holds (P-DARTS: stage, op lists)
+        strategy.load_state_dict(state.get("strategy", {}))
+    # the supernet the strategy searches now (P-DARTS stage 0: pdarts.stage_layers[0] cells);
+    # a no-op for strategies that search cfg.model with every op
+    ctx = rebuild_for(rt, cfg, info, metric, strategy, ctx, broadcast=state is None)
     if state is not None:
         global_step, start_epoch = restore_training_state(
-            state, models={"model": model}, optimizers={"weights": w_optim, "arch": a_optim},
+            state, models={"model": ctx.model}, optimizers={"weights": ctx.w_optim, "arch": ctx.a_optim},
             source=str(rt.ckpt.last_path))
         if metric is not None and state.get("metric"):
             metric.load_state_dict(state["metric"])
         search_time = float(state.get("search_time_s", 0.0))
-    else:
-        broadcast_parameters(model.parameters())  # one architecture and one init everywhere
-    net = wrap_ddp(model, rt.world_size, rt.accelerator.prepare_model)
-    strategy = build_strategy(SearchContext(cfg=cfg, model=model, net=net, w_optim=w_optim,
-                                            a_optim=a_optim, metric=metric, seed=cfg.run.seed))
-    if state is not None:
-        strategy.load_state_dict(state.get("strategy", {}))
+        if state.get("genotype"):
+            from .genotype import from_dict
+
+            genotype = from_dict(state["genotype"], "checkpoint genotype")
+    strategy.on_search_start()
 
     hist_path = rt.run_dir / "alphas.jsonl"
     history = read_alpha_history(hist_path, start_epoch) if rt.is_main else []
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     rt.print(f"search: {cfg.strategy.name} (order {cfg.strategy.order}) on {info.name}, "
              f"{steps} steps/epoch x {cfg.data.batch_size} x {rt.world_size} ranks, "
-             f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}")
-    genotype = model.derive(cfg.strategy.max_skip)
+             f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}, "
+             f"supernet of {ctx.model.cfg.layers} cells"
+             + (f", stopping {cfg.stopping.name}" if cfg.stopping.name != "none" else ""))
+    if genotype is None:
+        genotype = strategy.genotype()
     means: Dict[str, float] = {}  # the last epoch's step-log means (summary: grad_share, eps, ...)
+    stopped = strategy.should_stop()
+    epochs_run = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        lr = lr_at(cfg.optim, epoch, cfg.epochs)
+        if stopped:
+            break
+        model, w_optim, a_optim = ctx.model, ctx.w_optim, ctx.a_optim
+        lr = lr_at(cfg.optim, *strategy.lr_position(epoch))
         for g in w_optim.param_groups:
             g["lr"] = lr
+        strategy.on_epoch_start(epoch)
         train_loader.set_epoch(epoch)
         val_loader.set_epoch(epoch)
         sums: Dict[str, torch.Tensor] = {}
@@ -205,14 +265,21 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         if rt.world_size > 1 and not assert_identical_across_ranks(model.arch_parameters()):
             raise RuntimeError(f"architecture parameters differ across ranks after epoch {epoch} "
                                "(a strategy skipped the arch-gradient all-reduce)")
-        genotype = model.derive(cfg.strategy.max_skip)
+        genotype = strategy.genotype()
         if rt.is_main:
             log_epoch(rt, model, genotype, means, lr, throughput, epoch)
             save_genotypes(rt.run_dir, genotype, epoch)
             history.append(alpha_record(model, epoch))
             write_alpha_history(hist_path, history)
+        if strategy.on_epoch_end(epoch, genotype, means):  # "the supernet changes here"
+            ctx = rebuild_for(rt, cfg, info, metric, strategy, ctx)
+            mask = ctx.model.op_mask()
+            kept = "all" if mask is None else f"{int(mask['normal'].sum(1).max())}"
+            rt.print(f"epoch {epoch}: supernet rebuilt: {ctx.model.cfg.layers} cells, "
+                     f"at most {kept} candidate ops per edge")
+        epochs_run = epoch + 1
         ckpt = training_state(
-            models={"model": model}, optimizers={"weights": w_optim, "arch": a_optim},
+            models={"model": ctx.model}, optimizers={"weights": ctx.w_optim, "arch": ctx.a_optim},
             step=global_step, epoch=epoch + 1, config=cfg, rng=capture_rng(),
             strategy=strategy.state_dict(), metric=metric.state_dict() if metric is not None else {},
             genotype=genotype.to_dict(), search_time_s=search_time)
@@ -221,6 +288,12 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
                  + f", lr={lr:.4g}, {throughput:.1f} img/s"
                  + (f", alpha identical on {rt.world_size} ranks" if rt.world_size > 1 else "")
                  + f"\n  genotype: {genotype}")
+        stopped = strategy.should_stop()
+    if stopped:
+        rt.print(f"search stopped early: {stopped}")
+    final = strategy.on_search_end()
+    if final is not None:
+        genotype = final
     if rt.is_main:
         from .genotype import save
 
@@ -230,7 +303,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         # Search cost for the report: wall seconds of the epochs (summed over resumes) x ranks.
         atomic_write_json(str(rt.run_dir / "summary.json"), {
             "kind": "search", "search_time_s": round(search_time, 3), "world_size": rt.world_size,
-            "device": rt.device.type, "epochs": cfg.epochs, "genotype": genotype.to_dict(),
+            "device": rt.device.type, "epochs": cfg.epochs, "epochs_run": epochs_run,
+            "stopped": stopped, "strategy": cfg.strategy.name, "genotype": genotype.to_dict(),
             "last_epoch_means": means})
         rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
     return 0

@@ -7,14 +7,22 @@ Why this shape:
   (SDARTS) and the same code serves plain DARTS and PC-DARTS.
 * The ``none`` op is never built or run: its output is zero, so it contributes nothing to the
   weighted sum; its weight still takes part in the softmax (that is the DARTS semantics).
+* Per-edge op lists: ``allowed`` (a row of the supernet's op mask) lists which candidates of
+  the global ``primitives`` an edge still holds (P-DARTS prunes them between stages). Pruned
+  ops are not built; ``index`` keeps positions in the full weight vector, so the alpha rows
+  keep one layout (the full op axis) for every edge and every consumer.
+* Skip-connect dropout (P-DARTS) is a plain float ``skip_p`` applied to the skip branch only
+  when it is > 0 and the module is training; strategies set it around the weight step only,
+  so the architecture step and the robustness bounds always see the deterministic network.
 * No data-dependent Python control flow, and the PC-DARTS channel shuffle is written with
   ``unflatten/transpose/flatten`` on static sizes, so ``torch.fx.symbolic_trace`` works.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import FactorizedReduce, ReLUConvBN, build_op
@@ -47,19 +55,31 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 class MixedOp(nn.Module):
     """sum_k w_k * op_k(x) over the candidate ops, ``none`` skipped (it adds exactly zero)."""
 
-    def __init__(self, c: int, stride: int, primitives: Sequence[str]) -> None:
+    def __init__(self, c: int, stride: int, primitives: Sequence[str],
+                 allowed: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
+        if allowed is not None and len(allowed) != len(primitives):
+            raise ValueError(f"op mask row has {len(allowed)} entries for {len(primitives)} primitives")
         self.ops = nn.ModuleList()
         index: List[int] = []
         for k, name in enumerate(primitives):
-            if name == "none":
+            if name == "none" or (allowed is not None and not allowed[k]):
                 continue
             self.ops.append(build_op(name, c, stride, affine=False))
             index.append(k)
+        if not index:
+            raise ValueError("an edge keeps no op other than 'none' (op mask row "
+                             f"{list(allowed) if allowed is not None else None})")
         self.index = tuple(index)  # position of each built op in the weight vector
+        names = [primitives[k] for k in index]
+        self.skip_pos = names.index("skip_connect") if "skip_connect" in names else -1
+        self.skip_p = 0.0  # P-DARTS op-level dropout on the skip branch (see module docstring)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return weighted_sum(weights, self.index, [op(x) for op in self.ops])
+        ys = [op(x) for op in self.ops]
+        if self.skip_p > 0.0 and self.training and self.skip_pos >= 0:
+            ys[self.skip_pos] = F.dropout(ys[self.skip_pos], self.skip_p, training=True)
+        return weighted_sum(weights, self.index, ys)
 
 
 class PartialMixedOp(nn.Module):
@@ -69,14 +89,15 @@ class PartialMixedOp(nn.Module):
     then the two parts are concatenated and channel-shuffled with K groups.
     """
 
-    def __init__(self, c: int, stride: int, primitives: Sequence[str], k: int) -> None:
+    def __init__(self, c: int, stride: int, primitives: Sequence[str], k: int,
+                 allowed: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
         if c % k:
             raise ValueError(f"partial channels: C={c} is not divisible by K={k} "
                              "(model.init_channels must be a multiple of model.partial_channels)")
         self.k = k
         self.c_part = c // k
-        self.mixed = MixedOp(self.c_part, stride, primitives)
+        self.mixed = MixedOp(self.c_part, stride, primitives, allowed)
         self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -94,7 +115,9 @@ class SearchCell(nn.Module):
     """
 
     def __init__(self, nodes: int, c_prev_prev: int, c_prev: int, c: int, reduction: bool,
-                 reduction_prev: bool, primitives: Sequence[str], partial_channels: int = 1) -> None:
+                 reduction_prev: bool, primitives: Sequence[str], partial_channels: int = 1,
+                 op_mask: Optional[Sequence[Sequence[bool]]] = None) -> None:
+        """``op_mask``: [edges][len(primitives)] booleans, the ops each edge keeps (None: all)."""
         super().__init__()
         self.reduction = reduction
         self.nodes = nodes
@@ -102,11 +125,14 @@ class SearchCell(nn.Module):
                             else ReLUConvBN(c_prev_prev, c, 1, 1, 0, affine=False))
         self.preprocess1 = ReLUConvBN(c_prev, c, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList()
+        e = 0
         for i in range(nodes):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self.edges.append(MixedOp(c, stride, primitives) if partial_channels == 1
-                                  else PartialMixedOp(c, stride, primitives, partial_channels))
+                row = None if op_mask is None else op_mask[e]
+                self.edges.append(MixedOp(c, stride, primitives, row) if partial_channels == 1
+                                  else PartialMixedOp(c, stride, primitives, partial_channels, row))
+                e += 1
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,16 @@ weights, but they are kept in their own parameter group: ``arch_parameters()`` v
 them once per call; a caller may pass an override (a mapping like :meth:`arch_weights`
 returns) to run the network at perturbed weights (SDARTS) without touching alpha.
 
+Per-edge op lists (P-DARTS search-space approximation): ``Supernet(cfg, info, op_mask=...)``
+with ``op_mask = {"normal": bool[edges, ops], "reduce": bool[edges, ops]}``. Chosen layout: the
+alpha matrices keep the full op axis (``len(primitives)`` columns on every edge) and a mask
+marks the ops still in the space; masked entries get -inf before the softmax, so their weight
+is exactly 0, their alpha gradient exactly 0, and their ops are not built. Every consumer
+(genotype parsing, SDARTS perturbations, heatmaps, the bound engine, the alpha history) keeps
+one layout; a derived genotype can never pick a pruned op (weight 0 < any kept op's weight).
+The masks are non-persistent buffers (``arch.mask_normal``...); the strategy that pruned them
+stores them in its checkpoint state and rebuilds the supernet from them before loading weights.
+
 Tracing: ``torch.fx.symbolic_trace(supernet)`` gives the graph of the plain forward (the
 override branch is chosen by ``isinstance(..., Mapping)``, which a tracing proxy is not).
 """
@@ -54,7 +64,8 @@ class ArchParameters(nn.Module):
     root-level parameters cannot be excluded from DDP reliably; one level down they can.
     """
 
-    def __init__(self, edges: int, ops: int, edge_norm: bool) -> None:
+    def __init__(self, edges: int, ops: int, edge_norm: bool,
+                 op_mask: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         super().__init__()
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(edges, ops))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(edges, ops))
@@ -63,12 +74,22 @@ class ArchParameters(nn.Module):
             self.betas_normal = nn.Parameter(1e-3 * torch.randn(edges))
             self.betas_reduce = nn.Parameter(1e-3 * torch.randn(edges))
             self.names += ("betas_normal", "betas_reduce")
+        self.masked = op_mask is not None
+        self.mask_names: Tuple[str, ...] = ()
+        if op_mask is not None:
+            for kind in ("normal", "reduce"):
+                m = torch.as_tensor(op_mask[kind], dtype=torch.bool)
+                if tuple(m.shape) != (edges, ops):
+                    raise ValueError(f"op mask {kind!r} has shape {tuple(m.shape)}, expected {(edges, ops)}")
+                self.register_buffer(f"mask_{kind}", m.clone(), persistent=False)
+            self.mask_names = ("mask_normal", "mask_reduce")
 
 
 class Supernet(nn.Module):
     """Stem -> ``layers`` search cells (reductions at 1/3, 2/3) -> global pool -> linear."""
 
-    def __init__(self, cfg: SupernetConfig, info) -> None:
+    def __init__(self, cfg: SupernetConfig, info,
+                 op_mask: Optional[Mapping[str, torch.Tensor]] = None) -> None:
         super().__init__()
         for p in cfg.primitives:
             if p not in OPS:
@@ -96,15 +117,17 @@ class Supernet(nn.Module):
             reduction = i in reductions
             if reduction:
                 c_curr *= 2
+            kind = "reduce" if reduction else "normal"
+            rows = None if op_mask is None else torch.as_tensor(op_mask[kind], dtype=torch.bool).tolist()
             self.cells.append(SearchCell(cfg.nodes, c_pp, c_p, c_curr, reduction, reduction_prev,
-                                         self.primitives, cfg.partial_channels))
+                                         self.primitives, cfg.partial_channels, rows))
             reduction_prev = reduction
             c_pp, c_p = c_p, cfg.nodes * c_curr
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c_p, info.num_classes)
 
-        self.arch = ArchParameters(num_edges(cfg.nodes), len(self.primitives), self.edge_norm)
+        self.arch = ArchParameters(num_edges(cfg.nodes), len(self.primitives), self.edge_norm, op_mask)
 
     # ------------------------------------------------------------------ parameter groups
     @property
@@ -127,6 +150,24 @@ class Supernet(nn.Module):
         """Fully qualified names (``arch.alphas_normal``, ...), e.g. for DDP's ignore list."""
         return [f"arch.{n}" for n in self.arch.names]
 
+    def arch_buffer_names(self) -> List[str]:
+        """The op-mask buffers (``arch.mask_normal``, ...): constant, never synced by DDP."""
+        return [f"arch.{n}" for n in self.arch.mask_names]
+
+    def op_mask(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The per-edge op lists as bool [edges, ops] masks, or None when every edge has all ops."""
+        if not self.arch.masked:
+            return None
+        return {k: getattr(self.arch, f"mask_{k}").detach().cpu().clone() for k in ("normal", "reduce")}
+
+    def set_skip_dropout(self, p: float) -> None:
+        """P-DARTS op-level dropout on every skip-connect branch (0 turns it off)."""
+        from .cells import MixedOp
+
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.skip_p = float(p)
+
     def arch_parameters(self) -> List[nn.Parameter]:
         return [getattr(self.arch, n) for n in self.arch.names]
 
@@ -137,8 +178,12 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ arch weights
     def arch_weights(self) -> ArchWeights:
         """The mixing weights forward uses: softmax(alpha) per edge, beta-softmax per node."""
-        w = {"normal": F.softmax(self.alphas_normal, dim=-1),
-             "reduce": F.softmax(self.alphas_reduce, dim=-1)}
+        if self.arch.masked:  # pruned ops: weight exactly 0, gradient exactly 0
+            a_n = self.alphas_normal.masked_fill(~self.arch.mask_normal, float("-inf"))
+            a_r = self.alphas_reduce.masked_fill(~self.arch.mask_reduce, float("-inf"))
+        else:
+            a_n, a_r = self.alphas_normal, self.alphas_reduce
+        w = {"normal": F.softmax(a_n, dim=-1), "reduce": F.softmax(a_r, dim=-1)}
         if self.edge_norm:
             w["normal_edge"] = normalize_edges(self.betas_normal, self.nodes)
             w["reduce_edge"] = normalize_edges(self.betas_reduce, self.nodes)

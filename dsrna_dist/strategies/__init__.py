@@ -1,9 +1,14 @@
 """Search strategies (how alpha moves), registered by name in :data:`STRATEGIES`.
 
-A new strategy is one file here that registers a :class:`SearchStrategy` subclass and one
-import line below.
+A new strategy is one file here that registers a :class:`SearchStrategy` subclass (every
+module of this package is imported below, so no other file changes) plus its config section.
 """
+import importlib
+import pkgutil
+
 from .base import STRATEGIES, NonFiniteLossError, SearchContext, SearchStrategy, build_strategy
-from . import darts, pcdarts, pcdarts_adv, sdarts_adv, sdarts_rs  # noqa: F401,E402  (register)
+
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # register every strategy file
+    importlib.import_module(f"{__name__}.{_m}")
 
 __all__ = ["STRATEGIES", "NonFiniteLossError", "SearchContext", "SearchStrategy", "build_strategy"]

@@ -1,5 +1,22 @@
 """The search-strategy interface: how one step moves the weights w and the architecture alpha.
 
+Lifecycle (NASLib-style; ``search.py``'s loop calls these for every strategy, in this order):
+
+    on_search_start()                       once, after the supernet is built (or restored)
+    should_stop() -> reason | None          before every epoch (a resumed, stopped run ends here)
+    on_epoch_start(epoch)                   then ``step`` per batch, at ``lr_position(epoch)``
+    on_epoch_end(epoch, genotype, logs)     True = "the supernet changes here": the loop rebuilds
+                                            model, optimizers and DDP wrapper from
+                                            ``supernet_config()`` / ``supernet_mask()`` through
+                                            one function and calls ``bind(ctx)``
+    should_stop()                           after the epoch's checkpoint (reason -> summary.json)
+    on_search_end() -> Genotype | None      a strategy may replace the derived genotype (RobNet)
+
+Checkpoints: ``state_dict`` holds what the supernet shape depends on (P-DARTS: stage and
+per-edge op lists); on resume the loop loads it first and rebuilds the supernet when
+``supernet_config``/``supernet_mask`` differ from the default, then loads the weights.
+The stopping rule (``stopping:`` section, e.g. DARTS+) lives here, so any strategy has it.
+
 Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
 
 * the weight step runs through ``net`` (DDP-wrapped when world_size > 1), so the weight
@@ -25,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, SearchConfig
+from ..config import ConfigError, SearchConfig, SupernetConfig
 from ..engine.sync import all_reduce_mean_, any_rank
 from ..registry import Registry
 from ..robustness.base import metric_forward
@@ -50,6 +67,9 @@ class SearchContext:
     metric: Any = None  # dsrna_dist.robustness.RobustnessMetric | None
     seed: int = 0
     logs: Dict[str, float] = field(default_factory=dict)
+    train_loader: Any = None  # the search halves (RobNet's ranking reads the val half)
+    val_loader: Any = None
+    steps: int = 0  # steps per epoch
 
 
 ARCH_GRAD_LIMIT = 1e15  # see SearchStrategy._apply_arch_grads
@@ -228,15 +248,73 @@ class SearchStrategy:
         logs.update(self.weight_step(xt, yt, epoch=epoch, step=step))
         return logs
 
+    # ------------------------------------------------------------------ lifecycle
+    def supernet_config(self) -> SupernetConfig:
+        """The supernet the current phase searches (P-DARTS: deeper each stage)."""
+        return self.cfg.model
+
+    def supernet_mask(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Per-edge op lists as bool [edges, ops] masks (None: every op on every edge)."""
+        return None
+
+    def bind(self, ctx: SearchContext) -> None:
+        """Point the strategy at a rebuilt supernet / optimizers / DDP wrapper."""
+        self.ctx = ctx
+        self.model = ctx.model
+
+    def _stopper(self):
+        if not hasattr(self, "_stopping_rule"):
+            from .dartsplus import build_stopping_rule
+
+            self._stopping_rule = build_stopping_rule(self.cfg)
+        return self._stopping_rule
+
+    def on_search_start(self) -> None:
+        """Once, after the supernet is built or restored."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before the first step of ``epoch``."""
+
+    def on_epoch_end(self, epoch: int, genotype: Any = None, logs: Optional[Dict[str, float]] = None) -> bool:
+        """After the epoch's steps, with its derived genotype; True = rebuild the supernet."""
+        rule = self._stopper()
+        if rule is not None:
+            rule.update(epoch, self.model, genotype)
+        return False
+
+    def should_stop(self) -> Optional[str]:
+        """A reason to end the search now (logged, written to summary.json), or None."""
+        rule = self._stopper()
+        return None if rule is None else rule.reason
+
+    def lr_position(self, epoch: int) -> Tuple[int, int]:
+        """(epoch, epochs) for the weight lr schedule (P-DARTS restarts it every stage)."""
+        return epoch, self.cfg.epochs
+
+    def genotype(self) -> Any:
+        """The cell the current alpha encodes (the loop derives it after every epoch)."""
+        return self.model.derive(self.cfg.strategy.max_skip)
+
+    def on_search_end(self) -> Any:
+        """After the last epoch; a Genotype replaces the derived one (None keeps it)."""
+        return None
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Strategy state beyond model/optimizers (randomness is a function of the step)."""
-        return {"name": self.name}
+        state: Dict[str, Any] = {"name": self.name}
+        rule = self._stopper()
+        if rule is not None:
+            state["stopping"] = rule.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint was written by strategy {state.get('name')!r}, "
                              f"this run uses {self.name!r}")
+        rule = self._stopper()
+        if rule is not None and state.get("stopping"):
+            rule.load_state_dict(state["stopping"])
 
 
 def build_strategy(ctx: SearchContext) -> SearchStrategy:
