@@ -228,3 +228,17 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
     assert {"arch/entropy", "arch/max_softmax", "arch/genotype_changes", "arch/converged"} <= tags
     assert [e.value for e in ea.Scalars("arch/entropy")] == pytest.approx([h["entropy"] for h in hist])
     assert "arch/weights" in ea.Tags()["images"]
+
+
+def test_cli_reports_each_run_and_fails_on_unconverged(tmp_path, capsys):
+    from dsrna_dist.strategies.convergence import main
+
+    good, flat = tmp_path / "good", tmp_path / "flat"
+    for d, gap in ((good, 3.0), (flat, 0.0)):
+        d.mkdir()
+        (d / "alphas.jsonl").write_text(json.dumps(record(0, gap, steps=8, changes=1, last=2)) + "\n")
+    assert main([str(good)]) == 0
+    assert main([str(good), str(flat)]) == 1
+    out = capsys.readouterr().out
+    assert f"{flat}: converged=False (moved=False, stable=True)" in out
+    assert main([str(tmp_path / "missing")]) == 2 and "no alpha history" in capsys.readouterr().err

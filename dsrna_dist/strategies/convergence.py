@@ -170,3 +170,43 @@ def convergence(history: Sequence[Mapping[str, Any]], *, min_max_softmax: float 
                stable_window=window, moved=bool(moved), stable=bool(stable),
                converged=bool(moved and stable))
     return out
+
+
+def run_convergence(run_dir: str, **kw: Any) -> Dict[str, Any]:
+    """:func:`convergence` of a search run directory's ``alphas.jsonl``."""
+    from pathlib import Path
+
+    path = Path(run_dir) / "alphas.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no alpha history (is {run_dir} a search run directory?)")
+    hist = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return convergence(hist, **kw)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dsrna_dist.strategies.convergence RUN_DIR...``: one line per search run
+    (criterion, entropy, mean max softmax(alpha), genotype changes); exit 1 if any run did
+    not converge, 2 if a directory has no alpha history."""
+    import sys
+
+    dirs = list(sys.argv[1:] if argv is None else argv)
+    if not dirs:
+        print("usage: python -m dsrna_dist.strategies.convergence RUN_DIR...", file=sys.stderr)
+        return 2
+    bad = 0
+    for d in dirs:
+        try:
+            c = run_convergence(d)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        bad += not c["converged"]
+        print(f"{d}: converged={c['converged']} (moved={c['moved']}, stable={c['stable']}) "
+              f"entropy={c.get('entropy', float('nan')):.4f} max_softmax={c.get('max_softmax', float('nan')):.4f} "
+              f"genotype_changes={c['genotype_changes']} last_change={c['last_change_arch_step']}/"
+              f"{c['arch_steps']} arch steps")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
