@@ -28,7 +28,7 @@ from .strategies import NonFiniteLossError, SearchContext, build_strategy
 from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
                                    read_alpha_history, save_genotypes, write_alpha_history)
 from .strategies.convergence import GenotypeTracker, convergence
-from .strategies.schedule import lr_at
+from .strategies.schedule import arch_lr_at, lr_at
 
 PROG = "python -m dsrna_dist.search"
 DOC = __doc__.split("\n\n")[0]
@@ -181,6 +181,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         batches = zip(range(steps), train_loader, val_loader)
         for i, (xt, yt), (xv, yv) in rt.progress(batches, total=steps, desc=f"epoch {epoch}"):
+            for g in a_optim.param_groups:  # constant (reference) or cosine per step
+                g["lr"] = arch_lr_at(cfg.arch_optim, epoch + i / steps, cfg.strategy.arch_start_epoch, cfg.epochs)
             xt = xt.contiguous(memory_format=fmt)
             xv = xv.contiguous(memory_format=fmt)
             try:  # autocast: bf16 on GPU when configured (the arch step bypasses DDP's wrapper)

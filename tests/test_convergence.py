@@ -189,7 +189,8 @@ def test_cell_diagram_uses_the_node_names(tmp_path, monkeypatch):
 TINY = ["--data.name=synthetic", "--data.synthetic_size=64", "--data.synthetic_shape=[3,8,8]",
         "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
         "--model.init_channels=4", "--model.layers=3", "--model.nodes=2", "--run.progress=false",
-        "--steps_per_epoch=1", "--epochs=6", "--arch_optim.lr=0.3", "--run.log_every=1"]
+        "--steps_per_epoch=1", "--epochs=6", "--arch_optim.lr=0.3", "--arch_optim.schedule=cosine",
+        "--run.log_every=1"]
 
 
 def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
@@ -228,6 +229,22 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
     assert {"arch/entropy", "arch/max_softmax", "arch/genotype_changes", "arch/converged"} <= tags
     assert [e.value for e in ea.Scalars("arch/entropy")] == pytest.approx([h["entropy"] for h in hist])
     assert "arch/weights" in ea.Tags()["images"]
+    # the arch lr followed the cosine schedule per step: the last step (epoch 5 of 6) used 0.3 * (1 + cos(5 pi / 6)) / 2
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["optimizers"]["arch"]["param_groups"][0]["lr"] == pytest.approx(0.15 * (1 + math.cos(5 * math.pi / 6)))
+
+
+def test_arch_lr_schedule():
+    from dsrna_dist.config import ArchOptimConfig
+    from dsrna_dist.strategies.schedule import arch_lr_at
+
+    const = ArchOptimConfig(lr=0.1)
+    assert [arch_lr_at(const, p, 2, 8) for p in (0, 2, 7.99)] == [0.1, 0.1, 0.1]
+    cos = ArchOptimConfig(lr=0.1, schedule="cosine", lr_min=0.01)
+    vals = [arch_lr_at(cos, 2 + 6 * k / 60, 2, 8) for k in range(61)]
+    assert vals[0] == pytest.approx(0.1) and vals[-1] == pytest.approx(0.01) and vals[30] == pytest.approx(0.055)
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+    assert arch_lr_at(cos, 0.5, 2, 8) == pytest.approx(0.1)  # before arch updates start: unused, clamped
 
 
 def test_cli_reports_each_run_and_fails_on_unconverged(tmp_path, capsys):
