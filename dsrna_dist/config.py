@@ -165,9 +165,11 @@ class RobustnessConfig:
                          help="certified: per-example margin bound = min (the certificate) or mean over j != y of the "
                               "K-1 margin bounds, or mean_margin: one bound of the mean margin (1 spec row, "
                               "never looser than mean)")
-    eps_rule: str = fld("sign", choices=("sign", "proportional", "fixed"),
+    eps_rule: str = fld("sign", choices=("sign", "proportional", "log", "fixed"),
                         help="certified eps after each call: sign: eps += eps_step * sign(target_gap - gap); "
-                             "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); fixed: never")
+                             "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); "
+                             "log: ln eps += clip(eps_gain * ln(target_gap / gap) / slope, +-eps_log_step), slope = "
+                             "d ln gap / d ln eps estimated online (a Newton step in log-log space); fixed: never")
     eps_step: float = fld(0.001, ge=0.0, help="certified: eps change per arch step (see eps_rule)")
     eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target global mean (upper - lower) margin bound gap")
     eps_every: int = fld(1, ge=1, help="certified: apply the eps rule on every n-th metric call only; the upper "
@@ -187,8 +189,16 @@ class RobustnessConfig:
                    help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")
     bn_stats: str = fld("objective", choices=("objective", "own"),
-                        help="certified, BN in train mode: objective = the batch statistics of the arch objective's "
-                             "val forward (no clean pass in the bound engine); own = those of the metric's examples")
+                        help="BN in train mode (certified; jacobian paper/frobenius_sq): objective = the batch statistics "
+                             "of the arch objective's val forward (certified: no clean pass in the bound engine); "
+                             "own = those of the metric's examples")
+    eps_gain: float = fld(0.8, gt=0.0, le=1.0, help="certified eps_rule log: fraction of the Newton step taken")
+    eps_log_step: float = fld(2.3, gt=0.0, help="certified eps_rule log: largest |change of ln eps| per update "
+                                                  "(2.3 = a factor 10)")
+    trade_off: str = fld("gamma", choices=("gamma", "share"),
+                         help="arch gradient = dL/dalpha - gamma_eff * dR/dalpha with gamma_eff = gamma (paper), or "
+                              "share: gamma_eff = share * ||dL/dalpha|| / ||dR/dalpha|| (all-reduced norms, every step)")
+    share: float = fld(0.5, gt=0.0, help="trade_off share: ||gamma_eff dR/dalpha|| / ||dL/dalpha||")
 
 
 @dataclass(frozen=True)

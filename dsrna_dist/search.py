@@ -165,6 +165,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
              f"{steps} steps/epoch x {cfg.data.batch_size} x {rt.world_size} ranks, "
              f"epochs {start_epoch}..{cfg.epochs - 1}, metric {cfg.robustness.name}")
     genotype = model.derive(cfg.strategy.max_skip)
+    means: Dict[str, float] = {}  # the last epoch's step-log means (summary: grad_share, eps, ...)
     tracker = GenotypeTracker()  # genotype changes per arch step (convergence diagnostics)
     if state is not None:
         tracker.load_state_dict(state.get("convergence", {}))
@@ -248,7 +249,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             "kind": "search", "search_time_s": round(search_time, 3),
             "search_cpu_s": round(search_cpu, 3), "world_size": rt.world_size,
             "device": rt.device.type, "epochs": cfg.epochs, "genotype": genotype.to_dict(),
-            "convergence": convergence(history)})
+            "convergence": convergence(history), "last_epoch_means": means})
         rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
     return 0
 

@@ -92,14 +92,18 @@ def test_jacobian_paper_formula_matches_autograd(norm, q, vjp):
         assert g[i].item() == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-5, abs=1e-9)
 
 
-def test_jacobian_train_mode_batchnorm_is_the_batch_vjp():
-    """With batch statistics, row k for example i is sum_j dF_jk/dx_i of the batched function."""
+def test_jacobian_train_mode_batchnorm_rows_are_per_example_at_batch_statistics():
+    """With batch statistics, example i's rows are its Jacobian with the statistics held at the
+    batch's (tests/test_jacobian_bn.py does this on a supernet); not the batch VJP sum_j."""
     torch.manual_seed(1)
     net = TinyMixNet(bn=True).double().train()
     x = torch.rand(5, 12, dtype=torch.float64)
-    full = jacobian(net, x)                                   # [B, K, B, D]
-    rows = full.sum(0).permute(1, 0, 2)                       # [B, K, D] (sum over j)
-    expected = -0.03 * rows.abs().sum(2).mean(1).mean(0)
+    with torch.no_grad():
+        mean, var = net.fc1(x).mean(0), net.fc1(x).var(0, unbiased=False)
+    ref = TinyMixNet(bn=True).double()
+    ref.load_state_dict(net.state_dict())
+    ref.bn.running_mean, ref.bn.running_var = mean, var
+    expected = -0.03 * per_example_jacobians(ref.eval(), x).abs().sum(2).mean(1).mean(0)
     r, _ = build_metric(cfg(name="jacobian", norm="inf"))(net, x, torch.zeros(5, dtype=torch.long))
     torch.testing.assert_close(r, expected, rtol=1e-10, atol=1e-12)
     # and in eval mode (running statistics) it is the per-example Jacobian
@@ -536,6 +540,10 @@ def test_jacobian_metric_under_two_rank_ddp(tmp_path, kw):
 
 @pytest.mark.dist
 @needs_bounds
-def test_certified_metric_under_two_rank_ddp(tmp_path):
-    state = run_two_ranks(tmp_path, dict(name="certified", method="crown-ibp", eps_step=0.005))
+@pytest.mark.parametrize("rule", ["sign", "log"])
+def test_certified_metric_under_two_rank_ddp(tmp_path, rule):
+    state = run_two_ranks(tmp_path, dict(name="certified", method="crown-ibp", eps_step=0.005, eps_rule=rule,
+                                         eps_min=1e-6))
     assert "'updates': 3" in state and "'eps': 0.03" not in state   # adapted, identically
+    if rule == "log":
+        assert "'log_rule'" in state and "'measured': True" in state

@@ -5,9 +5,10 @@ Paper, formula (15), for an l_p threat model of radius delta and q the dual expo
 
     R = -(delta / N) * sum_i (1/K) * sum_k ||J_k(x_i)||_q          J_k = d f_k / d x (row k)
 
-``estimator="paper"`` computes exactly this: the K rows of J come from K vector-Jacobian
-products with the one-hot vectors e_k (looped, or vmapped with ``is_grads_batched``), then the
-per-row q-norm (q = 1 for l_inf, q = 2 for l_2).
+``estimator="paper"`` computes exactly this: the K rows of every example's J come from K
+vector-Jacobian products with the one-hot vectors e_k (looped, or vmapped with
+``is_grads_batched``) through a forward in which the examples do not interact (see BatchNorm
+below), then the per-row q-norm (q = 1 for l_inf, q = 2 for l_2).
 
 What the paper says vs. what the formula is: the paper calls sum_k ||J_k||_2 "the Frobenius
 norm" of J and says it uses the random-projection method of Hoffman et al. (2019). Neither is
@@ -41,20 +42,36 @@ Gradients: the VJPs use ``autograd.grad(..., create_graph=True)`` and the caller
 the objective once, ordinarily; that double backward works on a DDP-wrapped model, while
 ``backward(create_graph=True)`` does not.
 
-BatchNorm in train mode (as in DARTS search): the batch statistics couple the examples, so a
-VJP returns, for example i, sum_j v_j^T df(x_j)/dx_i -- the per-example Jacobian plus an O(1/B)
-coupling term, as in Hoffman et al.'s implementation. In eval mode (running statistics) the
-rows are exactly the per-example Jacobians.
+BatchNorm in train mode (as in DARTS search) couples the examples of a batch: example i's
+logits depend on every x_j through the batch statistics. A VJP with one vector for the whole
+batch then returns sum_j v_j^T df(x_j)/dx_i, and with the same one-hot e_k for every example it
+is d(sum_j f_jk)/dx_i, which is ~0 in a DARTS supernet (every node output has zero batch mean
+per channel, so sum_j f_jk does not depend on the input). The VJP estimators (``paper``,
+``frobenius_sq``) therefore differentiate each example at *fixed* batch statistics
+(:mod:`dsrna_dist.robustness.bn`): the statistics of the architecture objective's forward of
+the whole val batch (``bn_stats: objective``, captured by :meth:`JacobianMetric.forward_context`)
+or of the metric's own examples (``bn_stats: own``, or when called without that context), kept
+on the graph of the weights and alpha but cut from the input. Each VJP row is then exactly the
+per-example Jacobian row of the function the search evaluates for that example; it differs from
+the diagonal block d f(x_i)/d x_i of the batched function only by example i's own O(1/B) pull on
+the statistics (tests/test_jacobian_bn.py). This costs one extra forward of the metric's
+examples. In eval mode (running statistics) nothing couples the examples and the objective's
+forward is reused as before. ``frobenius_sq_fd`` needs none of this: its clean and perturbed
+copies share one forward, hence one set of statistics, so the difference quotient is already
+a per-example directional derivative at fixed statistics.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import contextlib
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, RobustnessConfig
-from .base import METRICS, RobustnessMetric, batch_subset, first_logits
+from .base import METRICS, RobustnessMetric, batch_subset, first_logits, unwrap_model
+from .bn import Stats, capture_stats, frozen_stats
 
 
 def jacobian_rows(f: torch.Tensor, x: torch.Tensor, *, batched: bool,
@@ -126,6 +143,56 @@ class JacobianMetric(RobustnessMetric):
                               f"Jacobian norm; it needs robustness.norm='2' (got {cfg.norm!r})")
         self.q = 1.0 if cfg.norm == "inf" else 2.0
         self.generator: Optional[torch.Generator] = None  # None: the global RNG of the device
+        self._bn_all: List[nn.Module] = []  # every BatchNorm of the model (one module scan)
+        self._bn_for: Optional[weakref.ref] = None
+        self._captured: Optional[Stats] = None
+
+    # ------------------------------------------------------------------ BatchNorm statistics
+    def _vjp_based(self) -> bool:
+        return self.cfg.estimator in ("paper", "frobenius_sq")
+
+    def batch_stat_bns(self, model: nn.Module) -> List[nn.Module]:
+        """The model's BNs that use batch statistics now (the module scan is cached per model)."""
+        mod = unwrap_model(model)
+        if self._bn_for is None or self._bn_for() is not mod:
+            self._bn_all = [m for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            self._bn_for = weakref.ref(mod)
+        return [m for m in self._bn_all if m.training or m.running_mean is None]
+
+    @contextlib.contextmanager
+    def forward_context(self, model: nn.Module) -> Iterator[None]:
+        """VJP estimators with ``bn_stats="objective"``: capture the BN batch statistics of the
+        caller's forward (the whole val batch) for the next call (module docstring)."""
+        bns = self.batch_stat_bns(model) if self._vjp_based() and self.cfg.bn_stats == "objective" else []
+        if not bns:
+            yield
+            return
+        with capture_stats(bns) as stats:
+            yield
+        self._captured = stats
+
+    def _stats_for(self, model: nn.Module, bns: List[nn.Module], xs: torch.Tensor) -> Stats:
+        """The captured statistics if they cover every BN unambiguously, else those of a
+        forward of ``xs`` (running statistics left untouched: it is not a training step)."""
+        stats, self._captured = self._captured, None
+        if stats is not None and all(stats.get(m) is not None for m in bns):
+            return {m: stats[m] for m in bns}
+        saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 for m in bns]
+        try:
+            for m in bns:
+                m.momentum = 0.0  # running <- 1 * running + 0 * batch
+            with torch.enable_grad(), capture_stats(bns) as stats:
+                model(xs)
+        finally:
+            for m, mom, nbt in saved:
+                m.momentum = mom
+                if nbt is not None:
+                    m.num_batches_tracked.copy_(nbt)
+        if any(stats.get(m) is None for m in bns):
+            raise ValueError("jacobian metric: a BatchNorm runs more than once per forward; per-example "
+                             "Jacobians at fixed batch statistics are not defined for this model")
+        return stats
 
     def _batched(self, device: torch.device) -> bool:
         return self.cfg.vjp == "batched" or (self.cfg.vjp == "auto" and device.type == "cuda")
@@ -165,15 +232,25 @@ class JacobianMetric(RobustnessMetric):
                                         generator=self.generator)
                 per = sq / k
         else:
-            reuse = (logits is not None and create_graph and self.cfg.batch_fraction >= 1.0
+            bns = self.batch_stat_bns(model)
+            reuse = (not bns and logits is not None and create_graph and self.cfg.batch_fraction >= 1.0
                      and x.requires_grad and logits.requires_grad and logits.shape[0] == x.shape[0])
             with torch.enable_grad():
                 if reuse:
                     xs, f = x, logits
                 else:
-                    xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach().requires_grad_(True)
-                    f = first_logits(model(xs))
+                    xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
+                    ctx: Any = contextlib.nullcontext()
+                    if bns:  # examples differentiated at fixed batch statistics (module docstring)
+                        stats = self._stats_for(model, bns, xs)
+                        if not create_graph:
+                            stats = {m: (a.detach(), b.detach()) for m, (a, b) in stats.items()}
+                        ctx = frozen_stats(stats)
+                    xs = xs.requires_grad_(True)
+                    with ctx:
+                        f = first_logits(model(xs))
                 per = self.per_example(f, xs, create_graph)
+            self._captured = None
         r = -self.cfg.eps * per.mean()
         if not create_graph:
             r = r.detach()

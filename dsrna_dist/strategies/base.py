@@ -8,7 +8,9 @@ Distributed contract (see notes/distributed-on-cpu.md, "Bi-level under DDP"):
 * alpha/beta are excluded from DDP (``Supernet`` arch params are on DDP's ignore list); every
   arch-gradient computation uses ``torch.autograd.grad`` on the unwrapped ``model`` (which
   fires no DDP hook) and ends with an explicit mean all-reduce of the arch gradients, so
-  Adam sees bit-identical gradients and alpha stays bit-identical on every rank;
+  Adam sees bit-identical gradients and alpha stays bit-identical on every rank; with a
+  robustness metric the loss and R gradients are reduced separately and combined after the
+  reduction (:meth:`SearchStrategy.combine_arch_grads`), from norms every rank computes alike;
 * random perturbations (SDARTS) come from generators seeded by (seed, global step), the same
   on every rank, and PGD gradients are all-reduced: each rank perturbs identically, exactly
   as one process with the global batch would.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,13 @@ class SearchContext:
 
 
 ARCH_GRAD_LIMIT = 1e15  # see SearchStrategy._apply_arch_grads
+
+
+def grad_norm(grads: Sequence[torch.Tensor]) -> float:
+    """Euclidean norm of a list of tensors, in float64 (no overflow for any finite float32)."""
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -91,9 +100,9 @@ class SearchStrategy:
     def arch_active(self, epoch: int) -> bool:
         return epoch >= self.cfg.strategy.arch_start_epoch
 
-    def arch_objective(self, x: torch.Tensor, y: torch.Tensor, logs: Dict[str, float],
-                       update_metric: bool = True) -> torch.Tensor:
-        """val_loss - gamma * R on the unwrapped model (R from the robustness metric, if any)."""
+    def arch_terms(self, x: torch.Tensor, y: torch.Tensor, logs: Dict[str, float],
+                   update_metric: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(val_loss, R) on the unwrapped model; R is None without a robustness metric."""
         metric = self.ctx.metric
         if metric is not None:  # lets a metric that needs d logits / d x reuse this forward
             x = x.detach().requires_grad_(True)
@@ -102,7 +111,7 @@ class SearchStrategy:
         logs["val_loss"] = loss.item()
         logs["val_acc"] = accuracy(logits, y)
         if metric is None:
-            return loss
+            return loss, None
         r, mlogs = metric(self.model, x, y, logits=logits, extra=extra, update=update_metric)
         logs["R"] = float(r.detach())
         if any_rank(not math.isfinite(logs["R"]), r.device):  # every rank stops together
@@ -112,14 +121,49 @@ class SearchStrategy:
                 f"grow geometrically with depth; use a smaller robustness.eps, fewer cells or the "
                 f"PC-DARTS space (partial channels)")
         logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
-        return loss - self.cfg.robustness.gamma * r
+        return loss, r
 
-    def _apply_arch_grads(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
-        """Set alpha.grad, mean-reduce it over ranks, take the Adam step."""
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor, logs: Dict[str, float],
+                       update_metric: bool = True) -> torch.Tensor:
+        """val_loss - gamma * R (the paper's fixed gamma; see :meth:`combine_arch_grads` for
+        the trade-off the arch steps apply)."""
+        loss, r = self.arch_terms(x, y, logs, update_metric)
+        return loss if r is None else loss - self.cfg.robustness.gamma * r
+
+    def combine_arch_grads(self, g_loss: Sequence[torch.Tensor], g_r: Sequence[torch.Tensor],
+                           logs: Dict[str, float]) -> List[torch.Tensor]:
+        """The applied arch gradient g_L - gamma_eff * dR/dalpha from the two LOCAL gradients.
+
+        Both are mean-reduced over ranks first (one all-reduce), and their norms are taken in
+        float64 from the reduced tensors, so gamma_eff is the same Python float on every rank
+        and needs no state (a resumed search computes it the same way). ``trade_off: gamma``:
+        gamma_eff = gamma (paper eq. 16); ``share``: gamma_eff = share * ||g_L|| / ||dR/dalpha||,
+        so the robustness part of the step is that fraction of the loss part, whatever the
+        scale of R (DSRNA-CB's loose bounds make dR/dalpha ~1e15 times the loss gradient on an
+        untrained supernet; the Jacobian term is ~1e-3 of it). Logs ``grad_share`` =
+        ||gamma_eff dR/dalpha|| / ||g_L|| and ``gamma_eff``. Returns reduced gradients."""
+        g_loss, g_r = [g.clone() for g in g_loss], [g.clone() for g in g_r]
+        all_reduce_mean_(g_loss + g_r)
+        n_l, n_r = grad_norm(g_loss), grad_norm(g_r)
+        if not (math.isfinite(n_l) and math.isfinite(n_r)):  # reduced: every rank agrees
+            raise NonFiniteLossError(f"non-finite architecture gradient (||dL/dalpha|| = {n_l:.4g}, "
+                                     f"||dR/dalpha|| = {n_r:.4g})")
+        rc = self.cfg.robustness
+        if rc.trade_off == "share":
+            gamma = rc.share * n_l / n_r if n_r > 0.0 else 0.0
+        else:
+            gamma = rc.gamma
+        logs["grad_share"] = gamma * n_r / n_l if n_l > 0.0 else (0.0 if gamma * n_r == 0.0 else math.inf)
+        logs["gamma_eff"] = gamma
+        return [a - gamma * b for a, b in zip(g_loss, g_r)]
+
+    def _apply_arch_grads(self, grads: Sequence[Optional[torch.Tensor]], reduced: bool = False) -> None:
+        """Set alpha.grad, mean-reduce it over ranks (unless ``reduced`` already), take the Adam step."""
         self.ctx.a_optim.zero_grad(set_to_none=True)
         for p, g in zip(self.arch_params, grads):
             p.grad = torch.zeros_like(p) if g is None else g.detach().clone()
-        all_reduce_mean_([p.grad for p in self.arch_params])
+        if not reduced:
+            all_reduce_mean_([p.grad for p in self.arch_params])
         # float32 Adam squares the gradient: above ~1e19 its second moment is inf and the step
         # silently 0. A huge robustness term (DSRNA-CB's loose bounds on the full DARTS space)
         # gets there, so scale such gradients down to max |g| = ARCH_GRAD_LIMIT (no-op below it;
@@ -131,8 +175,9 @@ class SearchStrategy:
             g.div_(scale)
         self.ctx.a_optim.step()
 
-    def grads_of(self, out: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        gs = torch.autograd.grad(out, list(params), allow_unused=True)
+    def grads_of(self, out: torch.Tensor, params: Sequence[torch.Tensor],
+                 retain_graph: bool = False) -> List[torch.Tensor]:
+        gs = torch.autograd.grad(out, list(params), allow_unused=True, retain_graph=retain_graph)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
 
     # ------------------------------------------------------------------ steps
@@ -142,10 +187,16 @@ class SearchStrategy:
 
     def arch_step(self, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
                   *, epoch: int, step: int, lr: float) -> Dict[str, float]:
-        """First-order DARTS: d(val objective)/d(alpha) at the current weights."""
+        """First-order DARTS: d(val objective)/d(alpha) at the current weights; with a metric,
+        the loss and R gradients separately, combined by :meth:`combine_arch_grads`."""
         logs: Dict[str, float] = {}
-        obj = self.arch_objective(xv, yv, logs)
-        self._apply_arch_grads(self.grads_of(obj, self.arch_params))
+        loss, r = self.arch_terms(xv, yv, logs)
+        if r is None:
+            self._apply_arch_grads(self.grads_of(loss, self.arch_params))
+            return logs
+        g_l = self.grads_of(loss, self.arch_params, retain_graph=True)
+        g_r = self.grads_of(r, self.arch_params)
+        self._apply_arch_grads(self.combine_arch_grads(g_l, g_r, logs), reduced=True)
         return logs
 
     def weight_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step: int) -> Dict[str, float]:
