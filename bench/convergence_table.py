@@ -3,7 +3,7 @@
     python bench/convergence_table.py runs/fmnist_small/darts_s0 runs/fmnist_small/pcdarts_s0 ...
 
 Per run: process CPU time and wall time from ``<run>.log`` when the search ran under
-``/usr/bin/time -v`` (user + sys of the whole process, startup and data loading included),
+``/usr/bin/time -v`` (or its lines kept in ``<run>/time_v.txt``; user + sys of the whole process, startup and data loading included),
 else the epochs' CPU time from ``summary.json`` (``search_cpu_s``); the final entropy and mean
 max of softmax(alpha), genotype changes, the arch step of the last change, the criterion
 (:func:`dsrna_dist.strategies.convergence.convergence`) and the genotype.
@@ -40,7 +40,7 @@ def time_v(log: Path) -> Dict[str, Optional[float]]:
 def row(run: Path) -> str:
     c = run_convergence(str(run))
     summ = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    t = time_v(run.parent / f"{run.name}.log")
+    t = time_v(run / "time_v.txt") if (run / "time_v.txt").is_file() else time_v(run.parent / f"{run.name}.log")
     cpu = t["cpu"] if t["cpu"] is not None else summ.get("search_cpu_s")
     wall = t["wall"] if t["wall"] is not None else summ.get("search_time_s")
     geno = G.load(str(run / "genotype.json")) if (run / "genotype.json").is_file() else None
