@@ -39,8 +39,25 @@ class Genotype:
 
     def __str__(self) -> str:
         def cell(edges: Sequence[Edge]) -> str:
-            return "; ".join(f"n{i // 2 + 2}<-{op}({src})" for i, (op, src) in enumerate(edges))
+            return "; ".join(f"{edge_name(src, i // 2)} {op}" for i, (op, src) in enumerate(edges))
         return f"normal: {cell(self.normal)} | reduce: {cell(self.reduce)}"
+
+
+def node_name(index: int) -> str:
+    """One naming convention for cell nodes everywhere (heatmaps, cell diagrams, logs): the
+    cell inputs ``c_{k-2}`` (index 0) and ``c_{k-1}`` (index 1), intermediate node ``k - 2``
+    for index ``k >= 2`` (so intermediate nodes are numbered 0, 1, ...)."""
+    return "c_{k-2}" if index == 0 else "c_{k-1}" if index == 1 else str(index - 2)
+
+
+def edge_name(src: int, node: int) -> str:
+    """The edge from input ``src`` (genotype index) into intermediate node ``node`` (0-based)."""
+    return f"{node_name(src)}->{node}"
+
+
+def edge_names(nodes: int) -> List[str]:
+    """Edge names in the supernet's alpha row order: node 0's 2 inputs, node 1's 3, ..."""
+    return [edge_name(j, i) for i in range(nodes) for j in range(2 + i)]
 
 
 def _parse_edges(raw: Any, where: str) -> Tuple[Edge, ...]:

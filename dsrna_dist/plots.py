@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .genotype import Genotype
+from .genotype import Genotype, edge_names, node_name
 
 
 def _plt():
@@ -37,27 +37,103 @@ def softmax_rows(a: Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def edge_labels(nodes: int) -> List[str]:
-    return [f"n{i}<-{'c_k-2' if j == 0 else 'c_k-1' if j == 1 else f'n{j - 2}'}"
-            for i in range(nodes) for j in range(2 + i)]
+    """Row labels of the alpha heatmaps (``c_{k-2}->0``, ``c_{k-1}->0``, ``0->1``, ...): the
+    naming of :func:`dsrna_dist.genotype.node_name`, shared with the cell diagram and logs."""
+    return edge_names(nodes)
 
 
-def alpha_heatmap(weights: Mapping[str, np.ndarray], primitives: Sequence[str], title: str, path: Path) -> Path:
-    """Per-edge op weights (rows: edges, columns: ops) for the normal and the reduction cell."""
+def nodes_of(edges: int) -> Optional[int]:
+    """Intermediate nodes n with sum_{i<n} (2 + i) = edges, or None if there is no such n."""
+    n = int((math.isqrt(8 * edges + 9) - 3) // 2)
+    return n if n * (n + 3) // 2 == edges else None
+
+
+def softmax_per_node(betas: Sequence[float], nodes: int) -> np.ndarray:
+    """PC-DARTS edge normalization: softmax of the betas over each node's incoming edges."""
+    b = np.asarray(betas, dtype=np.float64)
+    parts, start = [], 0
+    for i in range(nodes):
+        parts.append(softmax_rows(b[start:start + 2 + i]))
+        start += 2 + i
+    return np.concatenate(parts)
+
+
+def arch_panels(rec: Mapping[str, Any]) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]], str]:
+    """What to draw from an ``alphas.jsonl`` record: softmax(alpha) per cell, the normalized
+    PC-DARTS edge weights per cell (None without betas), and a label of what the first is.
+    Records without raw alphas (older files) fall back to the stored mixing weights."""
+    ops: Dict[str, np.ndarray] = {}
+    what = "softmax(alpha)"
+    for kind in ("normal", "reduce"):
+        if isinstance(rec.get(f"alphas_{kind}"), list):
+            ops[kind] = softmax_rows(rec[f"alphas_{kind}"])
+    if not ops:
+        for kind in ("normal", "reduce"):
+            if isinstance(rec.get(f"weights_{kind}"), list):
+                ops[kind] = np.asarray(rec[f"weights_{kind}"], dtype=np.float64)
+        what = "mixing weights"
+    betas: Optional[Dict[str, np.ndarray]] = None
+    if ops and all(isinstance(rec.get(f"betas_{k}"), list) for k in ops):
+        nodes = nodes_of(len(next(iter(ops.values()))))
+        if nodes is not None:
+            betas = {k: softmax_per_node(rec[f"betas_{k}"], nodes) for k in ops}
+    return ops, betas, what
+
+
+def _annotate(ax, m: np.ndarray) -> None:
+    for (r, c), v in np.ndenumerate(m):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                color="white" if v < 0.5 else "black")
+
+
+def alpha_heatmap_figure(weights: Mapping[str, Any], primitives: Sequence[str], title: str,
+                         betas: Optional[Mapping[str, Any]] = None, what: str = "softmax(alpha)"):
+    """The one alpha heatmap (report and TensorBoard): per cell, rows = edges, columns = ops,
+    colour = softmax(alpha) on a fixed 0..1 scale (so a search that did not move looks
+    uniform at 1/|ops|), values written in the cells; PC-DARTS edge weights (softmax of the
+    betas over each node's inputs) in a separate panel, never multiplied in."""
     plt = _plt()
     kinds = [k for k in ("normal", "reduce") if k in weights]
     e, o = np.asarray(weights[kinds[0]]).shape
-    nodes = int((math.isqrt(8 * e + 9) - 3) // 2)  # e = sum_{i<n} (2 + i)
-    labels = edge_labels(nodes) if nodes * (nodes + 3) // 2 == e else [str(i) for i in range(e)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(2.5 + 0.55 * o * len(kinds), 1.5 + 0.3 * e),
-                             constrained_layout=True, squeeze=False)
+    nodes = nodes_of(e)
+    labels = edge_labels(nodes) if nodes is not None else [str(i) for i in range(e)]
+    ncols = len(kinds) + (1 if betas else 0)
+    ratios = [o] * len(kinds) + ([len(betas) + 1] if betas else [])
+    fig, axes = plt.subplots(1, ncols, figsize=(2.5 + 0.5 * sum(ratios), 1.6 + 0.3 * e),
+                             constrained_layout=True, squeeze=False, gridspec_kw={"width_ratios": ratios})
+    im = None
     for ax, kind in zip(axes[0], kinds):
-        w = np.asarray(weights[kind])
-        im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0)
-        ax.set_title(f"{title}: {kind} cell", fontsize=9)
+        w = np.asarray(weights[kind], dtype=np.float64)
+        im = ax.imshow(w, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+        _annotate(ax, w)
+        ax.set_title(f"{title}: {kind} cell, {what}", fontsize=8)
         ax.set_xticks(range(o), list(primitives)[:o], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(e), labels, fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    return _save(fig, path)
+    if betas:
+        ax = axes[0][-1]
+        b = np.stack([np.asarray(betas[k], dtype=np.float64) for k in kinds], axis=1)
+        ax.imshow(b, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+        _annotate(ax, b)
+        ax.set_title("edge weights\n(softmax(beta) per node)", fontsize=8)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(e), labels, fontsize=7)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.03)
+    return fig
+
+
+def alpha_heatmap(weights: Mapping[str, np.ndarray], primitives: Sequence[str], title: str, path: Path,
+                  betas: Optional[Mapping[str, np.ndarray]] = None, what: str = "softmax(alpha)") -> Path:
+    """:func:`alpha_heatmap_figure` written to ``path``."""
+    return _save(alpha_heatmap_figure(weights, primitives, title, betas, what), path)
+
+
+def alpha_heatmap_of_record(rec: Mapping[str, Any], primitives: Sequence[str], title: str,
+                            path: Path) -> Optional[Path]:
+    """The heatmap of one ``alphas.jsonl`` record (None if it holds no alphas)."""
+    ops, betas, what = arch_panels(rec)
+    if not ops:
+        return None
+    return alpha_heatmap(ops, primitives, title, path, betas, what)
 
 
 _OP_COLORS = {"skip_connect": "tab:gray", "max_pool_3x3": "tab:red", "avg_pool_3x3": "tab:orange",
@@ -76,7 +152,7 @@ def cell_diagram(g: Genotype, cell: str, title: str, path: Path) -> Path:
         pos[i + 2] = (1.5 + 1.4 * i, 1.2 * (1 if i % 2 == 0 else -1) * (0.4 + 0.25 * (i // 2)))
     out = 1.5 + 1.4 * n + 0.4
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * n, 3.6), constrained_layout=True)
-    names = {0: "c_{k-2}", 1: "c_{k-1}", **{i + 2: str(i) for i in range(n)}}
+    names = {i: node_name(i) for i in range(n + 2)}
 
     def box(xy, text, color):
         ax.text(*xy, text, ha="center", va="center", fontsize=9, zorder=3,

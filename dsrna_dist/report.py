@@ -622,10 +622,10 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
     for s in runs.search:
         tag = f"{s.method} [{label[s.path]}]"
         if s.alphas:
-            w = _alpha_weights(s.alphas)
-            if w:
-                prims = s.alphas.get("primitives") or (s.cfg.get("model") or {}).get("primitives") or []
-                link(f"softmax(alpha): {tag}", P.alpha_heatmap(w, prims, tag, pdir / f"alphas_{_safe(label[s.path])}.png"))
+            prims = s.alphas.get("primitives") or (s.cfg.get("model") or {}).get("primitives") or []
+            png = P.alpha_heatmap_of_record(s.alphas, prims, tag, pdir / f"alphas_{_safe(label[s.path])}.png")
+            if png is not None:
+                link(f"softmax(alpha): {tag}", png)
     cells: Dict[str, List[SearchRun]] = {}  # one diagram per distinct genotype
     for s in runs.search:
         if s.genotype is not None:
@@ -641,21 +641,6 @@ def _plots(runs: Runs, grouped: Dict[str, Dict[str, List[Unit]]], pdir: Path, ba
             md.append("Same cell found by: " + ", ".join(f"`{label[x.path]}`" for x in same))
             md.append("")
     return md
-
-
-def _alpha_weights(rec: Dict[str, Any]) -> Dict[str, Any]:
-    """Per-edge op weights to draw: the recorded mixing weights, else softmax of raw alphas."""
-    from .plots import softmax_rows
-
-    out = {}
-    for kind in ("normal", "reduce"):
-        if isinstance(rec.get(f"weights_{kind}"), list):
-            import numpy as np
-
-            out[kind] = np.asarray(rec[f"weights_{kind}"], dtype=float)
-        elif isinstance(rec.get(f"alphas_{kind}"), list):
-            out[kind] = softmax_rows(rec[f"alphas_{kind}"])
-    return out
 
 
 # --------------------------------------------------------------------------- CLI

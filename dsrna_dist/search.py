@@ -31,7 +31,8 @@ from .space.supernet import Supernet
 from .strategies import NonFiniteLossError, SearchContext, build_strategy
 from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
                                    read_alpha_history, save_genotypes, write_alpha_history)
-from .strategies.schedule import lr_at
+from .strategies.convergence import GenotypeTracker, convergence
+from .strategies.schedule import arch_lr_at, lr_at
 
 PROG = "python -m dsrna_dist.search"
 DOC = __doc__.split("\n\n")[0]
@@ -186,7 +187,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     ctx = setup_supernet(rt, cfg, info, None, loaders=loaders, broadcast=False)
     metric = ctx.metric = build_metric(cfg)
 
-    start_epoch, global_step, search_time = 0, 0, 0.0
+    start_epoch, global_step, search_time, search_cpu = 0, 0, 0.0, 0.0
     state = rt.maybe_resume(cfg)
     if state is None:
         broadcast_parameters(ctx.model.parameters())  # one architecture and one init everywhere
@@ -205,6 +206,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         if metric is not None and state.get("metric"):
             metric.load_state_dict(state["metric"])
         search_time = float(state.get("search_time_s", 0.0))
+        search_cpu = float(state.get("search_cpu_s", 0.0))
         if state.get("genotype"):
             from .genotype import from_dict
 
@@ -224,10 +226,15 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     means: Dict[str, float] = {}  # the last epoch's step-log means (summary: grad_share, eps, ...)
     stopped = strategy.should_stop()
     epochs_run = start_epoch
+    tracker = GenotypeTracker()  # genotype changes per arch step (convergence diagnostics)
+    if state is not None:
+        tracker.load_state_dict(state.get("convergence", {}))
+    tracker.start(genotype)
     for epoch in range(start_epoch, cfg.epochs):
         if stopped:
             break
         model, w_optim, a_optim = ctx.model, ctx.w_optim, ctx.a_optim
+        changes_before = tracker.changes
         lr = lr_at(cfg.optim, *strategy.lr_position(epoch))
         for g in w_optim.param_groups:
             g["lr"] = lr
@@ -236,9 +243,11 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         val_loader.set_epoch(epoch)
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batches = zip(range(steps), train_loader, val_loader)
         for i, (xt, yt), (xv, yv) in rt.progress(batches, total=steps, desc=f"epoch {epoch}"):
+            for g in a_optim.param_groups:  # constant (reference) or cosine per step
+                g["lr"] = arch_lr_at(cfg.arch_optim, epoch + i / steps, cfg.strategy.arch_start_epoch, cfg.epochs)
             xt = xt.contiguous(memory_format=fmt)
             xv = xv.contiguous(memory_format=fmt)
             try:  # autocast: bf16 on GPU when configured (the arch step bypasses DDP's wrapper)
@@ -250,6 +259,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
                          f"{last if last is not None else '(none yet)'} and was left untouched")
                 return 1
             global_step += 1
+            if strategy.arch_active(epoch):
+                tracker.observe(model.derive(cfg.strategy.max_skip))
             for k, v in logs.items():
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -260,16 +271,20 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
                 os._exit(137)  # test hook: die like a killed process, no cleanup at all
         elapsed = time.perf_counter() - t0
         search_time += elapsed
+        search_cpu += time.process_time() - c0  # this process's CPU time (all its threads)
         means = epoch_means(sums, counts, rt.device)
         throughput = steps * cfg.data.batch_size * rt.world_size / max(elapsed, 1e-9)
         if rt.world_size > 1 and not assert_identical_across_ranks(model.arch_parameters()):
             raise RuntimeError(f"architecture parameters differ across ranks after epoch {epoch} "
                                "(a strategy skipped the arch-gradient all-reduce)")
         genotype = strategy.genotype()
+        conv: Dict[str, Any] = {}
         if rt.is_main:
-            log_epoch(rt, model, genotype, means, lr, throughput, epoch)
+            history.append(alpha_record(model, epoch, genotype, tracker, changes_before))
+            conv = convergence(history)
+            history[-1].update(moved=conv["moved"], stable=conv["stable"], converged=conv["converged"])
+            log_epoch(rt, model, genotype, means, lr, throughput, epoch, conv, history[-1])
             save_genotypes(rt.run_dir, genotype, epoch)
-            history.append(alpha_record(model, epoch))
             write_alpha_history(hist_path, history)
         if strategy.on_epoch_end(epoch, genotype, means):  # "the supernet changes here"
             ctx = rebuild_for(rt, cfg, info, metric, strategy, ctx)
@@ -282,11 +297,15 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             models={"model": ctx.model}, optimizers={"weights": ctx.w_optim, "arch": ctx.a_optim},
             step=global_step, epoch=epoch + 1, config=cfg, rng=capture_rng(),
             strategy=strategy.state_dict(), metric=metric.state_dict() if metric is not None else {},
-            genotype=genotype.to_dict(), search_time_s=search_time)
+            genotype=genotype.to_dict(), search_time_s=search_time, search_cpu_s=search_cpu, convergence=tracker.state_dict())
         rt.ckpt.save(ckpt)
         rt.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in means.items())
                  + f", lr={lr:.4g}, {throughput:.1f} img/s"
                  + (f", alpha identical on {rt.world_size} ranks" if rt.world_size > 1 else "")
+                 + (f"\n  alphas: entropy {conv['entropy']:.4f} (uniform {conv['uniform_entropy']:.4f}), "
+                    f"mean max softmax {conv['max_softmax']:.4f}, genotype changes "
+                    f"{conv['genotype_changes']} in {conv['arch_steps']} arch steps (last at "
+                    f"{conv['last_change_arch_step']}), converged {conv['converged']}" if conv else "")
                  + f"\n  genotype: {genotype}")
         stopped = strategy.should_stop()
     if stopped:
@@ -300,12 +319,15 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         from .engine.io import atomic_write_json
 
         save(genotype, str(rt.run_dir / "genotype.json"))
-        # Search cost for the report: wall seconds of the epochs (summed over resumes) x ranks.
+        # Search cost for the report: wall seconds of the epochs (summed over resumes) x ranks;
+        # search_cpu_s: CPU seconds of the epochs on rank 0 (summed over resumes).
+        # convergence: entropy / mean max of softmax(alpha), genotype changes, the criterion
         atomic_write_json(str(rt.run_dir / "summary.json"), {
-            "kind": "search", "search_time_s": round(search_time, 3), "world_size": rt.world_size,
+            "kind": "search", "search_time_s": round(search_time, 3),
+            "search_cpu_s": round(search_cpu, 3), "world_size": rt.world_size,
             "device": rt.device.type, "epochs": cfg.epochs, "epochs_run": epochs_run,
             "stopped": stopped, "strategy": cfg.strategy.name, "genotype": genotype.to_dict(),
-            "last_epoch_means": means})
+            "convergence": convergence(history), "last_epoch_means": means})
         rt.print(f"final genotype -> {rt.run_dir / 'genotype.json'}")
     return 0
 
@@ -322,11 +344,19 @@ def epoch_means(sums: Dict[str, torch.Tensor], counts: Dict[str, int],
 
 
 def log_epoch(rt: Runtime, model: Supernet, genotype: Any, means: Dict[str, float], lr: float,
-              throughput: float, epoch: int) -> None:
+              throughput: float, epoch: int, conv: Optional[Dict[str, Any]] = None,
+              record: Optional[Dict[str, Any]] = None) -> None:
     tb = rt.tb
     if not tb.active:
         return
     tb.scalars({f"epoch/{k}": v for k, v in means.items()}, epoch)
+    if conv and record:  # convergence: alpha entropy / concentration, genotype changes, criterion
+        tb.scalars({f"arch/{k}": record[k] for k in ("entropy", "entropy_normal", "entropy_reduce",
+                                                     "max_softmax", "max_softmax_normal",
+                                                     "max_softmax_reduce") if k in record}, epoch)
+        tb.scalars({"arch/genotype_changes": record.get("genotype_changes", 0),
+                    "arch/genotype_changes_total": conv["genotype_changes"],
+                    "arch/converged": float(conv["converged"])}, epoch)
     tb.scalar("epoch/lr", lr, epoch)
     tb.scalar("epoch/throughput_img_per_s", throughput, epoch)
     tb.figure("arch/weights", heatmap_figure(model, epoch), epoch)

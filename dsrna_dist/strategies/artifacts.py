@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .. import genotype as G
 from ..engine.io import atomic_write_text
 from ..space.supernet import Supernet
+from .convergence import GenotypeTracker, alpha_stats, record_alphas
 
 
-def alpha_record(model: Supernet, epoch: int) -> Dict[str, Any]:
-    """Raw arch parameters (exact float32 values as JSON floats) and the mixing weights."""
-    rec: Dict[str, Any] = {"epoch": epoch, "primitives": list(model.primitives)}
+def alpha_record(model: Supernet, epoch: int, genotype: Optional[G.Genotype] = None,
+                 tracker: Optional[GenotypeTracker] = None, changes_before: int = 0) -> Dict[str, Any]:
+    """Raw arch parameters (exact float32 values as JSON floats), the genotype weights
+    (softmax(alpha) x beta for PC-DARTS), the edge names, and, given the genotype and the
+    tracker, the convergence fields: ``arch_steps`` (cumulative), ``genotype_changes`` (this
+    epoch: the tracker's count minus ``changes_before``), ``last_change_arch_step``, entropy
+    and mean max of softmax(alpha)."""
+    rec: Dict[str, Any] = {"epoch": epoch, "primitives": list(model.primitives),
+                           "edges": G.edge_names(model.nodes)}
     for name, p in zip(model.arch.names, model.arch_parameters()):
         rec[name] = p.detach().float().cpu().tolist()
     for kind, w in model.genotype_weights().items():
         rec[f"weights_{kind}"] = w.tolist()
+    if genotype is not None:
+        rec["genotype"] = genotype.to_dict()
+    if tracker is not None:
+        rec.update(arch_steps=tracker.arch_steps, genotype_changes=tracker.changes - changes_before,
+                   last_change_arch_step=tracker.last_change)
+    rec.update({k: v for k, v in alpha_stats(record_alphas(rec)).items() if k != "uniform_entropy"})
     return rec
 
 
@@ -42,31 +55,21 @@ def save_genotypes(run_dir: Path, g: G.Genotype, epoch: int) -> None:
     G.save(g, str(run_dir / "genotypes" / f"epoch_{epoch:03d}.json"))
 
 
-def edge_labels(nodes: int) -> List[str]:
-    return [f"n{i + 2}<-{j}" for i in range(nodes) for j in range(2 + i)]
-
-
 def heatmap_figure(model: Supernet, epoch: int):
-    """Two panels (normal, reduce): per-edge mixing weights over the candidate ops."""
-    import matplotlib
+    """TensorBoard's alpha heatmap: the report's figure (:func:`dsrna_dist.plots.alpha_heatmap_figure`),
+    softmax(alpha) per cell and, for PC-DARTS, the normalized edge betas in their own panel."""
+    from ..plots import alpha_heatmap_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    w = model.genotype_weights()
-    e, o = w["normal"].shape
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 1.1 * o, 1 + 0.35 * e), constrained_layout=True)
-    for ax, kind in zip(axes, ("normal", "reduce")):
-        im = ax.imshow(w[kind].numpy(), cmap="viridis", aspect="auto")
-        ax.set_title(f"{kind} cell, epoch {epoch}")
-        ax.set_xticks(range(o), list(model.primitives), rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(e), edge_labels(model.nodes), fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-    return fig
+    w = model.arch_weights()
+    ops = {k: w[k].detach().float().cpu().numpy() for k in ("normal", "reduce")}
+    betas = ({k: w[f"{k}_edge"].detach().float().cpu().numpy() for k in ("normal", "reduce")}
+             if model.edge_norm else None)
+    return alpha_heatmap_figure(ops, model.primitives, f"epoch {epoch}", betas)
 
 
 def genotype_markdown(g: G.Genotype) -> str:
-    rows = ["| cell | node | op | input |", "|---|---|---|---|"]
+    """The genotype as a table, edges named as in the heatmaps and cell diagrams."""
+    rows = ["| cell | edge | op |", "|---|---|---|"]
     for cell, edges in (("normal", g.normal), ("reduce", g.reduce)):
-        rows += [f"| {cell} | {i // 2 + 2} | {op} | {src} |" for i, (op, src) in enumerate(edges)]
+        rows += [f"| {cell} | {G.edge_name(src, i // 2)} | {op} |" for i, (op, src) in enumerate(edges)]
     return "\n".join(rows)
