@@ -467,23 +467,20 @@ class BoundedModel:
                 ups.append(torch.cat(ur, 1))
         return torch.cat(lows, 0), (torch.cat(ups, 0) if need_upper else None)
 
-    def _loose_columns(self, run: "_Run", node: fx.Node, box: Interval) -> Tensor:
-        """Flat indices of ``node``'s elements whose bounds matter to some user's relaxation in
-        some example of the chunk (unstable ReLUs, ambiguous max-pool windows)."""
+    def _loose_mask(self, node: fx.Node, box: Interval) -> Tensor:
+        """[b, N] bool: the elements of ``node`` whose bounds matter to some user's relaxation
+        (unstable ReLUs, max-pool candidates), per example."""
+        everything = torch.ones_like(box.ref.flatten(1), dtype=torch.bool)
         mask = None
         for u in node.users:
             op = self.ops.get(u)
             if op is None or not op.needs_input_bounds:
                 continue
-            if u.args[0] is not node:
-                return torch.arange(box.ref[0].numel(), device=box.ref.device)
-            m = op.loose_inputs(box)
+            m = op.loose_inputs(box) if u.args and u.args[0] is node else None
             if m is None:
-                return torch.arange(box.ref[0].numel(), device=box.ref.device)
-            mask = m if mask is None else mask | m
-        if mask is None:
-            return torch.arange(box.ref[0].numel(), device=box.ref.device)
-        return mask.flatten(1).any(0).nonzero().flatten()
+                return everything
+            mask = m.flatten(1) if mask is None else mask | m.flatten(1)
+        return everything if mask is None else mask
 
     def _crown_intermediate(self, run: "_Run", node: fx.Node, box: Interval) -> Interval:
         """Tighten ``node``'s IBP box by backward passes from an identity spec, chunked.
@@ -503,7 +500,8 @@ class BoundedModel:
             bs = slice(b0, min(B, b0 + ex_c))
             b = bs.stop - bs.start
             lo_c, up_c = lo_all[bs], up_all[bs]
-            cols = self._loose_columns(run, node, box.slice(bs))
+            loose = self._loose_mask(node, box.slice(bs))
+            cols = loose.any(0).nonzero().flatten()
             if cols.numel() == 0:
                 lows.append(lo_c)
                 ups.append(up_c)
@@ -519,8 +517,10 @@ class BoundedModel:
                 lo, up = self._backward(run, node, Cc, Cc, bs)
                 lr.append(lo)
                 ur.append(up)
-            lo_n = torch.maximum(torch.cat(lr, 1), lo_c[:, cols])
-            up_n = torch.minimum(torch.cat(ur, 1), up_c[:, cols])
+            # tighten only where this example needs it, so results do not depend on chunking
+            sel = loose[:, cols]
+            lo_n = torch.where(sel, torch.maximum(torch.cat(lr, 1), lo_c[:, cols]), lo_c[:, cols])
+            up_n = torch.where(sel, torch.minimum(torch.cat(ur, 1), up_c[:, cols]), up_c[:, cols])
             lows.append(lo_c.index_copy(1, cols, lo_n))
             ups.append(up_c.index_copy(1, cols, up_n))
         return Interval(torch.cat(lows, 0).view(val.shape), torch.cat(ups, 0).view(val.shape))

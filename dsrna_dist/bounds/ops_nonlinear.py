@@ -103,9 +103,8 @@ class BoundMaxPool2d(BoundOp):
         return Interval(self._pool(x.lower), self._pool(x.upper))
 
     def loose_inputs(self, x: Interval) -> Tensor:
-        """Candidates of windows with more than one candidate: where one input's lower bound
-        is above every other upper bound, both relaxations are the exact ``y = x_i``, and
-        tighter bounds on the window's inputs change nothing."""
+        """The candidates of every window (``u_i >= max_j l_j``): the others can never be the
+        max, and tighter bounds on them change neither relaxation."""
         m: nn.MaxPool2d = self.module  # type: ignore[assignment]
         if m.ceil_mode:
             return torch.ones_like(x.lower, dtype=torch.bool)
@@ -121,9 +120,9 @@ class BoundMaxPool2d(BoundOp):
             return F.unfold(t, k, d, 0, s).view(b, C, k[0] * k[1], -1)
 
         lo, up = windows(x.lower), windows(x.upper)
-        cand = up >= lo.max(2, keepdim=True).values
-        loose = cand & (cand.sum(2, keepdim=True) > 1)
-        hit = F.fold(loose.to(x.lower.dtype).view(b, C * k[0] * k[1], -1), (H + 2 * p[0], W + 2 * p[1]), k, d, 0, s)
+        max_l = lo.max(2, keepdim=True).values
+        cand = (up >= max_l) | (lo == max_l)
+        hit = F.fold(cand.to(x.lower.dtype).view(b, C * k[0] * k[1], -1), (H + 2 * p[0], W + 2 * p[1]), k, d, 0, s)
         return hit[..., p[0]:p[0] + H, p[1]:p[1] + W] > 0
 
     #: the relaxation of the current backward pass ("cheap" or "cnn-cert"; the engine sets it)
@@ -148,7 +147,7 @@ class BoundMaxPool2d(BoundOp):
 
         lo, up = windows(x.lower), windows(x.upper)
         max_l = lo.max(2, keepdim=True).values
-        cand = up >= max_l
+        cand = (up >= max_l) | (lo == max_l)  # the best-lower input even if rounding left u < l
         width = up - lo
         free = cand & (width > 0)
         safe_w = torch.where(free, width, torch.ones_like(width))
