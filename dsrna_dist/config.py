@@ -339,7 +339,10 @@ class CertifyConfig:
     methods: Tuple[str, ...] = fld(("crown-ibp",), help="bound methods: ibp, crown-ibp, crown")
     norms: Tuple[str, ...] = fld(("inf", "2"), help="norms to certify: inf, 2")
     num_examples: int = fld(100, ge=1, help="first N correctly classified test examples")
-    bisection_steps: int = fld(15, ge=1, help="bisection steps on eps per example (CNN-Cert: 15)")
+    bisection_steps: int = fld(15, ge=1, help="bisection steps on eps per example (CNN-Cert: 15); "
+                               "with rel_tol > 0 the most probes per example")
+    rel_tol: float = fld(0.0, ge=0.0, help="bisect each radius to this relative resolution (hi/lo <= 1 + rel_tol); "
+                         "0 = exactly bisection_steps probes")
     eps_init: float = fld(0.05, gt=0.0, help="first eps tried by the bisection (pixel units)")
     random_target: bool = fld(True, help="also report the CNN-Cert style random-target radius")
     batch_size: int = fld(32, ge=1, help="examples per bound computation")

@@ -110,6 +110,11 @@ class BoundOp:
     #: the op's bounds need no clean value: in value-free propagation (see BoundedModel) the
     #: engine calls :meth:`prepare` instead of :meth:`forward` and skips the clean pass
     value_free: bool = False
+    #: l_2 ball tracking (see BoundedModel): the op is affine and maps an input whose Jacobian
+    #: rows (w.r.t. the network input) are mutually orthogonal to an output whose rows are
+    #: too -- element-wise scalings and re-indexing. Its :meth:`ibp` on the ball interval is
+    #: then exact per element and the rows stay orthogonal.
+    keeps_orthogonal_rows: bool = False
 
     def __init__(self, node: Any, module: Optional[nn.Module] = None) -> None:
         self.node = node
@@ -128,6 +133,18 @@ class BoundOp:
 
     def ibp(self, ctx: Dict[str, Any], *args: Any, **kwargs: Any) -> Interval:
         raise NotImplementedError
+
+    def loose_inputs(self, x: Interval) -> Optional[Tensor]:
+        """For an op with ``needs_input_bounds``: a bool mask of the input elements whose
+        bounds change its relaxation (full CROWN recomputes only those), or None for all."""
+        return None
+
+    def ibp_l2(self, ctx: Dict[str, Any], *args: Any, **kwargs: Any) -> Optional[Interval]:
+        """Ball interval of a *mixing* affine op (conv, linear) whose perturbed input has
+        orthogonal Jacobian rows: ``mid`` is the image of the ball centre and ``rad`` the
+        per-element l_2 radius, so ``rad_out = sqrt(|W|^2 rad^2)`` (the dual-norm bound
+        ``eps ||W_row D||_2``) instead of IBP's ``|W| rad``. None: the op has no such rule."""
+        return None
 
     def backward(self, ctx: Dict[str, Any], lA: Optional[Tensor], uA: Optional[Tensor],
                  *args: Any, **kwargs: Any) -> Tuple[List[Any], Bias, Bias]:

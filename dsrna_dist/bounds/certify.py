@@ -4,49 +4,121 @@ For each example: start at ``eps_init``; while no bracket is known, multiply/div
 (steps of 1 in log space); once one certified and one uncertified eps are known, bisect in
 log space. The result is the largest eps at which the margin lower bound was > 0 for every
 class j != y (untargeted) or for the one ``target`` class; 0 when none was.
+
+Resolution: ``rel_tol = 0`` runs exactly ``steps`` probes per example (CNN-Cert: 15 from 0.05,
+which leaves radii on a coarse grid); ``rel_tol > 0`` probes each example until its bracket
+satisfies ``hi / lo <= 1 + rel_tol`` (so the radius is within that factor of the largest eps
+this bound certifies on the bisection path), at most ``steps`` probes, and stops an example
+once ``hi <= eps_min`` (radius 0: nothing certified above eps_min) or once ``lo`` covers the
+whole input range. Only unfinished examples are probed.
+
+Warm starts, both sound: ``lower`` (a radius certified by a sound method, e.g. a cheaper bound
+run first) starts the bracket's certified end; ``upper`` (an eps at which an attack found an
+adversarial example) its uncertified end -- no sound bound can certify there.
+
+Reuse across probes: every probe below the smallest uncertified eps so far (``hi``) is on a
+subset of the input set probed there, so the bounds of every relaxed node proven at ``hi`` are
+valid now; they are intersected in (``prior``), and neurons proven stable there are not
+recomputed by full CROWN.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .base import Interval
 from .graph import BoundedModel
+
+
+def _take(boxes: Dict, idx: Tensor) -> Dict:
+    return {n: Interval(b.lower[idx], b.upper[idx]) for n, b in boxes.items()}
 
 
 @torch.no_grad()
 def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor, norm: str = "inf",
                      method: str = "crown-ibp", steps: int = 15, eps_init: float = 0.05,
                      target: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
-                     max_memory_mb: float = 256.0) -> Tensor:
+                     max_memory_mb: float = 256.0, rel_tol: float = 0.0, eps_min: float = 1e-7,
+                     lower: Optional[Tensor] = None, upper: Optional[Tensor] = None,
+                     reuse: bool = True) -> Tensor:
     """[B] certified radii (pixel units) of ``model`` at ``x`` with labels ``y``.
 
     ``model``: a module (traced here) or a :class:`BoundedModel` (reuse it across batches).
     ``target``: [B] class per example for the CNN-Cert random-target radius; None: untargeted.
+    ``rel_tol``/``eps_min``/``lower``/``upper``/``reuse``: see the module docstring.
     """
     if steps < 1 or eps_init <= 0:
         raise ValueError(f"certified_radius: need steps >= 1 and eps_init > 0 (got {steps}, {eps_init})")
+    if rel_tol < 0 or eps_min <= 0:
+        raise ValueError(f"certified_radius: need rel_tol >= 0 and eps_min > 0 (got {rel_tol}, {eps_min})")
     bm = model if isinstance(model, BoundedModel) else BoundedModel(model, max_memory_mb=max_memory_mb)
     B = x.shape[0]
     dt = torch.float64
-    log_eps = torch.full((B,), math.log(eps_init), dtype=dt, device=x.device)
-    lo = torch.full_like(log_eps, -math.inf)  # largest certified log-eps
-    hi = torch.full_like(log_eps, math.inf)   # smallest uncertified log-eps
-    for _ in range(steps):
+    dev = x.device
+    lo = torch.full((B,), -math.inf, dtype=dt, device=dev)  # largest certified log-eps
+    hi = torch.full((B,), math.inf, dtype=dt, device=dev)   # smallest uncertified log-eps
+    if lower is not None:
+        lower = lower.to(dev, dt)
+        lo = torch.where(lower > 0, lower.clamp(min=1e-300).log(), lo)
+    if upper is not None:
+        upper = upper.to(dev, dt)
+        hi = torch.where(torch.isfinite(upper) & (upper > 0), upper.clamp(min=1e-300).log(), hi)
+        hi = torch.where(upper <= 0, torch.full_like(hi, -math.inf), hi)  # clean input already wrong
+    span = (x_max - x_min) * (math.sqrt(x[0].numel()) if norm == "2" else 1.0)
+    log_cap, log_min = math.log(max(span, 1e-300)), math.log(eps_min)
+    tol = math.log1p(rel_tol) if rel_tol > 0 else 0.0
+    boxes: Optional[Dict] = None  # relaxed nodes' bounds at hi, per example (all B rows)
+    probes = torch.zeros(B, dtype=torch.long, device=dev)
+
+    def active() -> Tensor:
+        done = probes >= steps
+        if rel_tol > 0:
+            both = torch.isfinite(lo) & torch.isfinite(hi)
+            done |= both & (hi - lo <= tol)
+            done |= (~torch.isfinite(lo)) & (hi <= log_min)
+            done |= lo >= log_cap
+        done |= hi == -math.inf
+        return ~done
+
+    while True:
+        act = active().nonzero().flatten()
+        if act.numel() == 0:
+            break
+        l, h = lo[act], hi[act]
+        both = torch.isfinite(l) & torch.isfinite(h)
+        log_eps = torch.where(both, (l + h) / 2,
+                              torch.where(torch.isfinite(l), l + 1.0,
+                                          torch.where(torch.isfinite(h), h - 1.0,
+                                                      torch.full_like(l, math.log(eps_init)))))
         eps = log_eps.exp().to(x.dtype)
-        m = bm.margin_lower_bound(x, y, eps, norm, method, x_min, x_max, target)
-        if target is None:
-            m = m.scatter(1, y.view(-1, 1).long(), math.inf)
+        # rows never uncertified yet hold (-inf, inf): nothing is intersected for them
+        prior = _take(boxes, act) if (reuse and boxes is not None) else None
+        keep: Dict = {}
+        tg = target[act] if target is not None else None
+        m = bm.margin_lower_bound(x[act], y[act], eps, norm, method, x_min, x_max, tg,
+                                  prior=prior, keep=keep if reuse else None)
+        if tg is None:
+            m = m.scatter(1, y[act].view(-1, 1).long(), math.inf)
             ok = m.min(dim=1).values > 0
         else:
             ok = m > 0
         # record the eps value actually checked (the float32 one), so the radius is certified
-        lo = torch.where(ok, torch.maximum(lo, eps.to(dt).log()), lo)
-        hi = torch.where(ok, hi, torch.minimum(hi, log_eps))
-        both = torch.isfinite(lo) & torch.isfinite(hi)
-        log_eps = torch.where(both, (lo + hi) / 2,
-                              torch.where(torch.isfinite(lo), lo + 1.0, hi - 1.0))
+        lo[act] = torch.where(ok, torch.maximum(l, eps.to(dt).log()), l)
+        new_hi = ~ok & (log_eps < h)
+        hi[act] = torch.where(new_hi, log_eps, h)
+        probes[act] += 1
+        if reuse and keep and new_hi.any():
+            if boxes is None:
+                boxes = {n: Interval(torch.full((B,) + tuple(b.lower.shape[1:]), -math.inf, dtype=b.lower.dtype,
+                                                device=dev),
+                                     torch.full((B,) + tuple(b.lower.shape[1:]), math.inf, dtype=b.lower.dtype,
+                                                device=dev)) for n, b in keep.items()}
+            rows = act[new_hi]
+            for n, b in keep.items():
+                boxes[n].lower[rows] = b.lower[new_hi]
+                boxes[n].upper[rows] = b.upper[new_hi]
     radius = torch.where(torch.isfinite(lo), lo.exp(), torch.zeros_like(lo))
     return radius.to(x.dtype)

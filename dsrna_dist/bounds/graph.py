@@ -21,9 +21,12 @@
   pool, chunked over neurons and examples, intersected with IBP; the output bound is
   intersected with IBP too, so CROWN is never looser than IBP).
 * Input set: ``{x' : ||x' - x||_p <= eps} intersected with [x_min, x_max]``. l_inf: the exact
-  box. l_2: IBP starts from the box hull of the set; a linear bound ``a.x'`` is concretized as
-  the better (both are sound) of the l_2-ball value ``a.x -/+ eps ||a||_2`` (dual norm) and
-  the box-hull value, i.e. a sound bound over the intersection.
+  box. l_2: IBP starts from the box hull of the set, and every node of the affine prefix
+  (Normalize -> conv -> BN, up to the first non-linearity) is intersected with its l_2-ball
+  bound ``centre -/+ eps ||J_row||_2`` (exact there, as the rows stay orthogonal up to the
+  first mixing op), so every later IBP / CROWN-IBP box gains; a linear bound ``a.x'`` is
+  concretized as the better (both are sound) of the l_2-ball value ``a.x -/+ eps ||a||_2``
+  (dual norm) and the box-hull value, i.e. a sound bound over the intersection.
 * Memory: chunking bounds one coefficient matrix, but with grad enabled autograd keeps every
   chunk's tensors alive: CROWN-IBP + backward costs roughly (2 + S) forward activations for S
   specification rows (S = K-1 for the margin). Full CROWN is for certification (no_grad).
@@ -35,13 +38,14 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import ops_linear, ops_mix, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
 from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
                    method_key, module_key)
-from .ops_linear import BoundBatchNorm, uses_batch_stats
-from .ops_nonlinear import RELU_LOWER, BoundReLU
+from .ops_linear import BoundBatchNorm, BoundLinear, uses_batch_stats
+from .ops_nonlinear import MAX_POOL, RELU_LOWER, BoundMaxPool2d, BoundReLU
 
 BNStats = Mapping[nn.Module, Optional[Tuple[Tensor, Tensor]]]
 
@@ -69,6 +73,39 @@ def trace(model: nn.Module) -> fx.Graph:
     except Exception as e:  # noqa: BLE001 - report the tracing failure in one line
         raise BoundError(f"cannot trace {type(model).__name__} with torch.fx "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _is_relu(n: fx.Node, model: nn.Module) -> bool:
+    if n.op == "call_module":
+        return type(model.get_submodule(n.target)) is nn.ReLU
+    if n.op == "call_function":
+        return n.target in (F.relu, torch.relu)
+    return n.op == "call_method" and n.target == "relu"
+
+
+def merge_duplicate_relus(graph: fx.Graph, model: nn.Module) -> int:
+    """Make every ReLU of the same tensor one node; returns how many nodes were removed.
+
+    In a DARTS cell each op starts with its own ReLU, so a state read by k ops is k identical
+    ReLU nodes. Relaxed separately, each gets its own sign-dependent choice of line in a CROWN
+    backward pass; merged, the coefficients are summed first and relaxed once, which is never
+    looser (A1 L + A2 U <= (A1 + A2) L pointwise when A2 < 0 <= A1 + A2, since L <= U) and does
+    the work once. IBP is unchanged (same value, same box)."""
+    first: Dict[fx.Node, fx.Node] = {}
+    removed = 0
+    for n in list(graph.nodes):
+        if not _is_relu(n, model) or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        if len(n.args) > 1 or any(k != "inplace" for k in n.kwargs):
+            continue
+        src = n.args[0]
+        if src in first:
+            n.replace_all_uses_with(first[src])
+            graph.erase_node(n)
+            removed += 1
+        else:
+            first[src] = n
+    return removed
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,22 +140,33 @@ class BoundedModel:
     ``relu_lower``: "adaptive" (CROWN) or "zero" lower lines for unstable ReLUs.
     ``max_memory_mb``: size target of one chunk of coefficient matrices in backward passes
     (spec rows and examples are chunked to stay near it; one row/example at least).
+    ``merge_relus``: merge ReLU nodes of the same tensor at trace time (never looser, see
+    :func:`merge_duplicate_relus`). ``max_pool``: "cheap", "cnn-cert" or "best" (see
+    ops_nonlinear). ``l2_ball``: l_2 only, intersect the IBP boxes of the affine prefix with
+    the ball's dual-norm bounds (see ``_l2_ball``). ``fold_spec``: IBP bounds of a spec fold
+    it into a last Linear layer. The switches exist to measure each gain; keep the defaults.
     ``clean_values``: "auto" propagates bounds *value-free* whenever it can -- no op needs the
     clean forward once every BatchNorm's statistics are known (eval mode, or batch statistics
     passed as ``bn_stats``), which saves a third of the IBP pass; "always" runs the clean pass.
     """
 
     def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0,
-                 clean_values: str = "auto") -> None:
+                 clean_values: str = "auto", merge_relus: bool = True, max_pool: str = "best",
+                 l2_ball: bool = True, fold_spec: bool = True) -> None:
         if relu_lower not in RELU_LOWER:
             raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
+        if max_pool not in MAX_POOL:
+            raise BoundError(f"max_pool: {max_pool!r} not in {MAX_POOL}")
+        self.max_pool = max_pool
         if clean_values not in ("auto", "always"):
             raise BoundError(f"clean_values: {clean_values!r} not in ('auto', 'always')")
         self.clean_values = clean_values
+        self.l2_ball, self.fold_spec = bool(l2_ball), bool(fold_spec)
         model = unwrap(model)
         self.model = model
         self.max_memory_mb = float(max_memory_mb)
         self.graph = trace(model)
+        self.merged_relus = merge_duplicate_relus(self.graph, model) if merge_relus else 0
         self.nodes: List[fx.Node] = list(self.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -150,8 +198,15 @@ class BoundedModel:
                         for a in n.all_input_nodes if a in self.perturbed}
         #: the BatchNorms the bounds go through (what capture_bn_stats must hook for this model)
         self.bn_modules = [op.module for op in self.ops.values() if isinstance(op, BoundBatchNorm)]
+        self._live_cache: Dict[Any, int] = {}
+        self._max_pools = [op for op in self.ops.values() if isinstance(op, BoundMaxPool2d)]
+        self._set_pool_relaxation("cnn-cert" if max_pool == "cnn-cert" else "cheap")
         self.relu_only_pre_act = {a for a in self.pre_act
                                   if all(isinstance(self.ops.get(u), BoundReLU) for u in a.users)}
+
+    def _set_pool_relaxation(self, which: str) -> None:
+        for op in self._max_pools:
+            op.relaxation = which
 
     # ------------------------------------------------------------------ building
     def _perturbed_nodes(self) -> set:
@@ -210,7 +265,8 @@ class BoundedModel:
         return True
 
     def _propagate(self, x: Tensor, eps: Tensor, norm: str, method: str, x_min: float,
-                   x_max: float, bn_stats: Optional[BNStats] = None) -> "_Run":
+                   x_max: float, bn_stats: Optional[BNStats] = None,
+                   prior: Optional[Mapping[fx.Node, Interval]] = None) -> "_Run":
         run = _Run(self, x, eps, norm, x_min, x_max)
         run.value_free = self.clean_values != "always" and self.value_free_ok(bn_stats)
         for n in self.nodes:
@@ -219,6 +275,8 @@ class BoundedModel:
             if n is self.input:
                 run.val[n] = x
                 run.bnd[n] = self._input_box(x, eps, x_min, x_max)
+                if norm == "2" and self.l2_ball:
+                    run.ball[n] = Interval.from_mid_rad(x, eps.view((-1,) + (1,) * (x.dim() - 1)).expand_as(x))
                 continue
             if n not in self.perturbed:
                 run.val[n] = self._eval_concrete(n, run)
@@ -237,11 +295,47 @@ class BoundedModel:
             iargs = _map(n.args, run.arg_bound)
             ikwargs = _map(n.kwargs, run.arg_bound)
             box = op.ibp(ctx, *iargs, **ikwargs)
+            if norm == "2":
+                box = self._l2_ball(run, n, op, ctx, box)
+            if prior is not None and n in prior:  # bounds proven on a superset of the input set
+                p = prior[n]
+                lo = torch.maximum(box.lower, p.lower)
+                box = Interval(lo, torch.maximum(lo, torch.minimum(box.upper, p.upper)))
             if method == "crown" and n in self.pre_act:
                 box = self._crown_intermediate(run, n, box)
             run.bnd[n] = box
             run.max_numel = max(run.max_numel, box.ref[0].numel())
         return run
+
+    def _l2_ball(self, run: "_Run", n: fx.Node, op: BoundOp, ctx: Dict[str, Any], box: Interval) -> Interval:
+        """Intersect ``n``'s IBP box with what the l_2 ball alone allows, where that is cheap.
+
+        Along the affine prefix of the graph (input -> Normalize -> conv -> BN ...) every
+        element is ``c_i + d_i x'_j(i)`` with distinct j: the Jacobian rows w.r.t. the input
+        are orthogonal, and the *ball interval* ``centre +- eps |d_i|`` (``run.ball``) is held
+        exactly. A mixing op (conv, linear) applied to such an input bounds each output by the
+        dual norm, ``W c + b +- eps ||W_row D||_2`` (:meth:`BoundOp.ibp_l2`), up to sqrt(fan-in)
+        tighter than IBP's ``|W| rad`` of the box hull. The set is ball ∩ box, inside both,
+        so the intersection of the ball interval and the IBP box is sound; the box path then
+        goes on from the intersection (every later IBP and CROWN-IBP bound gains), the ball
+        path stops at the first mixing or non-linear op (its rows are no longer orthogonal).
+        """
+        pins = [a for a in n.all_input_nodes if a in self.perturbed]
+        if len(pins) != 1 or pins[0] not in run.ball:
+            return box
+        src = pins[0]
+        bargs = _map(n.args, lambda a: run.ball[a] if a is src else run.arg_bound(a))
+        bkwargs = _map(n.kwargs, lambda a: run.ball[a] if a is src else run.arg_bound(a))
+        ball = op.ibp_l2(ctx, *bargs, **bkwargs)
+        if ball is None:
+            if not op.keeps_orthogonal_rows:
+                return box
+            ball = op.ibp(ctx, *bargs, **bkwargs)
+            if ball.ref[0].numel() > run.ball[src].ref[0].numel():
+                return box  # broadcasting the perturbed input repeats rows: not orthogonal
+            run.ball[n] = ball
+        lo = torch.maximum(box.lower, ball.lower)
+        return Interval(lo, torch.maximum(lo, torch.minimum(box.upper, ball.upper)))
 
     def _eval_concrete(self, n: fx.Node, run: "_Run") -> Any:
         if n.op == "placeholder":
@@ -259,9 +353,35 @@ class BoundedModel:
         return n.target(*args, **kwargs)
 
     # ------------------------------------------------------------------ backward passes
-    def _chunks(self, run: "_Run", b: int, rows: int) -> Tuple[int, int]:
-        """(examples, rows) per chunk so that one [b, rows, largest node] matrix fits the budget."""
-        per = max(run.max_numel, 1) * run.x.element_size() * 3  # lA + uA + a temporary
+    def _peak_live(self, run: "_Run", start: fx.Node) -> int:
+        """Most coefficient elements (per spec row and example, lA or uA) alive at once in a
+        backward pass from ``start``: every pending node of the DAG holds its own matrix, and
+        a DARTS cell has many parallel branches, so this is several times the largest node."""
+        key = (start, tuple(run.x.shape[1:]))
+        if key in self._live_cache:
+            return self._live_cache[key]
+        size = lambda n: run.bnd[n].ref[0].numel() if n in run.bnd else run.x[0].numel()  # noqa: E731
+        pending = {start}
+        live = peak = size(start)
+        for n in reversed(self.nodes[: self.index[start] + 1]):
+            if n not in pending:
+                continue
+            pending.discard(n)
+            if n is not self.input:
+                for a in n.all_input_nodes:
+                    if a in self.perturbed and a not in pending:
+                        pending.add(a)
+                        live += size(a)
+            peak = max(peak, live)
+            live -= size(n)
+        self._live_cache[key] = peak
+        return peak
+
+    def _chunks(self, run: "_Run", b: int, rows: int, start: Optional[fx.Node] = None) -> Tuple[int, int]:
+        """(examples, rows) per chunk so that one backward pass from ``start`` (all its live
+        [b, rows, node] matrices, lA and uA, plus temporaries) fits ``max_memory_mb``."""
+        live = self._peak_live(run, start) if start is not None else max(run.max_numel, 1)
+        per = (2 * live + 6 * max(run.max_numel, 1)) * run.x.element_size()
         budget = max(1.0, self.max_memory_mb * 2 ** 20 / per)  # rows*examples per chunk
         rows_c = int(max(1, min(rows, budget)))
         ex_c = int(max(1, min(b, budget // rows_c)))
@@ -332,7 +452,7 @@ class BoundedModel:
     def _spec_bounds(self, run: "_Run", node: fx.Node, C: Tensor, need_upper: bool = True):
         """CROWN bounds of ``C[b] @ node[b]`` (C: [B, S, *node_shape]), chunked."""
         B, S = C.shape[:2]
-        ex_c, rows_c = self._chunks(run, B, S)
+        ex_c, rows_c = self._chunks(run, B, S, node)
         lows, ups = [], []
         for b0 in range(0, B, ex_c):
             bs = slice(b0, min(B, b0 + ex_c))
@@ -347,6 +467,21 @@ class BoundedModel:
                 ups.append(torch.cat(ur, 1))
         return torch.cat(lows, 0), (torch.cat(ups, 0) if need_upper else None)
 
+    def _loose_mask(self, node: fx.Node, box: Interval) -> Tensor:
+        """[b, N] bool: the elements of ``node`` whose bounds matter to some user's relaxation
+        (unstable ReLUs, max-pool candidates), per example."""
+        everything = torch.ones_like(box.ref.flatten(1), dtype=torch.bool)
+        mask = None
+        for u in node.users:
+            op = self.ops.get(u)
+            if op is None or not op.needs_input_bounds:
+                continue
+            m = op.loose_inputs(box) if u.args and u.args[0] is node else None
+            if m is None:
+                return everything
+            mask = m.flatten(1) if mask is None else mask | m.flatten(1)
+        return everything if mask is None else mask
+
     def _crown_intermediate(self, run: "_Run", node: fx.Node, box: Interval) -> Interval:
         """Tighten ``node``'s IBP box by backward passes from an identity spec, chunked.
 
@@ -359,22 +494,19 @@ class BoundedModel:
         shape = tuple(val.shape[1:])
         N = math.prod(shape)
         lo_all, up_all = box.lower.flatten(1), box.upper.flatten(1)
-        relu_only = node in self.relu_only_pre_act
-        ex_c, _ = self._chunks(run, B, 1)
+        ex_c, _ = self._chunks(run, B, 1, node)
         lows, ups = [], []
         for b0 in range(0, B, ex_c):
             bs = slice(b0, min(B, b0 + ex_c))
             b = bs.stop - bs.start
             lo_c, up_c = lo_all[bs], up_all[bs]
-            if relu_only:
-                cols = ((lo_c < 0) & (up_c > 0)).any(0).nonzero().flatten()
-            else:
-                cols = torch.arange(N, device=val.device)
+            loose = self._loose_mask(node, box.slice(bs))
+            cols = loose.any(0).nonzero().flatten()
             if cols.numel() == 0:
                 lows.append(lo_c)
                 ups.append(up_c)
                 continue
-            _, rows_c = self._chunks(run, b, cols.numel())
+            _, rows_c = self._chunks(run, b, cols.numel(), node)
             lr, ur = [], []
             for s0 in range(0, cols.numel(), rows_c):
                 c = cols[s0:s0 + rows_c]
@@ -385,8 +517,10 @@ class BoundedModel:
                 lo, up = self._backward(run, node, Cc, Cc, bs)
                 lr.append(lo)
                 ur.append(up)
-            lo_n = torch.maximum(torch.cat(lr, 1), lo_c[:, cols])
-            up_n = torch.minimum(torch.cat(ur, 1), up_c[:, cols])
+            # tighten only where this example needs it, so results do not depend on chunking
+            sel = loose[:, cols]
+            lo_n = torch.where(sel, torch.maximum(torch.cat(lr, 1), lo_c[:, cols]), lo_c[:, cols])
+            up_n = torch.where(sel, torch.minimum(torch.cat(ur, 1), up_c[:, cols]), up_c[:, cols])
             lows.append(lo_c.index_copy(1, cols, lo_n))
             ups.append(up_c.index_copy(1, cols, up_n))
         return Interval(torch.cat(lows, 0).view(val.shape), torch.cat(ups, 0).view(val.shape))
@@ -420,9 +554,12 @@ class BoundedModel:
         from the caller's forward by :func:`capture_bn_stats`; then no clean pass is run."""
         return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper, bn_stats)
 
-    def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None):
+    def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None,
+                prior=None, keep=None):
         eps_t = self._prepare(x, eps, norm, method, x_min, x_max)
-        run = self._propagate(x, eps_t, norm, method, x_min, x_max, bn_stats)
+        run = self._propagate(x, eps_t, norm, method, x_min, x_max, bn_stats, prior)
+        if keep is not None:  # hand the relaxed nodes' bounds back (certified_radius reuses them)
+            keep.update({n: run.bnd[n] for n in self.pre_act})
         out = run.stand_in(self.output)
         B = out.shape[0]
         per = tuple(out.shape[1:])
@@ -436,28 +573,59 @@ class BoundedModel:
         if tuple(C.shape[2:]) != per or C.shape[0] != B:
             raise BoundError(f"C: expected shape [S, {', '.join(map(str, per))}] or [B, S, ...], "
                              f"got {tuple(C.shape)}")
-        box = run.bnd[self.output]
-        Cf = C.flatten(2)
-        centre = torch.einsum("bsk,bk->bs", Cf, box.mid.flatten(1))
-        spread = torch.einsum("bsk,bk->bs", Cf.abs(), box.rad.flatten(1))
-        ibp_lb, ibp_ub = centre - spread, centre + spread
+        ibp_lb, ibp_ub = self._ibp_spec(run, C)
         if method == "ibp":
             return ibp_lb, (ibp_ub if need_upper else None)
         lb, ub = self._spec_bounds(run, self.output, C, need_upper)
+        if self.max_pool == "best" and self._max_pools:
+            self._set_pool_relaxation("cnn-cert")
+            try:
+                lb2, ub2 = self._spec_bounds(run, self.output, C, need_upper)
+            finally:
+                self._set_pool_relaxation("cheap")
+            lb = torch.maximum(lb, lb2)
+            ub = torch.minimum(ub, ub2) if ub is not None else None
         if method == "crown":
             lb = torch.maximum(lb, ibp_lb)
             ub = torch.minimum(ub, ibp_ub) if ub is not None else None
         return lb, ub
 
+    def _ibp_spec(self, run: "_Run", C: Tensor) -> Tuple[Tensor, Tensor]:
+        """IBP bounds of ``C @ out`` with C folded into the last layer when it is a Linear:
+        ``(C W) h + C b`` over h's box is never looser than ``C`` applied to the logit box
+        (|C W| <= |C| |W| element-wise) and often 1.5-2x tighter for margins."""
+        Cf = C.flatten(2)
+        op = self.ops[self.output]
+        src = self.output.args[0] if self.output.args else None
+        if (self.fold_spec and isinstance(op, BoundLinear) and isinstance(src, fx.Node) and src in self.perturbed
+                and not self.output.kwargs and len(self.output.args) == 1):
+            m = op.module
+            h = run.bnd[src]
+            CW = Cf @ m.weight  # [B, S, in]
+            centre = torch.einsum("bsn,bn->bs", CW, h.mid.flatten(1))
+            if m.bias is not None:
+                centre = centre + Cf @ m.bias
+            spread = torch.einsum("bsn,bn->bs", CW.abs(), h.rad.flatten(1))
+            return centre - spread, centre + spread
+        box = run.bnd[self.output]
+        centre = torch.einsum("bsk,bk->bs", Cf, box.mid.flatten(1))
+        spread = torch.einsum("bsk,bk->bs", Cf.abs(), box.rad.flatten(1))
+        return centre - spread, centre + spread
+
     def margin_lower_bound(self, x: Tensor, y: Tensor, eps: Union[float, Tensor], norm: str = "inf",
                            method: str = "crown-ibp", x_min: float = 0.0, x_max: float = 1.0,
-                           target: Optional[Tensor] = None) -> Tensor:
+                           target: Optional[Tensor] = None, prior: Optional[Mapping[fx.Node, Interval]] = None,
+                           keep: Optional[Dict[fx.Node, Interval]] = None) -> Tensor:
         """Lower bounds of ``f_y - f_j``: [B, K] with column ``y`` exactly 0 (its spec row is
-        empty), or [B] against ``target`` when given. Differentiable in the model's parameters."""
+        empty), or [B] against ``target`` when given. Differentiable in the model's parameters.
+
+        ``prior``: bounds of relaxed nodes proven for the same examples on a *larger* input set
+        (a larger eps), intersected in; ``keep``: a dict that receives this call's bounds of
+        the relaxed nodes. Together they let a radius search reuse work across eps."""
         y = torch.as_tensor(y, device=x.device).long().view(-1)
         lb, _ = self._bounds(x, eps, norm, method,
                              lambda out: margin_spec(y, out.shape[-1], target).to(out.dtype),
-                             x_min, x_max, need_upper=False)
+                             x_min, x_max, need_upper=False, prior=prior, keep=keep)
         if target is not None:
             return lb[:, 0]
         K = lb.shape[1] + 1
@@ -495,6 +663,8 @@ class _Run:
         self.val: Dict[fx.Node, Any] = {}
         self.bnd: Dict[fx.Node, Interval] = {}
         self.ctx: Dict[fx.Node, Dict[str, Any]] = {}
+        #: l_2 only: ball intervals of the nodes with orthogonal input-Jacobian rows (see _l2_ball)
+        self.ball: Dict[fx.Node, Interval] = {}
         self.max_numel = x[0].numel() if x.shape[0] else 1
         self.value_free = False
 

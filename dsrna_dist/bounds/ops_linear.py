@@ -22,6 +22,8 @@ class _ChannelAffine(BoundOp):
     Subclasses compute ``ctx['scale']`` and ``ctx['shift']`` in :meth:`forward`.
     """
 
+    keeps_orthogonal_rows = True
+
     def ibp(self, ctx: Dict[str, Any], x: Interval) -> Interval:
         s, t = ctx["scale"], ctx["shift"]
         return Interval.from_mid_rad(x.mid * s + t, x.rad * s.abs())
@@ -123,6 +125,12 @@ class BoundConv2d(BoundOp):
         rad = m._conv_forward(x.rad, m.weight.abs(), None)
         return Interval.from_mid_rad(mid, rad)
 
+    def ibp_l2(self, ctx, x: Interval) -> Interval:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        mid = m._conv_forward(x.mid, m.weight, m.bias)
+        rad = m._conv_forward(x.rad.square(), m.weight.square(), None).clamp(min=0).sqrt()
+        return Interval.from_mid_rad(mid, rad)
+
     def _back(self, A: Tensor, in_shape) -> Tensor:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         b, S = A.shape[:2]
@@ -165,6 +173,11 @@ class BoundLinear(BoundOp):
     def ibp(self, ctx, x: Interval) -> Interval:
         m: nn.Linear = self.module  # type: ignore[assignment]
         return Interval.from_mid_rad(F.linear(x.mid, m.weight, m.bias), F.linear(x.rad, m.weight.abs()))
+
+    def ibp_l2(self, ctx, x: Interval) -> Interval:
+        m: nn.Linear = self.module  # type: ignore[assignment]
+        rad = F.linear(x.rad.square(), m.weight.square()).clamp(min=0).sqrt()
+        return Interval.from_mid_rad(F.linear(x.mid, m.weight, m.bias), rad)
 
     def backward(self, ctx, lA, uA, x: Interval):
         m: nn.Linear = self.module  # type: ignore[assignment]

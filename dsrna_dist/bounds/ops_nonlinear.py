@@ -5,9 +5,19 @@ chord ``u (x - l) / (u - l)``; the lower line is ``a x`` with ``a = 1 if u > -l 
 ("adaptive", CROWN's default) or ``a = 0`` ("zero": every term then concretizes exactly like
 IBP, which is what makes CROWN-IBP provably no looser than IBP through one ReLU layer).
 
-Max pool: the cheap valid relaxation. Lower: ``y >= x_i*`` with ``i*`` the input of the window
-with the largest lower bound; upper: ``y <= max_i u_i`` (a constant). Both are sound for any
-kernel/stride/padding/dilation (stride != kernel included) since they hold window by window.
+Max pool, two relaxations (``BoundedModel(max_pool=...)``), both sound for any kernel, stride,
+padding and dilation since they hold window by window:
+
+* "cheap": lower ``y >= x_i*`` with ``i*`` the input of the window with the largest lower bound;
+  upper ``y <= max_i u_i`` (a constant).
+* "cnn-cert" (Boopathy et al. 2019): over the candidates ``S = {i : u_i >= max_j l_j}`` (the
+  only inputs that can be the max), weights ``w_i = (u_i - g) / (u_i - l_i)`` with ``g`` solving
+  ``sum_S w_i = 1``, clamped to ``[max_S l, min_S u]``; upper ``y <= sum w_i (x_i - l_i) + g``
+  (at ``x_k = u_k`` it is ``>= u_k``, at ``x_k = l_k`` it is ``>= g >= l_k``, linear between,
+  and the other terms are >= 0); lower ``y >= sum w_i x_i + b`` with ``b = min_S l (1 - sum w)``
+  when ``sum w <= 1`` else ``max_S u (1 - sum w)``. A candidate with ``l_i = u_i`` gets weight 0
+  (then ``g = l_i``). Neither relaxation dominates the other: "best" (the default) bounds the
+  final specification with both and keeps the tighter, intermediate bounds use "cheap".
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ from .base import (BoundError, BoundOp, Interval, neg, pos, register_functions, 
                    register_modules, sum_spec)
 
 RELU_LOWER = ("adaptive", "zero")
+MAX_POOL = ("cheap", "cnn-cert", "best")
 
 
 @register_modules(nn.ReLU)
@@ -36,6 +47,10 @@ class BoundReLU(BoundOp):
 
     def ibp(self, ctx, x: Interval, *args, **kwargs) -> Interval:
         return Interval(F.relu(x.lower), F.relu(x.upper))
+
+    def loose_inputs(self, x: Interval) -> Tensor:
+        """Unstable neurons: a stable one is relaxed exactly whatever its bounds."""
+        return (x.lower < 0) & (x.upper > 0)
 
     def relaxation(self, x: Interval):
         """(lower slope, upper slope, upper intercept), each [b, 1, ...], in closed form.
@@ -87,7 +102,94 @@ class BoundMaxPool2d(BoundOp):
     def ibp(self, ctx, x: Interval) -> Interval:
         return Interval(self._pool(x.lower), self._pool(x.upper))
 
+    def loose_inputs(self, x: Interval) -> Tensor:
+        """The candidates of every window (``u_i >= max_j l_j``): the others can never be the
+        max, and tighter bounds on them change neither relaxation."""
+        m: nn.MaxPool2d = self.module  # type: ignore[assignment]
+        if m.ceil_mode:
+            return torch.ones_like(x.lower, dtype=torch.bool)
+        k = nn.modules.utils._pair(m.kernel_size)
+        s = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
+        p = nn.modules.utils._pair(m.padding)
+        d = nn.modules.utils._pair(m.dilation)
+        b, C, H, W = x.lower.shape
+        floor = float(x.lower.min().detach()) - 1.0
+
+        def windows(t: Tensor) -> Tensor:
+            t = F.pad(t, (p[1], p[1], p[0], p[0]), value=floor)
+            return F.unfold(t, k, d, 0, s).view(b, C, k[0] * k[1], -1)
+
+        lo, up = windows(x.lower), windows(x.upper)
+        max_l = lo.max(2, keepdim=True).values
+        cand = (up >= max_l) | (lo == max_l)
+        hit = F.fold(cand.to(x.lower.dtype).view(b, C * k[0] * k[1], -1), (H + 2 * p[0], W + 2 * p[1]), k, d, 0, s)
+        return hit[..., p[0]:p[0] + H, p[1]:p[1] + W] > 0
+
+    #: the relaxation of the current backward pass ("cheap" or "cnn-cert"; the engine sets it)
+    relaxation: str = "cheap"
+
+    def _cnn_cert_lines(self, x: Interval):
+        """Per window: weights [b, C, k*k, L] and the lower/upper intercepts [b, C, L]."""
+        m: nn.MaxPool2d = self.module  # type: ignore[assignment]
+        k = nn.modules.utils._pair(m.kernel_size)
+        s = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
+        p = nn.modules.utils._pair(m.padding)
+        d = nn.modules.utils._pair(m.dilation)
+        b, C = x.lower.shape[:2]
+
+        # max pooling pads with -inf; a finite value below every lower bound is never a
+        # candidate either and keeps inf/nan out of the autograd graph
+        floor = float(x.lower.min().detach()) - 1.0
+
+        def windows(t: Tensor) -> Tensor:
+            t = F.pad(t, (p[1], p[1], p[0], p[0]), value=floor)
+            return F.unfold(t, k, d, 0, s).view(b, C, k[0] * k[1], -1)
+
+        lo, up = windows(x.lower), windows(x.upper)
+        max_l = lo.max(2, keepdim=True).values
+        cand = (up >= max_l) | (lo == max_l)  # the best-lower input even if rounding left u < l
+        width = up - lo
+        free = cand & (width > 0)
+        safe_w = torch.where(free, width, torch.ones_like(width))
+        zero = torch.zeros_like(lo)
+        inv = torch.where(free, 1.0 / safe_w, zero)
+        g = (torch.where(free, up * inv, zero).sum(2, keepdim=True) - 1.0) / inv.sum(2, keepdim=True).clamp(min=1e-30)
+        min_u = torch.where(cand, up, torch.full_like(up, float('inf'))).min(2, keepdim=True).values
+        g = torch.maximum(torch.minimum(g, min_u), max_l)
+        w = torch.where(free, (up - g) * inv, zero).clamp(min=0)
+        growth = w.sum(2)
+        min_l = torch.where(cand, lo, torch.full_like(lo, float('inf'))).min(2).values
+        max_u = torch.where(cand, up, torch.full_like(up, float('-inf'))).max(2).values
+        bu = g.squeeze(2) - torch.where(free, w * lo, zero).sum(2)
+        bl = torch.where(growth <= 1, min_l, max_u) * (1 - growth)
+        return w, bl, bu, (k, s, p, d)
+
+    def _backward_cnn_cert(self, ctx, lA, uA, x: Interval):
+        w, bl, bu, (k, s, p, d) = self._cnn_cert_lines(x)
+        in_shape = x.lower.shape
+        H, W = in_shape[2] + 2 * p[0], in_shape[3] + 2 * p[1]
+        out_hw = (lA if lA is not None else uA).shape[-2:]
+        bl, bu = bl.view((bl.shape[0], 1, bl.shape[1]) + tuple(out_hw)), bu.view((bu.shape[0], 1, bu.shape[1]) + tuple(out_hw))
+
+        def back(A: Tensor) -> Tensor:  # both lines share the weights: coefficient A * w, folded
+            b, S, C = A.shape[:3]
+            cols = (A.flatten(3).unsqueeze(3) * w.unsqueeze(1)).reshape(b * S, C * w.shape[2], -1)
+            out = F.fold(cols, (H, W), k, d, 0, s)
+            return out[..., p[0]:p[0] + in_shape[2], p[1]:p[1] + in_shape[3]].reshape((b, S) + tuple(in_shape[1:]))
+
+        new_l = new_u = None
+        lb = ub = 0.0
+        if lA is not None:
+            new_l = back(lA)
+            lb = sum_spec(pos(lA) * bl + neg(lA) * bu)
+        if uA is not None:
+            new_u = back(uA)
+            ub = sum_spec(pos(uA) * bu + neg(uA) * bl)
+        return [(new_l, new_u)], lb, ub
+
     def backward(self, ctx, lA, uA, x: Interval):
+        if self.relaxation == "cnn-cert" and not self.module.ceil_mode:
+            return self._backward_cnn_cert(ctx, lA, uA, x)
         _, idx = self._pool(x.lower, indices=True)  # flat H*W index of the best-lower input
         upper = self._pool(x.upper).unsqueeze(1)
         in_shape = x.lower.shape

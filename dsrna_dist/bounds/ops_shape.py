@@ -40,6 +40,8 @@ def _call(node: Any, module: Optional[nn.Module], x: Any, *args: Any, **kwargs: 
 class BoundReshape(BoundOp):
     """Ops that keep every example's elements in row-major order: coefficients just reshape."""
 
+    keeps_orthogonal_rows = True
+
     def forward(self, ctx, x: Tensor, *args, **kwargs) -> Tensor:
         if isinstance(self.module, nn.Dropout) and self.module.training and self.module.p > 0:
             raise BoundError(f"node {self.name}: dropout in train mode is random; call model.eval()")
@@ -69,6 +71,8 @@ def _norm_dim(d: int, n: int) -> int:
 @register_functions((torch.transpose, "transpose"))
 @register_methods("transpose")
 class BoundTranspose(BoundOp):
+    keeps_orthogonal_rows = True
+
     def _dims(self, x: Tensor, args, kwargs):
         d0 = kwargs.get("dim0", args[0] if args else None)
         d1 = kwargs.get("dim1", args[1] if len(args) > 1 else None)
@@ -90,6 +94,8 @@ class BoundTranspose(BoundOp):
 @register_functions((torch.permute, "permute"))
 @register_methods("permute")
 class BoundPermute(BoundOp):
+    keeps_orthogonal_rows = True
+
     def forward(self, ctx, x, *args, **kwargs):
         dims = kwargs.get("dims", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
         dims = [d % x.dim() for d in dims]
@@ -113,6 +119,8 @@ class BoundPermute(BoundOp):
 @register_functions((operator.getitem, "getitem"))
 class BoundGetItem(BoundOp):
     """Basic slicing ``x[:, a:b, ::s, ...]``; the batch axis must be kept whole."""
+
+    keeps_orthogonal_rows = True
 
     @staticmethod
     def _spec_index(idx: Any):
@@ -206,6 +214,10 @@ _APPLY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": 
 @register_methods("add", "sub", "mul", "div", "neg")
 class BoundArith(BoundOp):
     """``a + b``, ``a - b``, ``a * c``, ``a / c``, ``-a`` with at most one perturbed factor."""
+
+    #: with ONE perturbed input and no broadcasting of it (the engine checks both) these are
+    #: element-wise affine maps
+    keeps_orthogonal_rows = True
 
     def __init__(self, node, module=None) -> None:
         super().__init__(node, module)
