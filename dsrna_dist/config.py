@@ -230,6 +230,11 @@ class RegimeConfig:
     attack_bn: str = fld("eval", choices=("eval", "train"),
                          help="BatchNorm during attack generation: eval = running statistics (TRADES reference); "
                               "train = batch statistics, running statistics restored afterwards")
+    ramp_start: float = fld(0.0, ge=0.0, help="epochs of eps = 0 (natural training) before the eps ramp starts")
+    kappa_end: float = fld(0.0, ge=0.0, le=1.0, help="ibp/crown_ibp: final weight of the clean loss (kappa ramps "
+                           "1 -> kappa_end with eps; Zhang et al. 2020: 0, Gowal et al. 2018: 0.5)")
+    ibp_init: bool = fld(True, help="ibp/crown_ibp: IBP-aware initialisation of conv/linear weights, "
+                         "N(0, 2*pi/fan_in^2) (Shi et al. 2021), on a fresh run only")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ test set is evaluated once, after the final epoch, for its log line only: it nev
 anything. A relaunch of the same command resumes bit-exactly on CPU (weights, optimizer incl.
 ZeRO partitions, every rank's RNG, best score).
 
-Training regimes (``regime.name``): ``natural``, ``pgd_at`` (Madry), ``trades`` (see
-:mod:`dsrna_dist.training`). A NaN/inf loss, gradient or weight stops every rank together
+Training regimes (``regime.name``): ``natural``, ``pgd_at`` (Madry), ``trades``, certified
+``ibp`` / ``crown_ibp`` (see :mod:`dsrna_dist.training`). A NaN/inf loss, gradient or weight stops every rank together
 before anything is applied or saved (exit 1, the last good checkpoint untouched).
 
 Learning-rate scaling for N processes: ``optim.lr`` is the rate for the global batch
@@ -135,6 +135,8 @@ def preflight(cfg: TrainConfig) -> Plan:
         if problem:
             raise CheckpointError(problem)
         path = last
+    if state is None:
+        regime.init_weights(model)  # e.g. IBP-aware init; same RNG state on every rank
     return Plan(cfg, g, info, model, state, path, regime, train_idx, val_idx, split)
 
 

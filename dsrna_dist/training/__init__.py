@@ -13,7 +13,7 @@ from .base import REGIMES, Regime, RegimeOutput, build_regime, eps_at
 from .guard import NonFiniteError, all_finite, any_rank_nonfinite
 from .split import SplitRecord, holdout_split
 
-from . import natural, adversarial  # noqa: E402,F401  (registers the regimes)
+from . import natural, adversarial, certified  # noqa: E402,F401  (registers the regimes)
 
 __all__ = ["REGIMES", "Regime", "RegimeOutput", "build_regime", "eps_at", "NonFiniteError", "all_finite",
            "any_rank_nonfinite", "SplitRecord", "holdout_split"]

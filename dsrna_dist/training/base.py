@@ -29,9 +29,11 @@ def eps_at(cfg: RegimeConfig, epoch: int, step: int, steps_per_epoch: int) -> fl
 
     Why a ramp: a network attacked at full radius from its first step often never leaves the
     constant classifier (Gowal et al. 2018; Shi et al. 2021 for certified training)."""
+    done = epoch + (step + 1) / max(1, steps_per_epoch) - cfg.ramp_start
+    if done <= 0:
+        return 0.0
     if cfg.warmup_epochs <= 0:
         return float(cfg.eps)
-    done = epoch + (step + 1) / max(1, steps_per_epoch)
     return float(cfg.eps) * min(1.0, done / cfg.warmup_epochs)
 
 
@@ -59,6 +61,9 @@ class Regime:
 
     def validate(self) -> None:
         """Raise ConfigError naming the key for settings this regime cannot use."""
+
+    def init_weights(self, net: nn.Module) -> None:
+        """Called once on a fresh run (not on resume), on every rank with the same RNG state."""
 
     def describe(self) -> str:
         return self.name
