@@ -12,7 +12,9 @@
    steps, through the train stage's own regime code) as a ratio to a natural step of the same
    network, measured in the same process, interleaved, process CPU time (one thread), best of
    ``--repeats`` rounds. The floor for PGD-k AT is about k+1 (k input-gradient passes, one
-   training pass); TRADES adds a clean forward and trains on a double batch.
+   training pass); TRADES adds a clean forward and trains on a double batch. Certified
+   training (``ibp``; ``crown_ibp`` at the start of its ramp, beta = 1, where it is dearest)
+   adds one bound pass of the project's engine to the training forward.
 
     .venv/bin/python bench/bench_train.py --regimes --quick --k 7
 
@@ -93,7 +95,9 @@ def regimes(args) -> dict:
     from dsrna_dist.config import RegimeConfig, TrainConfig
     from dsrna_dist.training import build_regime
 
-    m = make("fashion_mnist", args.c, args.layers)
+    torch.manual_seed(0)
+    ncfg = NetworkConfig(genotype="DARTS_V2", init_channels=args.c, layers=args.layers, auxiliary=False, drop_path=0.0)
+    m = build_network(ncfg, None, INFOS["fashion_mnist"]).train()
     x = torch.rand(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4)
@@ -101,11 +105,14 @@ def regimes(args) -> dict:
     k = args.k
     cfgs = {"natural": RegimeConfig(),
             f"pgd_at PGD-{k}": RegimeConfig(name="pgd_at", eps=0.1, steps=k),
-            f"trades PGD-{k}": RegimeConfig(name="trades", eps=0.1, steps=k)}
-    regs = {n: build_regime(replace(TrainConfig(), regime=c)) for n, c in cfgs.items()}
+            f"trades PGD-{k}": RegimeConfig(name="trades", eps=0.1, steps=k),
+            "ibp": RegimeConfig(name="ibp", eps=0.1, ibp_init=False),
+            "crown_ibp (beta 1)": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=1e9, ibp_init=False)}
+    tcfg = replace(TrainConfig(), model=ncfg)
+    regs = {n: build_regime(replace(tcfg, regime=c)) for n, c in cfgs.items()}
 
     def step(reg):
-        out = reg.loss(m, m, x, y, drop_prob=0.2, epoch=0, step=0, steps_per_epoch=1, crit=crit)
+        out = reg.loss(m, m, x, y, drop_prob=0.0, epoch=0, step=0, steps_per_epoch=1, crit=crit)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
@@ -192,7 +199,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # as each rank of the engine comparison; 2 threads thrash a shared box
     if args.regimes:
-        print(f"training regimes, derived DARTS_V2 C={args.c}, {args.layers} cells, aux head, Fashion-MNIST "
+        print(f"training regimes, derived DARTS_V2 C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
               f"batch {args.batch}, eps 0.1 l_inf, 1 thread, process CPU time, best of {args.repeats} interleaved "
               f"rounds of {args.steps} steps")
         res = regimes(args)
