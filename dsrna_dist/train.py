@@ -216,6 +216,7 @@ class Trainer:
                 net = torch.compile(net)
             self.model, self.opt = rt.accelerator.prepare(net, opt)
         self.crash_at = _crash_step(rt.rank)
+        self.regime_keys: set = set()  # last-step values of these go into the epoch's metrics
 
     # -- one epoch of training
     def set_lr(self, lr: float) -> None:
@@ -250,6 +251,7 @@ class Trainer:
                 r = self.plan.regime.loss(self.model, self.net, x, y, drop_prob=p, epoch=epoch, step=i,
                                           steps_per_epoch=steps, crit=crit)
             loss, loss_main, logits, logs = r.loss, r.loss_main, r.logits, r.logs
+            self.regime_keys.update(logs)
             if self.deepspeed:
                 # DeepSpeed applies the step inside step(): only the loss can be checked first
                 self._guard(epoch, i, global_step, loss)
@@ -431,6 +433,8 @@ def run(rt: Runtime, plan: Plan) -> int:
             if k not in ("epoch", "step", "world_size", "test_n", "val_n"):
                 tag = k.replace("train_", "train/").replace("test_", "test/").replace("val_", "val/")
                 tag = tag if "/" in tag else ("perf/" + tag if k not in ("lr", "drop_prob", "best_top1") else tag)
+                if k in trainer.regime_keys:  # the regime's own scalars (eps, kappa, ...)
+                    tag = "regime/" + k
                 rt.tb.scalar(tag, v, epoch)
         rt.tb.flush()
         val = f" val {m['val_loss']:.4f} / {m['val_top1']:.2f}%" if "val_top1" in m else ""
