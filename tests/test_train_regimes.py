@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsrna_dist.attacks.pgd import PGD
-from dsrna_dist.config import AttackConfig, ConfigError, RegimeConfig, TrainConfig, load_config
+from dsrna_dist.config import AttackConfig, ConfigError, RegimeConfig, TrainConfig
 from dsrna_dist.training import build_regime, eps_at
 
 from test_train import load, metrics, torchrun, write_cfg

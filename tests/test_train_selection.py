@@ -7,7 +7,6 @@ byte-identical and no NaN in metrics.jsonl.
 """
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
