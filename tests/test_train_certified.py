@@ -135,6 +135,7 @@ def test_certified_training_two_ranks_identical_and_resumes_exactly(ibp_run, tmp
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # one more training run: run with -m slow
 def test_certified_training_verifies_what_natural_training_does_not(ibp_run, tmp_path):
     from dsrna_dist.config import load_config
     from dsrna_dist.train import train

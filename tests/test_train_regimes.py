@@ -216,6 +216,7 @@ def test_adversarial_training_killed_rank_resumes_exactly(at_run, tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # one more training run: run with -m slow
 def test_adversarial_training_is_more_robust_than_natural(at_run, tmp_path):
     ref_tmp, _ = at_run
     cfg = write_cfg(tmp_path, **COMMON)
