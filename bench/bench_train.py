@@ -8,6 +8,16 @@
     .venv/bin/python bench/bench_train.py --quick      # ~2 min on 2 busy cores
     .venv/bin/python bench/bench_train.py              # the DARTS-size networks (C=36, 20 cells)
 
+3. ``--regimes``: the cost of one adversarial-training step (PGD-k AT, TRADES with k inner
+   steps, through the train stage's own regime code) as a ratio to a natural step of the same
+   network, measured in the same process, interleaved, process CPU time (one thread), best of
+   ``--repeats`` rounds. The floor for PGD-k AT is about k+1 (k input-gradient passes, one
+   training pass); TRADES adds a clean forward and trains on a double batch. Certified
+   training (``ibp``; ``crown_ibp`` at the start of its ramp, beta = 1, where it is dearest)
+   adds one bound pass of the project's engine to the training forward.
+
+    .venv/bin/python bench/bench_train.py --regimes --quick --k 7
+
 Inputs are random tensors (no loader cost): this isolates the model and the engine.
 """
 from __future__ import annotations
@@ -78,6 +88,49 @@ def single(args) -> dict:
     return out
 
 
+def regimes(args) -> dict:
+    """CPU seconds per step for natural / PGD-k AT / TRADES-k, interleaved, best of repeats."""
+    from dataclasses import replace
+
+    from dsrna_dist.config import RegimeConfig, TrainConfig
+    from dsrna_dist.training import build_regime
+
+    torch.manual_seed(0)
+    ncfg = NetworkConfig(genotype="DARTS_V2", init_channels=args.c, layers=args.layers, auxiliary=False, drop_path=0.0)
+    m = build_network(ncfg, None, INFOS["fashion_mnist"]).train()
+    x = torch.rand(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4)
+    crit = torch.nn.CrossEntropyLoss()
+    k = args.k
+    cfgs = {"natural": RegimeConfig(),
+            f"pgd_at PGD-{k}": RegimeConfig(name="pgd_at", eps=0.1, steps=k),
+            f"trades PGD-{k}": RegimeConfig(name="trades", eps=0.1, steps=k),
+            "ibp": RegimeConfig(name="ibp", eps=0.1, ibp_init=False),
+            "crown_ibp (beta 1)": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=1e9, ibp_init=False)}
+    tcfg = replace(TrainConfig(), model=ncfg)
+    regs = {n: build_regime(replace(tcfg, regime=c)) for n, c in cfgs.items()}
+
+    def step(reg):
+        out = reg.loss(m, m, x, y, drop_prob=0.0, epoch=0, step=0, steps_per_epoch=1, crit=crit)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
+        opt.step()
+
+    best = {n: float("inf") for n in regs}
+    for n, reg in regs.items():
+        for _ in range(args.warmup):
+            step(reg)
+    for _ in range(args.repeats):
+        for n, reg in regs.items():
+            t = time.process_time()
+            for _ in range(args.steps):
+                step(reg)
+            best[n] = min(best[n], (time.process_time() - t) / args.steps)
+    return best
+
+
 def worker(args) -> None:
     """One rank of the 2-rank engine comparison (started by torchrun)."""
     import torch.distributed as dist
@@ -132,6 +185,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="alternating launches per engine (default 2, quick 1)")
     ap.add_argument("--dataset", default="fashion_mnist", choices=sorted(INFOS), help="engine comparison network")
     ap.add_argument("--worker", choices=("ddp", "deepspeed"), help=argparse.SUPPRESS)
+    ap.add_argument("--regimes", action="store_true", help="only the adversarial-training step-cost ratios")
+    ap.add_argument("--k", type=int, default=7, help="--regimes: PGD steps of the training attack")
     args = ap.parse_args()
     q = args.quick
     args.c = args.c or (8 if q else 36)
@@ -143,6 +198,15 @@ def main() -> None:
         worker(args)
         return
     torch.set_num_threads(1)  # as each rank of the engine comparison; 2 threads thrash a shared box
+    if args.regimes:
+        print(f"training regimes, derived DARTS_V2 C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
+              f"batch {args.batch}, eps 0.1 l_inf, 1 thread, process CPU time, best of {args.repeats} interleaved "
+              f"rounds of {args.steps} steps")
+        res = regimes(args)
+        nat = res["natural"]
+        for n, sec in res.items():
+            print(f"  {n:18s} {sec * 1e3:8.0f} ms/step  ratio to natural {sec / nat:5.2f}")
+        return
     print(f"derived DARTS_V2 networks, C={args.c}, {args.layers} cells, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     res = single(args)

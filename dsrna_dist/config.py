@@ -125,6 +125,9 @@ class DataConfig:
     ffcv_max_resolution: int = fld(256, ge=8, help="ffcv_write: longest side of stored JPEGs (ImageNet)")
     ffcv_jpeg_quality: int = fld(90, ge=1, le=100, help="ffcv_write: JPEG quality (ImageNet)")
     ffcv_os_cache: bool = fld(True, help="ffcv: use the OS page cache (false: FFCV's own process cache)")
+    val_size: int = fld(0, ge=0, help="train: images held out of the training set to select best.pt "
+                        "(0 = no selection: best.pt is the final model); the test set is never used for it")
+    val_seed: int = fld(0, ge=0, help="train: seed of the held-out split (identical on every rank, checked on resume)")
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,26 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class RegimeConfig:
+    name: str = fld("natural", help="training regime: natural, pgd_at (Madry), trades (Zhang et al. 2019)")
+    eps: float = fld(0.0, ge=0.0, help="adversarial radius in [0,1] pixel units (reached after warmup_epochs)")
+    norm: str = fld("inf", choices=("inf", "2"), help="threat model of the training attack")
+    steps: int = fld(7, ge=1, help="PGD steps of the training attack")
+    step_size: float = fld(0.0, ge=0.0, help="PGD step at full eps (0 = 2.5 * eps / steps, Madry et al.)")
+    random_start: bool = fld(True, help="start the training attack uniformly in the eps ball")
+    beta: float = fld(6.0, ge=0.0, help="trades: weight of the KL robustness term")
+    warmup_epochs: float = fld(0.0, ge=0.0, help="eps ramps linearly from 0 to eps over this many epochs (per step)")
+    attack_bn: str = fld("eval", choices=("eval", "train"),
+                         help="BatchNorm during attack generation: eval = running statistics (TRADES reference); "
+                              "train = batch statistics, running statistics restored afterwards")
+    ramp_start: float = fld(0.0, ge=0.0, help="epochs of eps = 0 (natural training) before the eps ramp starts")
+    kappa_end: float = fld(0.0, ge=0.0, le=1.0, help="ibp/crown_ibp: final weight of the clean loss (kappa ramps "
+                           "1 -> kappa_end with eps; Zhang et al. 2020: 0, Gowal et al. 2018: 0.5)")
+    ibp_init: bool = fld(True, help="ibp/crown_ibp: IBP-aware initialisation of conv/linear weights, "
+                         "N(0, 2*pi/fan_in^2) (Shi et al. 2021), on a fresh run only")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig = fld(default_factory=RunConfig)
     dist: DistConfig = fld(default_factory=DistConfig)
@@ -313,7 +336,9 @@ class TrainConfig:
     ema: float = fld(0.0, ge=0.0, lt=1.0, help="weight EMA decay (0 = off)")
     scale_lr: bool = fld(False, help="linear scaling: lr *= world_size * batch_size / base_batch_size")
     base_batch_size: int = fld(128, ge=1, help="global batch the configured optim.lr was tuned for (scale_lr)")
-    eval_every: int = fld(1, ge=1, help="epochs between test-set evaluations (the last epoch always evaluates)")
+    eval_every: int = fld(1, ge=1, help="epochs between validation evaluations (data.val_size; the last epoch "
+                          "always evaluates, and is the only one that touches the test set)")
+    regime: RegimeConfig = fld(default_factory=RegimeConfig)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,17 @@
     python -m dsrna_dist.train --config configs/train/fmnist_tiny.yaml --model.genotype=DARTS_V2
 
 Engines: ``engine=accelerate`` (DDP, default) or ``engine=deepspeed`` (ZeRO-0/1/2, driven
-directly with a torch optimizer). Every epoch: test-set evaluation (sharded, exact sums),
-``checkpoints/last.pt`` (+ ``best.pt`` by test top-1), one line in ``metrics.jsonl``,
-TensorBoard scalars. A relaunch of the same command resumes bit-exactly on CPU (weights,
-optimizer incl. ZeRO partitions, every rank's RNG, best score).
+directly with a torch optimizer). Every epoch: evaluation on a held-out validation split of the
+training set (``data.val_size`` images, seeded by ``data.val_seed``, identical on every rank,
+recorded in the checkpoint), ``checkpoints/last.pt`` (+ ``best.pt`` by validation top-1; the
+final model when ``data.val_size=0``), one line in ``metrics.jsonl``, TensorBoard scalars. The
+test set is evaluated once, after the final epoch, for its log line only: it never selects
+anything. A relaunch of the same command resumes bit-exactly on CPU (weights, optimizer incl.
+ZeRO partitions, every rank's RNG, best score).
+
+Training regimes (``regime.name``): ``natural``, ``pgd_at`` (Madry), ``trades``, certified
+``ibp`` / ``crown_ibp`` (see :mod:`dsrna_dist.training`). A NaN/inf loss, gradient or weight stops every rank together
+before anything is applied or saved (exit 1, the last good checkpoint untouched).
 
 Learning-rate scaling for N processes: ``optim.lr`` is the rate for the global batch
 ``base_batch_size``; with ``scale_lr=true`` it becomes ``lr * N * data.batch_size /
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,9 @@ from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng
 from .engine.io import atomic_write_text
 from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
                             resolve_genotype)
+from .training import (NonFiniteError, Regime, SplitRecord, all_finite, any_rank_nonfinite, build_regime,
+                       holdout_split)
+from .training.split import check_resume
 
 CRASH_ENV = "DSRNA_TEST_CRASH"  # "<rank>:<global step>": that rank os._exit(3)s after that step
 DUMP_ENV = "DSRNA_TEST_DUMP_DIR"  # every rank saves its final weights there (tests compare ranks)
@@ -81,6 +92,24 @@ class Plan:
     model: Network
     resume: Optional[Dict[str, Any]]
     resume_path: Optional[Path]
+    regime: Regime
+    train_idx: Optional[Any]  # positions in the training split (None = all of it)
+    val_idx: Optional[Any]
+    split: SplitRecord
+
+
+def resolve_split(cfg: TrainConfig) -> Tuple[Optional[Any], Optional[Any], SplitRecord]:
+    """The held-out validation split (``data.val_size``); reads the training labels to size it."""
+    if cfg.data.val_size == 0:
+        return None, None, SplitRecord(0, cfg.data.val_seed, 0, "")
+    from .data import get_dataset, load_arrays
+
+    if not get_dataset(cfg.data.name).in_memory:
+        raise ConfigError(f"key 'data.val_size': a held-out split is implemented for in-memory datasets only, "
+                          f"not {cfg.data.name!r}; set data.val_size=0 (best.pt is then the final model)")
+    n = len(load_arrays(cfg.data, "train"))
+    train_idx, val_idx, rec = holdout_split(n, cfg.data.val_size, cfg.data.val_seed)
+    return train_idx, val_idx, rec
 
 
 def preflight(cfg: TrainConfig) -> Plan:
@@ -93,14 +122,17 @@ def preflight(cfg: TrainConfig) -> Plan:
     if cfg.ema:
         raise ConfigError("key 'ema': weight EMA is not implemented in train yet; set ema=0")
     g = resolve_genotype(cfg.model)
+    regime = build_regime(cfg)
     info = dataset_info(cfg.data)  # the config form: ImageNet crop size, synthetic shape
     from .engine.preflight import check_data
 
     n = check_data(cfg.data, ("train", "test"))  # a missing dataset fails before any write
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if 0 <= n["train"] < cfg.data.batch_size * world:
+    train_idx, val_idx, split = resolve_split(cfg)
+    n_train = len(train_idx) if train_idx is not None else n["train"]
+    if 0 <= n_train < cfg.data.batch_size * world:
         raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} x {world} ranks is larger "
-                          f"than the training set ({n['train']} images; no full batch per epoch)")
+                          f"than the training set ({n_train} images after the held-out split; no full batch per epoch)")
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_network(cfg.model, g, info)
     state, path = None, None
@@ -111,8 +143,13 @@ def preflight(cfg: TrainConfig) -> Plan:
         if saved is None or G.from_dict(saved, f"checkpoint {last} genotype") != g:
             raise CheckpointError(f"checkpoint {last} was trained with a different genotype than "
                                   f"model.genotype={cfg.model.genotype!r}; use a new run.name")
+        problem = check_resume(state.get("val_split"), split, last)
+        if problem:
+            raise CheckpointError(problem)
         path = last
-    return Plan(cfg, g, info, model, state, path)
+    if state is None:
+        regime.init_weights(model)  # e.g. IBP-aware init; same RNG state on every rank
+    return Plan(cfg, g, info, model, state, path, regime, train_idx, val_idx, split)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,6 +228,7 @@ class Trainer:
                 net = torch.compile(net)
             self.model, self.opt = rt.accelerator.prepare(net, opt)
         self.crash_at = _crash_step(rt.rank)
+        self.regime_keys: set = set()  # last-step values of these go into the epoch's metrics
 
     # -- one epoch of training
     def set_lr(self, lr: float) -> None:
@@ -213,6 +251,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss*n, top1, top5, n
         t0 = time.perf_counter()
         lr = self.base_lr
+        logs: Dict[str, float] = {}
         for i, (x, y) in enumerate(rt.progress(loader, total=steps, desc=f"epoch {epoch}")):
             if i >= steps:
                 break
@@ -221,21 +260,27 @@ class Trainer:
             lr = lr_at(cfg.optim, self.base_lr, epoch, i, steps, cfg.epochs)
             self.set_lr(lr)
             with self.autocast():
-                out = self.model(x, drop_prob=p)
-                logits, aux = out if isinstance(out, tuple) else (out, None)
-                loss_main = crit(logits, y)
-                loss = loss_main if aux is None else loss_main + cfg.model.auxiliary_weight * crit(aux, y)
+                r = self.plan.regime.loss(self.model, self.net, x, y, drop_prob=p, epoch=epoch, step=i,
+                                          steps_per_epoch=steps, crit=crit)
+            loss, loss_main, logits, logs = r.loss, r.loss_main, r.logits, r.logs
+            self.regime_keys.update(logs)
             if self.deepspeed:
+                # DeepSpeed applies the step inside step(): only the loss can be checked first
+                self._guard(epoch, i, global_step, loss)
                 self.model.backward(loss)
                 self.model.step()  # clipping is in the DeepSpeed config
             else:
                 self.opt.zero_grad(set_to_none=True)
-                rt.accelerator.backward(loss)
+                rt.accelerator.backward(loss)  # DDP all-reduces: a NaN gradient reaches every rank
+                params = [q for q in self.model.parameters() if q.grad is not None]
                 if cfg.optim.grad_clip > 0:
-                    rt.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    norm = rt.accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                else:
+                    norm = torch.linalg.vector_norm(torch.stack([q.grad.detach().norm() for q in params]))
+                self._guard(epoch, i, global_step, loss, norm)
                 self.opt.step()
             global_step += 1
-            sums += _batch_stats(loss_main.detach() * y.shape[0], logits.detach().float(), y)
+            sums += _batch_stats(loss_main.detach() * y.shape[0], logits.detach().float(), r.labels)
             if global_step % cfg.run.log_every == 0:
                 rt.tb.scalar("train/loss_step", loss_main.item(), global_step)
             if global_step == self.crash_at:
@@ -246,12 +291,24 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         loss_sum, c1, c5, n = _sum_across(rt, sums)
         n = max(n, 1.0)
+        # the weights themselves (BN statistics included) before anything is saved
+        if any_rank_nonfinite(0.0 if all_finite(self.net.state_dict().values()) else math.nan, device=rt.device):
+            raise NonFiniteError(f"non-finite weights after epoch {epoch + 1} (step {global_step})")
         return {"train_loss": loss_sum / n, "train_top1": 100 * c1 / n, "train_top5": 100 * c5 / n,
                 "lr": lr, "drop_prob": p, "img_per_s": n / max(elapsed, 1e-9),
-                "train_time_s": elapsed}, global_step
+                "train_time_s": elapsed, **logs}, global_step
+
+    def _guard(self, epoch: int, i: int, global_step: int, loss: torch.Tensor,
+               norm: Optional[torch.Tensor] = None) -> None:
+        """Every rank stops together, before the step is applied, if any rank saw NaN/inf."""
+        values = (loss,) if norm is None else (loss, norm)
+        if any_rank_nonfinite(*values, device=self.rt.device):
+            what = f"loss={float(loss.detach()):.4g}" + ("" if norm is None else f", grad norm={float(norm.detach()):.4g}")
+            raise NonFiniteError(f"non-finite training loss/gradient at epoch {epoch + 1} step {i + 1} "
+                                 f"(global step {global_step + 1}; {what} on rank {self.rt.rank})")
 
     @torch.no_grad()
-    def evaluate(self, loader: Any) -> Dict[str, float]:
+    def evaluate(self, loader: Any, prefix: str = "test") -> Dict[str, float]:
         net = self.net  # the plain module: no DDP buffer broadcast, no ZeRO hooks needed
         net.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.rt.device)
@@ -263,8 +320,8 @@ class Trainer:
             sums += _batch_stats(F.cross_entropy(logits, y, reduction="sum"), logits, y)
         loss_sum, c1, c5, n = _sum_across(self.rt, sums)
         n = max(n, 1.0)
-        return {"test_loss": loss_sum / n, "test_top1": 100 * c1 / n, "test_top5": 100 * c5 / n,
-                "test_n": int(n)}
+        return {f"{prefix}_loss": loss_sum / n, f"{prefix}_top1": 100 * c1 / n, f"{prefix}_top5": 100 * c5 / n,
+                f"{prefix}_n": int(n)}
 
     def sync_buffers(self) -> None:
         """Rank 0's BN running statistics everywhere: evaluation and resume see one model."""
@@ -275,7 +332,8 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         extra: Dict[str, Any] = dict(
             genotype=plan.genotype.to_dict(), dataset=plan.info.name, dataset_info=info_dict(plan.info),
-            world_size=self.rt.world_size, best_top1=best, metrics=metrics,
+            world_size=self.rt.world_size, best_top1=best, best_metric="val_top1" if plan.split.size else "final",
+            val_split=plan.split.to_dict(), regime=plan.regime.name, metrics=metrics,
             num_params=count_parameters(self.net), num_params_no_aux=count_parameters(self.net, False))
         if self.deepspeed:
             extra["ds_optimizer"] = self.DS.gather_optimizer_states(self.model)
@@ -323,8 +381,14 @@ def run(rt: Runtime, plan: Plan) -> int:
              f"(style={plan.model.style}, C={cfg.model.init_channels}, layers={cfg.model.layers})")
     rt.tb.text("model/params", f"{n_noaux} without aux head, {n_all} total", 0)
     trainer = Trainer(rt, plan)
-    train_loader = build_train_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed)
+    train_loader = build_train_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed,
+                                      indices=plan.train_idx)
+    val_loader = (build_eval_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed,
+                                    indices=plan.val_idx, split="train") if plan.split.size else None)
     eval_loader = build_eval_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed)
+    rt.print(f"regime: {plan.regime.describe()}; model selection: "
+             + (f"validation split of {plan.split.size} training images (seed {plan.split.seed}, "
+                f"digest {plan.split.digest})" if plan.split.size else "none (data.val_size=0: best.pt = final model)"))
     steps = len(train_loader) if not cfg.steps_per_epoch else min(cfg.steps_per_epoch, len(train_loader))
     if steps == 0:
         raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} x {rt.world_size} ranks is larger "
@@ -349,31 +413,48 @@ def run(rt: Runtime, plan: Plan) -> int:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
-        m, global_step = trainer.train_epoch(train_loader, epoch, global_step, steps)
+        try:
+            m, global_step = trainer.train_epoch(train_loader, epoch, global_step, steps)
+        except NonFiniteError as e:
+            last_ckpt = rt.ckpt.latest()
+            msg = (f"error: stopping: {e}; nothing of this epoch was applied or saved; the last good checkpoint "
+                   f"{last_ckpt if last_ckpt is not None else '(none yet)'} was left untouched")
+            if rt.is_main:
+                print(msg, file=sys.stderr, flush=True)
+            return 1
         trainer.sync_buffers()
         last = epoch == cfg.epochs - 1
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            m.update(trainer.evaluate(eval_loader))
+        if val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
+            m.update(trainer.evaluate(val_loader, "val"))
+        if last:  # the only place the test set is touched: a log line, never a selection
+            m.update(trainer.evaluate(eval_loader, "test"))
         epoch_time = time.perf_counter() - t0
         m.update(epoch=epoch, step=global_step, epoch_time_s=epoch_time, world_size=rt.world_size)
         m[mem_key] = _memory_mb(rt.device)[1]
-        is_best = "test_top1" in m and m["test_top1"] > best
-        if is_best:
-            best = m["test_top1"]
+        if val_loader is None:
+            is_best = True  # nothing to select on: best.pt follows the final model
+        else:
+            is_best = "val_top1" in m and m["val_top1"] > best
+            if is_best:
+                best = m["val_top1"]
         m["best_top1"] = best
         state = trainer.state(epoch + 1, global_step, best, m)
         rt.ckpt.save(state, is_best=is_best)
         _append_metrics(rt, m)
         for k, v in m.items():
-            if k not in ("epoch", "step", "world_size", "test_n"):
-                tag = k.replace("train_", "train/").replace("test_", "test/")
+            if k not in ("epoch", "step", "world_size", "test_n", "val_n"):
+                tag = k.replace("train_", "train/").replace("test_", "test/").replace("val_", "val/")
                 tag = tag if "/" in tag else ("perf/" + tag if k not in ("lr", "drop_prob", "best_top1") else tag)
+                if k in trainer.regime_keys:  # the regime's own scalars (eps, kappa, ...)
+                    tag = "regime/" + k
                 rt.tb.scalar(tag, v, epoch)
         rt.tb.flush()
+        val = f" val {m['val_loss']:.4f} / {m['val_top1']:.2f}%" if "val_top1" in m else ""
         test = f" test {m['test_loss']:.4f} / {m['test_top1']:.2f}%" if "test_top1" in m else ""
         rt.print(f"epoch {epoch + 1}/{cfg.epochs}: train {m['train_loss']:.4f} / {m['train_top1']:.2f}%"
-                 f"{test} lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s {epoch_time:.1f}s")
-    rt.print(f"done: best test top-1 {best:.2f}%, checkpoints in {rt.ckpt.dir}")
+                 f"{val}{test} lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s {epoch_time:.1f}s")
+    sel = f"best validation top-1 {best:.2f}%" if val_loader is not None else "best.pt = final model"
+    rt.print(f"done: {sel}, checkpoints in {rt.ckpt.dir}")
     dump = os.environ.get(DUMP_ENV)
     if dump:  # test hook: each rank's own final weights, to compare ranks bit for bit
         os.makedirs(dump, exist_ok=True)

@@ -123,19 +123,22 @@ def test_single_process_run_checkpoint_and_load_trained(tmp_path):
     from dsrna_dist.space.network import load_trained
     from dsrna_dist.train import train
 
-    cfg = load_config(TrainConfig, str(write_cfg(tmp_path)), {"data.synthetic_size": 128})
+    cfg = load_config(TrainConfig, str(write_cfg(tmp_path)), {"data.synthetic_size": 160, "data.val_size": 32})
     assert train(cfg) == 0
     run = tmp_path / "runs" / "tiny"
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["drop_prob"] == pytest.approx(0.15)
-    for key in ("train_loss", "train_top1", "train_top5", "test_top1", "test_top5", "lr",
+    for key in ("train_loss", "train_top1", "train_top5", "val_top1", "val_top5", "lr",
                 "img_per_s", "epoch_time_s", "max_rss_mb"):
         assert all(key in r for r in rows), key
-    assert rows[0]["test_n"] == 96 and rows[1]["lr"] == pytest.approx(0.001 + 0.5 * (0.05 - 0.001) * (1 + math.cos(math.pi / 2)))
+    # the test set is touched by the final epoch's line only; selection is on the held-out split
+    assert "test_top1" not in rows[0] and rows[1]["test_n"] == 96 and rows[0]["val_n"] == 32
+    assert rows[1]["lr"] == pytest.approx(0.001 + 0.5 * (0.05 - 0.001) * (1 + math.cos(math.pi / 2)))
     ckpt = load(run / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["dataset"] == "synthetic" and ckpt["config"]["epochs"] == 2
+    assert ckpt["val_split"]["size"] == 32 and ckpt["val_split"]["n_train"] == 160
     best = load(run / "checkpoints" / "best.pt")
-    assert best["metrics"]["test_top1"] == max(r["test_top1"] for r in rows)
+    assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in rows) == best["best_top1"]
 
     # load_trained rebuilds the same network and reproduces the run's test accuracy.
     model, tcfg, g = load_trained(str(run / "checkpoints" / "last.pt"), "cpu")
@@ -151,7 +154,7 @@ def test_single_process_run_checkpoint_and_load_trained(tmp_path):
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {"train/loss", "train/top1", "train/top5", "test/top1", "test/top5", "lr",
+    assert {"train/loss", "train/top1", "train/top5", "val/top1", "test/top1", "test/top5", "lr",
             "perf/img_per_s", "perf/epoch_time_s", "perf/max_rss_mb"} <= tags, tags
     assert len(ea.Scalars("train/loss")) == 2
 

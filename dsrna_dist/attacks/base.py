@@ -10,7 +10,7 @@ the batch or the rank: 1-rank and N-rank evaluations agree example by example.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,13 +97,17 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z_y - other
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss: "str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]" = "ce") -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d x, logits) with the loss summed over the batch (so per-example gradients
-    do not depend on the batch size); parameter gradients are never touched."""
+    do not depend on the batch size); parameter gradients are never touched. ``loss`` may be a
+    callable ``(logits, y) -> summed objective`` (TRADES' KL term in training)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
-        if loss == "ce":
+        if callable(loss):
+            obj = loss(logits, y)
+        elif loss == "ce":
             obj = F.cross_entropy(logits, y, reduction="sum")
         elif loss == "margin":
             obj = -margin(logits, y).sum()

@@ -7,7 +7,7 @@ start of example i in restart r is drawn from a generator seeded by (seed, i, r)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,23 +24,54 @@ class PGD(Attack):
         if self.cfg.step_size <= 0:
             raise AttackError(f"{self.label}: step_size must be > 0")
 
-    def random_start(self, x: torch.Tensor, indices: Sequence[int], restart: int) -> torch.Tensor:
+    def _noise(self, x: torch.Tensor, indices: Optional[Sequence[int]], salt: int, shape: Sequence[int],
+               normal: bool = False) -> torch.Tensor:
+        """Per-example seeded noise (evaluation), or one draw from the global torch stream when
+        ``indices`` is None (training: the per-rank stream that checkpoints capture and restore)."""
+        if indices is None:
+            draw = torch.randn if normal else torch.rand
+            return draw((len(x), *shape)).to(x.device)
+        return per_example_rand(shape, self.seed, indices, salt, x.device, normal=normal)
+
+    def random_start(self, x: torch.Tensor, indices: Optional[Sequence[int]], restart: int,
+                     eps: Optional[float] = None) -> torch.Tensor:
+        eps = self.eps if eps is None else float(eps)
         shape = x.shape[1:]
         if self.norm == "inf":
-            u = per_example_rand(shape, self.seed, indices, 1 + restart, x.device)
-            delta = (2 * u - 1) * self.eps
+            u = self._noise(x, indices, 1 + restart, shape)
+            delta = (2 * u - 1) * eps
         else:  # uniform direction, radius uniform in [0, eps] (as torchattacks' PGDL2)
-            d = per_example_rand(shape, self.seed, indices, 1 + restart, x.device, normal=True)
-            r = per_example_rand((1,), self.seed, indices, 1001 + restart, x.device).flatten()
-            delta = d / flat_norm(d, "2").clamp_min(1e-12).view(-1, *([1] * len(shape))) * (r * self.eps).view(
+            d = self._noise(x, indices, 1 + restart, shape, normal=True)
+            r = self._noise(x, indices, 1001 + restart, (1,)).flatten()
+            delta = d / flat_norm(d, "2").clamp_min(1e-12).view(-1, *([1] * len(shape))) * (r * eps).view(
                 -1, *([1] * len(shape)))
-        return project(x + delta.to(x.dtype), x, self.eps, self.norm)
+        return project(x + delta.to(x.dtype), x, eps, self.norm)
 
-    def step(self, x_adv: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        a = self.cfg.step_size
+    def step(self, x_adv: torch.Tensor, g: torch.Tensor, step_size: Optional[float] = None) -> torch.Tensor:
+        a = self.cfg.step_size if step_size is None else float(step_size)
         if self.norm == "inf":
             return x_adv + a * g.sign()
         return x_adv + a * g / flat_norm(g, "2").clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+    def ascend(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+               objective: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+               eps: Optional[float] = None, step_size: Optional[float] = None) -> torch.Tensor:
+        """PGD as adversarial *training* uses it (Madry et al. 2018): every example attacked, the
+        last iterate returned (the high-loss point, not the first one that fools), no restarts,
+        random start from the global torch stream, the model's mode left as the caller set it.
+        ``eps``/``step_size`` override the config (eps warm-up); ``objective(logits, y)`` (summed)
+        replaces the configured loss (TRADES' KL term)."""
+        eps = self.eps if eps is None else float(eps)
+        x = x.detach()
+        if eps <= 0:
+            return x.clone()
+        a = self.cfg.step_size * eps / self.eps if step_size is None else float(step_size)
+        loss = objective if objective is not None else getattr(self.cfg, "loss", "ce")
+        x_adv = self.random_start(x, None, 0, eps) if self.cfg.random_start else x.clone()
+        for _ in range(self.cfg.steps):
+            g, _ = input_grad(model, x_adv, y, loss)
+            x_adv = project(self.step(x_adv, g, a), x, eps, self.norm)
+        return x_adv.detach()
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         loss = getattr(self.cfg, "loss", "ce")
