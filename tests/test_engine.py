@@ -224,11 +224,12 @@ def test_tbwriter_roundtrip(tmp_path):
     tb.image("img_chw", torch.rand(3, 8, 8), 1)
     tb.image("img_hwc", np.zeros((8, 8, 3), dtype=np.uint8), 1)
     tb.text("note", "hello", 0)
+    before = set(plt.get_fignums())  # figures other tests left open are not this test's business
     fig = plt.figure()
     plt.plot([0, 1], [1, 0])
     tb.figure("fig", fig, 2)
     tb.close()
-    assert not plt.get_fignums()
+    assert set(plt.get_fignums()) == before
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     ea.Reload()
     assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(3, 0.5)]

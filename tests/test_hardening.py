@@ -30,7 +30,7 @@ SEARCH_ARGS = ["--config", str(ROOT / "configs/search/fmnist_tiny_darts.yaml"), 
                "--data.batch_size=8", "--model.init_channels=4", "--model.layers=3", "--model.nodes=2",
                "--epochs=1", "--steps_per_epoch=2", "--run.progress=false"]
 TRAIN_ARGS = ["--config", str(ROOT / "configs/train/fmnist_tiny.yaml"), "--data.train_subset=32",
-              "--data.test_subset=16", "--data.batch_size=16", "--data.eval_batch_size=16",
+              "--data.test_subset=16", "--data.val_size=8", "--data.batch_size=16", "--data.eval_batch_size=16",
               "--model.init_channels=4", "--model.layers=3", "--model.auxiliary=false", "--epochs=1",
               "--steps_per_epoch=1", "--run.progress=false"]
 EVAL_YAML = {"run": {"progress": False}, "data": {"name": "fashion_mnist", "test_subset": 8, "eval_batch_size": 8},
