@@ -105,49 +105,41 @@ class BoundMaxPool2d(BoundOp):
     def loose_inputs(self, x: Interval) -> Tensor:
         """The candidates of every window (``u_i >= max_j l_j``): the others can never be the
         max, and tighter bounds on them change neither relaxation."""
-        m: nn.MaxPool2d = self.module  # type: ignore[assignment]
-        if m.ceil_mode:
+        if self.module.ceil_mode:
             return torch.ones_like(x.lower, dtype=torch.bool)
-        k = nn.modules.utils._pair(m.kernel_size)
-        s = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
-        p = nn.modules.utils._pair(m.padding)
-        d = nn.modules.utils._pair(m.dilation)
+        _, _, _, cand, (k, s, p, d) = self._windows(x)
         b, C, H, W = x.lower.shape
-        floor = float(x.lower.min().detach()) - 1.0
-
-        def windows(t: Tensor) -> Tensor:
-            t = F.pad(t, (p[1], p[1], p[0], p[0]), value=floor)
-            return F.unfold(t, k, d, 0, s).view(b, C, k[0] * k[1], -1)
-
-        lo, up = windows(x.lower), windows(x.upper)
-        max_l = lo.max(2, keepdim=True).values
-        cand = (up >= max_l) | (lo == max_l)
         hit = F.fold(cand.to(x.lower.dtype).view(b, C * k[0] * k[1], -1), (H + 2 * p[0], W + 2 * p[1]), k, d, 0, s)
         return hit[..., p[0]:p[0] + H, p[1]:p[1] + W] > 0
 
     #: the relaxation of the current backward pass ("cheap" or "cnn-cert"; the engine sets it)
     relaxation: str = "cheap"
 
-    def _cnn_cert_lines(self, x: Interval):
-        """Per window: weights [b, C, k*k, L] and the lower/upper intercepts [b, C, L]."""
+    def _windows(self, x: Interval):
+        """The pooling windows of the bounds, unfolded: lower and upper ``[b, C, k*k, L]``, the
+        largest lower bound per window and the candidates (``u_i >= max_j l_j``, and the
+        best-lower input even if rounding left u < l), with (kernel, stride, padding, dilation).
+        Max pooling pads with -inf; a finite value below every lower bound is never a candidate
+        either and keeps inf/nan out of the autograd graph."""
         m: nn.MaxPool2d = self.module  # type: ignore[assignment]
         k = nn.modules.utils._pair(m.kernel_size)
         s = nn.modules.utils._pair(m.stride if m.stride is not None else m.kernel_size)
         p = nn.modules.utils._pair(m.padding)
         d = nn.modules.utils._pair(m.dilation)
         b, C = x.lower.shape[:2]
-
-        # max pooling pads with -inf; a finite value below every lower bound is never a
-        # candidate either and keeps inf/nan out of the autograd graph
         floor = float(x.lower.min().detach()) - 1.0
 
-        def windows(t: Tensor) -> Tensor:
+        def unfold(t: Tensor) -> Tensor:
             t = F.pad(t, (p[1], p[1], p[0], p[0]), value=floor)
             return F.unfold(t, k, d, 0, s).view(b, C, k[0] * k[1], -1)
 
-        lo, up = windows(x.lower), windows(x.upper)
+        lo, up = unfold(x.lower), unfold(x.upper)
         max_l = lo.max(2, keepdim=True).values
-        cand = (up >= max_l) | (lo == max_l)  # the best-lower input even if rounding left u < l
+        return lo, up, max_l, (up >= max_l) | (lo == max_l), (k, s, p, d)
+
+    def _cnn_cert_lines(self, x: Interval):
+        """Per window: weights [b, C, k*k, L] and the lower/upper intercepts [b, C, L]."""
+        lo, up, max_l, cand, (k, s, p, d) = self._windows(x)
         width = up - lo
         free = cand & (width > 0)
         safe_w = torch.where(free, width, torch.ones_like(width))
