@@ -356,6 +356,8 @@ class AttackConfig:
     lr: float = fld(0.01, gt=0.0, help="C&W: Adam lr (in tanh space)")
     binary_search_steps: int = fld(1, ge=1, help="C&W: binary-search rounds over c (1 = fixed c)")
     label: str = fld("", help="column name in reports (default derived from name/steps, e.g. PGD-20)")
+    num_examples: int = fld(0, ge=0, help="run on the first N test examples only (0: all); for attacks too "
+                            "costly for the whole set, e.g. AutoAttack on CPU; the summary gives each attack's n")
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def build_attacks(cfg: EvalConfig) -> Tuple[List[Tuple[str, Optional[Attack], Di
 
     eps_sweep entries of 0 are the clean point (no attack runs; the summary's sweep always starts
     there). Check attacks carry ``role`` and, with masking.num_examples, ``max_index``: they run
-    on the first N test examples only. The effort-check attacks share one seed, so the restarted
+    on the first N test examples only; so does an attack with ``num_examples`` (its n is in the
+    summary's ``robust_acc_n``, its accuracy is over those N). The effort-check attacks share one seed, so the restarted
     PGD's first restart is the plain PGD of the same length.
     """
     from .attacks.masking import check_specs
@@ -100,7 +101,8 @@ def build_attacks(cfg: EvalConfig) -> Tuple[List[Tuple[str, Optional[Attack], Di
     for i, a in enumerate(cfg.attacks):
         if a.name == "clean":
             continue
-        specs.append((f"attacks[{i}]", a, {}, _attack_seed(cfg.run.seed, attack_label(a))))
+        extra = {"max_index": int(a.num_examples)} if a.num_examples else {}
+        specs.append((f"attacks[{i}]", a, extra, _attack_seed(cfg.run.seed, attack_label(a))))
     sweep_label = attack_label(cfg.sweep_attack)
     for j, e in enumerate(cfg.eps_sweep):
         if e < 0 or not math.isfinite(e):
@@ -391,7 +393,9 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
     mask = run_checks(attack_recs, attacks, getattr(masking, "tolerance", 1.0),
                       getattr(masking, "tolerance_examples", 1)) if attack_recs else None
     not_seeded = [lab for lab, _, m in attacks if m.get("per_example_seeded") is False]
-    return {"n": n, "clean_acc": acc.get("clean"), "robust_acc": robust, "eps_sweep": sweep, "certified": cert,
+    partial = {lab: len(by[lab]) for lab in robust if len(by[lab]) != len(by.get("clean", ()))}
+    return {"n": n, "clean_acc": acc.get("clean"), "robust_acc": robust, "robust_acc_n": partial,
+            "eps_sweep": sweep, "certified": cert,
             "masking": mask, "masking_attacks_acc": checks,
             "rank_dependent_attacks": not_seeded}
 

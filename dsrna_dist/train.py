@@ -364,6 +364,28 @@ def _truncate_metrics(rt: Runtime, start_epoch: int) -> None:
     atomic_write_text(str(path), "".join(k + "\n" for k in keep))
 
 
+def _write_summary(rt: Runtime, cfg: TrainConfig, best: float, params: int) -> None:
+    """summary.json once the last epoch is done: the light record a results tree keeps (and
+    that marks the run finished) when checkpoints are not kept. Times are summed over the
+    epochs in metrics.jsonl, so a resumed run reports its whole training time."""
+    if not rt.is_main:
+        return
+    from .engine.io import atomic_write_json
+    recs = []
+    for line in _metrics_path(rt).read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    last = recs[-1] if recs else {}
+    atomic_write_json(str(rt.run_dir / "summary.json"), {
+        "kind": "train", "dataset": cfg.data.name, "regime": cfg.regime.name, "epochs": cfg.epochs,
+        "seed": cfg.run.seed, "params": params, "best_metric": "val_top1" if cfg.data.val_size else "final",
+        "best_top1": best, "final_val_top1": last.get("val_top1"), "test_top1": last.get("test_top1"),
+        "test_n": last.get("test_n"), "train_time_s": round(sum(float(r.get("epoch_time_s", 0.0)) for r in recs), 1),
+        "world_size": rt.world_size, "device": str(rt.device)})
+
+
 def _append_metrics(rt: Runtime, record: Dict[str, Any]) -> None:
     if rt.is_main:
         with open(_metrics_path(rt), "a") as f:
@@ -408,6 +430,8 @@ def run(rt: Runtime, plan: Plan) -> int:
     _truncate_metrics(rt, start_epoch)
     if start_epoch >= cfg.epochs:
         rt.print(f"nothing to do: {start_epoch} of {cfg.epochs} epochs already done")
+        if not (rt.run_dir / "summary.json").exists():
+            _write_summary(rt, cfg, best, n_noaux)
         return 0
     mem_key = _memory_mb(rt.device)[0]
     for epoch in range(start_epoch, cfg.epochs):
@@ -454,6 +478,7 @@ def run(rt: Runtime, plan: Plan) -> int:
         rt.print(f"epoch {epoch + 1}/{cfg.epochs}: train {m['train_loss']:.4f} / {m['train_top1']:.2f}%"
                  f"{val}{test} lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s {epoch_time:.1f}s")
     sel = f"best validation top-1 {best:.2f}%" if val_loader is not None else "best.pt = final model"
+    _write_summary(rt, cfg, best, n_noaux)
     rt.print(f"done: {sel}, checkpoints in {rt.ckpt.dir}")
     dump = os.environ.get(DUMP_ENV)
     if dump:  # test hook: each rank's own final weights, to compare ranks bit for bit

@@ -139,6 +139,9 @@ def test_single_process_run_checkpoint_and_load_trained(tmp_path):
     assert ckpt["val_split"]["size"] == 32 and ckpt["val_split"]["n_train"] == 160
     best = load(run / "checkpoints" / "best.pt")
     assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in rows) == best["best_top1"]
+    summary = json.loads((run / "summary.json").read_text())  # the light record of a finished run
+    assert summary["best_top1"] == best["best_top1"] and summary["test_top1"] == rows[-1]["test_top1"]
+    assert summary["train_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in rows), abs=0.1)
 
     # load_trained rebuilds the same network and reproduces the run's test accuracy.
     model, tcfg, g = load_trained(str(run / "checkpoints" / "last.pt"), "cpu")

@@ -1,0 +1,257 @@
+"""The paper's comparison (issue #15) at the fmnist_small budget: methods x seeds, each searched,
+its cell retrained twice (natural, PGD-AT) with held-out model selection, each network attacked
+and certified; then the tables and tests (bench/grid_report.py).
+
+Resumable, idempotent and runnable in parts, by several workers at once:
+
+    OMP_NUM_THREADS=1 nohup python bench/grid.py > grid1.log 2>&1 &     # one worker per core
+    OMP_NUM_THREADS=1 nohup python bench/grid.py > grid2.log 2>&1 &     # a second one (optional)
+    python bench/grid.py --status                                       # what is done, running, left
+    python bench/grid.py --stages search --methods darts pcdarts        # a part of the grid
+
+Every task (search of a method and seed; train / eval / certify of a network) is claimed with a
+lock file holding its worker's pid (a dead worker's lock is taken over), is skipped when the file
+that marks it done exists, and resumes from its own checkpoint when it was killed. Tasks run in
+a fixed priority order: all searches first (they are cheap and answer the convergence question),
+then, method group by method group, training, attacks, certification; AutoAttack last.
+
+A network is identified by (recipe, genotype, seed): two searches that find the same cell with
+the same seed share one retrained network (the retrain depends on nothing else), so a DSRNA run
+that reproduces the PC-DARTS cell is not trained twice. Search seed s is retrained with seed s.
+A search that fails the convergence criterion (mean max softmax(alpha) >= 0.25, genotype stable
+over the last quarter) is still retrained, and flagged as not converged in every table.
+
+Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<seed>/{train,eval,
+certify,autoattack}/; light files are committed (checkpoints, tb/ and attacks.jsonl are git-ignored);
+grid_log.jsonl has one record per finished task: rc, wall and CPU seconds, code version.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "grid"
+
+# method -> (search config, extra search args). Group A is the paper's core comparison.
+METHODS: Dict[str, tuple] = {
+    "darts": ("fmnist_small_darts.yaml", ()),
+    "pcdarts": ("fmnist_small_pcdarts.yaml", ()),
+    "dsrna_jacobian": ("fmnist_small_dsrna_jacobian.yaml", ()),
+    "dsrna_cb": ("fmnist_small_dsrna_cb.yaml", ()),
+    "sdarts_adv": ("fmnist_small_sdarts_adv.yaml", ()),
+    "pcdarts_adv": ("fmnist_small_pcdarts_adv.yaml", ()),
+    "dsrna_jacobian_gamma": ("fmnist_small_dsrna_jacobian.yaml", ("--robustness.trade_off=gamma",)),
+    "dsrna_cb_gamma": ("fmnist_small_dsrna_cb.yaml", ("--robustness.trade_off=gamma",)),
+    "pdarts": ("fmnist_small_pdarts.yaml", ()),
+    "robnet": ("fmnist_small_robnet.yaml", ()),
+}
+GROUPS = (("darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"),
+          ("sdarts_adv", "pcdarts_adv", "dsrna_jacobian_gamma", "dsrna_cb_gamma"),
+          ("pdarts", "robnet"))
+RECIPES = {"nat": "configs/train/fmnist_small.yaml", "adv": "configs/train/fmnist_small_pgd_at.yaml"}
+EVAL_CFG = "configs/eval/fmnist_small_grid.yaml"
+CERT_CFG = "configs/eval/fmnist_small_certify.yaml"
+AA_CFG = "configs/eval/fmnist_small_grid_aa.yaml"
+STAGES = ("search", "train", "eval", "certify", "autoattack")
+
+
+@dataclass
+class Task:
+    key: str                 # unique name, also the lock name
+    stage: str
+    prio: tuple
+    done: Path               # exists => task finished
+    argv: List[str]
+    info: Dict[str, object]
+
+
+def genotype_hash(path: Path) -> str:
+    """Short hash of the derived cell (ops, inputs, concat): what the retrain depends on."""
+    g = json.loads(path.read_text())
+    keep = {k: g[k] for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k in g}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def launcher(nproc: int) -> List[str]:
+    if nproc > 1:
+        return [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    return [sys.executable, "-m"]
+
+
+def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int) -> List[Task]:
+    """Every task whose inputs exist now, in priority order (later calls see more tasks)."""
+    out: List[Task] = []
+    launch = launcher(nproc)
+    nets: Dict[tuple, Dict[str, object]] = {}
+    for gi, group in enumerate(GROUPS):
+        for method in group:
+            if method not in methods:
+                continue
+            cfg, extra = METHODS[method]
+            mi = list(METHODS).index(method)
+            for seed in seeds:
+                run = OUT / "search" / f"{method}_s{seed}"
+                if "search" in stages:
+                    out.append(Task(f"search-{method}-s{seed}", "search", (0, gi, seed, mi), run / "genotype.json",
+                                    launch + ["dsrna_dist.search", f"--config=configs/search/{cfg}", *extra,
+                                              f"--run.out_dir={run.parent}", f"--run.name={run.name}",
+                                              f"--run.seed={seed}", "--run.progress=false"],
+                                    {"method": method, "seed": seed}))
+                gpath = run / "genotype.json"
+                if not gpath.exists():
+                    continue
+                gh = genotype_hash(gpath)
+                for recipe in RECIPES:
+                    nets.setdefault((recipe, gh, seed), {"prio": (gi, seed, mi), "genotype": gpath,
+                                                        "methods": []})["methods"].append(method)
+    for (recipe, gh, seed), n in sorted(nets.items(), key=lambda kv: (kv[1]["prio"], kv[0][0])):
+        gi, _, mi = n["prio"]
+        net = OUT / "net" / recipe / f"{gh}_s{seed}"
+        common = [f"--run.out_dir={net}", f"--run.seed={seed}", "--run.progress=false"]
+        info = {"recipe": recipe, "genotype_hash": gh, "seed": seed, "methods": n["methods"]}
+        best = net / "train" / "checkpoints" / "best.pt"
+        rk = 0 if recipe == "nat" else 1
+        if "train" in stages:
+            out.append(Task(f"train-{recipe}-{gh}-s{seed}", "train", (1 + gi, 0, seed, rk, mi),
+                            net / "train" / "summary.json",
+                            launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=train",
+                                      f"--model.genotype={n['genotype']}", *common], info))
+        if not (net / "train" / "summary.json").exists():
+            continue
+        for stage, cfg in (("eval", EVAL_CFG), ("certify", CERT_CFG), ("autoattack", AA_CFG)):
+            if stage in stages and (ROOT / cfg).exists():
+                # AutoAttack (hours per robust network on a CPU core) after every other stage
+                prio = (1 + gi, STAGES.index(stage), seed, rk, mi) if stage != "autoattack" else (9, gi, seed, rk, mi)
+                out.append(Task(f"{stage}-{recipe}-{gh}-s{seed}", stage, prio,
+                                net / stage / "summary.json",
+                                launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
+                                          f"--checkpoint={best}", *common], info))
+    return sorted(out, key=lambda t: t.prio)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def claim(task: Task) -> Optional[Path]:
+    """Create the task's lock (atomic O_EXCL); take over a lock whose worker is dead."""
+    locks = OUT / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = locks / f"{task.key}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return lock
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                return None
+            lock.unlink(missing_ok=True)
+    return None
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "dsrna_dist", "configs"], cwd=ROOT)
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_task(task: Task, env: Dict[str, str]) -> int:
+    print(f"[run ] {task.key}: {' '.join(task.argv)}", flush=True)
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    rc = subprocess.call(task.argv, env=env, cwd=ROOT)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, "wall_s": round(time.time() - t0, 1),
+           "cpu_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
+           "code": code_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(OUT / "grid_log.jsonl", "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+    if rc != 0:
+        (OUT / ".failed").mkdir(exist_ok=True)
+        (OUT / ".failed" / task.key).write_text(json.dumps(rec) + "\n")
+        print(f"[fail] {task.key} exited {rc} (marked in {OUT / '.failed'}; --retry-failed to run it again)",
+              file=sys.stderr, flush=True)
+    return rc
+
+
+def status(ts: List[Task]) -> None:
+    locks = OUT / ".locks"
+    for t in ts:
+        lock = locks / f"{t.key}.lock"
+        state = ("done" if t.done.exists() else "FAILED" if (OUT / ".failed" / t.key).exists()
+                 else "running" if lock.exists() and pid_alive(int(lock.read_text() or 0)) else "todo")
+        print(f"{state:8s} {t.key}")
+    print(f"{sum(t.done.exists() for t in ts)}/{len(ts)} visible tasks done (later tasks appear as their inputs land)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--nproc", type=int, default=1, help="ranks per task (torchrun when > 1)")
+    ap.add_argument("--max-tasks", type=int, default=0, help="stop after this many tasks (0: until none is left)")
+    ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--status", action="store_true", help="list the visible tasks and their state, run nothing")
+    args = ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.status:
+        status(tasks(args.methods, args.seeds, args.stages, args.nproc))
+        return 0
+    if args.retry_failed:
+        for f in (OUT / ".failed").glob("*"):
+            f.unlink()
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
+    ran = failed = 0
+    while not args.max_tasks or ran < args.max_tasks:
+        todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc)
+                if not t.done.exists() and not (OUT / ".failed" / t.key).exists()]
+        task = lock = None
+        for t in todo:
+            lock = claim(t)
+            if lock is not None:
+                if t.done.exists():  # finished by another worker between listing and claiming
+                    lock.unlink(missing_ok=True)
+                    continue
+                task = t
+                break
+        if task is None:
+            if not todo:
+                break
+            time.sleep(30)  # everything left is claimed by live workers or waits on their outputs
+            continue
+        try:
+            failed += run_task(task, env) != 0
+        finally:
+            lock.unlink(missing_ok=True)
+        ran += 1
+    print(f"grid: {ran} tasks run, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

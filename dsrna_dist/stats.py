@@ -1,0 +1,111 @@
+"""Small-sample statistics for comparing methods over seeds: mean, sample std, Welch's and the
+paired t-test with two-sided p-values.
+
+Written out (no scipy at run time: it is a test-only dependency) because the comparison tables
+need exactly these and nothing else; tests check them against scipy.stats.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def std(xs: Sequence[float]) -> float:
+    """Sample standard deviation (n - 1); 0 for a single value."""
+    if len(xs) < 2:
+        return 0.0
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    if math.isnan(t) or df <= 0:
+        return float("nan")
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+@dataclass(frozen=True)
+class TTest:
+    kind: str            # "welch" or "paired"
+    diff: float          # mean(a) - mean(b)
+    t: float
+    df: float
+    p: float
+    n_a: int
+    n_b: int
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Optional[TTest]:
+    """Welch's unequal-variance t-test of mean(a) = mean(b); None below 2 values per side.
+    Both variances 0: p = 1 if the means are equal, else 0 (the t statistic is infinite)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = std(a) ** 2 / len(a), std(b) ** 2 / len(b)
+    diff = mean(a) - mean(b)
+    se2 = va + vb
+    if se2 == 0:
+        return TTest("welch", diff, 0.0 if diff == 0 else math.copysign(math.inf, diff), float(len(a) + len(b) - 2),
+                     1.0 if diff == 0 else 0.0, len(a), len(b))
+    t = diff / math.sqrt(se2)
+    df = se2 ** 2 / ((va ** 2 / (len(a) - 1) if va else 0.0) + (vb ** 2 / (len(b) - 1) if vb else 0.0))
+    return TTest("welch", diff, t, df, t_two_sided_p(t, df), len(a), len(b))
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Optional[TTest]:
+    """Paired t-test on a[i] - b[i] (e.g. the same seed and data order); None below 2 pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs equal lengths, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m, s = mean(d), std(d)
+    df = float(len(d) - 1)
+    if s == 0:
+        return TTest("paired", m, 0.0 if m == 0 else math.copysign(math.inf, m), df, 1.0 if m == 0 else 0.0,
+                     len(a), len(b))
+    t = m / (s / math.sqrt(len(d)))
+    return TTest("paired", m, t, df, t_two_sided_p(t, df), len(a), len(b))
