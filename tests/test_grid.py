@@ -1,0 +1,92 @@
+"""The comparison grid's scheduler (bench/grid.py) and tables (bench/grid_report.py): tasks
+appear as their inputs land, one network per (recipe, cell, seed), locks of dead workers are
+taken over, and the report's statistics come from the finished cells only."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import grid  # noqa: E402
+import grid_report  # noqa: E402
+
+CELL_A = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
+          "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]], "reduce_concat": [2]}
+CELL_B = {**CELL_A, "normal": [["dil_conv_3x3", 0], ["skip_connect", 1]]}
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    monkeypatch.setattr(grid, "OUT", tmp_path)
+    monkeypatch.setattr(grid_report, "OUT", tmp_path)
+    return tmp_path
+
+
+def found(out: Path, method: str, seed: int, cell: dict, **conv) -> None:
+    d = out / "search" / f"{method}_s{seed}"
+    d.mkdir(parents=True)
+    (d / "genotype.json").write_text(json.dumps({**cell, "source": method}))
+    (d / "summary.json").write_text(json.dumps({"search_cpu_s": 60.0, "convergence": {
+        "max_softmax": 0.4, "entropy": 1.5, "genotype_changes": 3, "last_change_arch_step": 10,
+        "arch_steps": 40, "converged": True, **conv}}))
+
+
+def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
+    ts = grid.tasks(["darts", "pcdarts", "dsrna_cb"], [0, 1], grid.STAGES, 1)
+    assert [t.stage for t in ts] == ["search"] * 6  # nothing else is visible before a search finishes
+    assert [t.key for t in ts][:3] == ["search-darts-s0", "search-pcdarts-s0", "search-dsrna_cb-s0"]
+    found(out, "pcdarts", 0, CELL_A)
+    found(out, "dsrna_cb", 0, CELL_A)   # the same cell with the same seed: one network per recipe
+    found(out, "darts", 0, CELL_B)
+    ts = grid.tasks(["darts", "pcdarts", "dsrna_cb"], [0, 1], grid.STAGES, 1)
+    train = [t for t in ts if t.stage == "train"]
+    assert len(train) == 4  # 2 distinct cells x 2 recipes
+    shared = [t for t in train if "pcdarts" in t.info["methods"]]
+    assert {tuple(t.info["methods"]) for t in shared} == {("pcdarts", "dsrna_cb")}
+    # searches first, then trains; eval appears only once a train has written its summary
+    assert [t.stage for t in ts].index("train") == 6 and not any(t.stage == "eval" for t in ts)
+    (Path(train[0].done).parent).mkdir(parents=True)
+    train[0].done.write_text("{}")
+    ts = grid.tasks(["darts", "pcdarts", "dsrna_cb"], [0, 1], grid.STAGES, 1)
+    ev = [t for t in ts if t.stage in ("eval", "autoattack")]
+    assert ev and all(t.info["genotype_hash"] == train[0].info["genotype_hash"] for t in ev)
+    assert ts[-1].stage == "autoattack"  # the hours-long stage goes last
+    assert any(f"--checkpoint={train[0].done.parent / 'checkpoints' / 'best.pt'}" in t.argv for t in ev)
+
+
+def test_lock_claim_and_dead_worker_takeover(out):
+    t = grid.Task("search-x-s0", "search", (0,), out / "x", [], {})
+    lock = grid.claim(t)
+    assert lock is not None and grid.claim(t) is None  # held by a live process (this one)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    assert grid.claim(t) is not None  # a dead worker's lock is taken over
+
+
+def test_report_tables_and_tests_from_finished_cells(out):
+    found(out, "pcdarts", 0, CELL_A)
+    found(out, "pcdarts", 1, CELL_A)
+    found(out, "dsrna_cb", 0, CELL_B)
+    found(out, "dsrna_cb", 1, CELL_B, converged=False)
+    acc = {("pcdarts", 0): 80.0, ("pcdarts", 1): 82.0, ("dsrna_cb", 0): 85.0, ("dsrna_cb", 1): 88.0}
+    for (m, s), a in acc.items():
+        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+        ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
+        ev.mkdir(parents=True)
+        (ev / "summary.json").write_text(json.dumps({"clean_acc": a, "robust_acc": {"PGD-20": a - 50}}))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
+    res = json.loads((out / "grid.json").read_text())
+    t = [x for x in res["tests"] if x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
+    assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
+    from scipy import stats as st
+    assert t["welch_p"] == pytest.approx(st.ttest_ind([85, 88], [80, 82], equal_var=False).pvalue)
+    assert t["paired_p"] == pytest.approx(st.ttest_rel([85, 88], [80, 82]).pvalue)
