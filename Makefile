@@ -20,7 +20,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
 METHOD ?= jacobian
 
-.PHONY: install install-ffcv install-deepspeed install-all system-packages demo test test-all compare clean
+.PHONY: install install-ffcv install-deepspeed install-all system-packages demo test test-all compare grid clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,10 @@ test-all: install
 
 compare: install
 	$(PY) bench/compare.py
+
+grid: install
+	OMP_NUM_THREADS=1 $(PY) bench/grid.py
+	$(PY) bench/grid_report.py
 
 clean:
 	rm -rf runs/demo* report/
