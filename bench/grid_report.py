@@ -48,7 +48,9 @@ def searches() -> List[Dict[str, Any]]:
             s = load(d / "summary.json") or {}
             c = s.get("convergence") or {}
             le = s.get("last_epoch_means") or {}
+            late_changes, late_diff = late_quarter(d / "alphas.jsonl")
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
+                         "late_changes": late_changes, "late_diff": late_diff,
                          "max_softmax": c.get("max_softmax"), "entropy": c.get("entropy"),
                          "changes": c.get("genotype_changes"), "last_change": c.get("last_change_arch_step"),
                          "arch_steps": c.get("arch_steps"), "converged": c.get("converged"),
@@ -56,6 +58,28 @@ def searches() -> List[Dict[str, Any]]:
                          "gap": le.get("metric/bound_gap"), "cpu_s": s.get("search_cpu_s"),
                          "stopped": s.get("stopped")})
     return rows
+
+
+def late_quarter(path: Path) -> tuple:
+    """(genotype changes counted in the last quarter's epochs, genotype entries that differ
+    between the end of the third quarter and the end): the second separates a cell that keeps
+    moving from one near-tied entry flipping back and forth."""
+    try:
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None, None
+    recs = [r for r in recs if isinstance(r.get("genotype"), dict) and r.get("arch_steps") is not None]
+    if not recs or not recs[-1]["arch_steps"]:
+        return None, None
+    total = recs[-1]["arch_steps"]
+    cut = total - math.ceil(total / 4)
+    before = [r for r in recs if r["arch_steps"] <= cut]
+    late = sum(int(r.get("genotype_changes") or 0) for r in recs if r["arch_steps"] > cut)
+    if not before:
+        return late, None
+    g0, g1 = before[-1]["genotype"], recs[-1]["genotype"]
+    diff = sum(a != b for k in ("normal", "reduce") for a, b in zip(g0.get(k, []), g1.get(k, [])))
+    return late, diff
 
 
 def net_results(recipe: str, ghash: str, seed: int) -> Dict[str, Any]:
@@ -112,13 +136,17 @@ def main(argv: Optional[List[str]] = None) -> int:
              "Every number is over the finished cells only; n says how many seeds.", ""]
     # ---- convergence per search
     lines += ["## Searches: convergence", "",
+              "Converged = mean max softmax(alpha) >= 0.25 and no genotype change in the last quarter of the arch "
+              "steps (issue 11). 'Late' = changes counted in the last quarter / genotype entries (of 12) that "
+              "differ between the end of the third quarter and the end.", "",
               "| method | seed | converged | mean max softmax | entropy | genotype changes | last change / arch steps "
-              "| grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 12 + "|"]
+              "| late | grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 13 + "|"]
     for r in srows:
         f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
         g = (lambda v: "-" if v is None else f"{v:.2g}")
         lines.append(f"| {r['method']} | {r['seed']} | {'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
                      f"{f(r['entropy'])} | {r['changes']} | {r['last_change']} / {r['arch_steps']} | "
+                     f"{r['late_changes']} / {r['late_diff']} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
     same = [(a["method"], b["method"], a["seed"]) for a in srows for b in srows
