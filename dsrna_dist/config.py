@@ -165,7 +165,8 @@ class OptimConfig:
     schedule: str = fld("cosine", choices=("cosine", "step", "constant"), help="lr schedule")
     step_size: int = fld(1, ge=1, help="step schedule: epochs per decay")
     step_gamma: float = fld(0.97, gt=0.0, help="step schedule: decay factor")
-    warmup_epochs: int = fld(0, ge=0, help="linear warmup epochs")
+    warmup_epochs: int = fld(0, ge=0, help="linear lr warm-up over this many epochs, per step (search and train); "
+                            "then the per-epoch schedule")
     momentum: float = fld(0.9, ge=0.0, lt=1.0)
     nesterov: bool = fld(False)
     weight_decay: float = fld(3e-4, ge=0.0)

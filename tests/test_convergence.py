@@ -236,7 +236,7 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
 
 def test_arch_lr_schedule():
     from dsrna_dist.config import ArchOptimConfig
-    from dsrna_dist.strategies.schedule import arch_lr_at
+    from dsrna_dist.engine.schedule import arch_lr_at
 
     const = ArchOptimConfig(lr=0.1)
     assert [arch_lr_at(const, p, 2, 8) for p in (0, 2, 7.99)] == [0.1, 0.1, 0.1]

@@ -15,7 +15,7 @@ from dsrna_dist.config import ConfigError, SearchConfig, replace
 from dsrna_dist.space.supernet import Supernet
 from dsrna_dist.strategies import STRATEGIES, NonFiniteLossError, SearchContext, build_strategy
 from dsrna_dist.strategies.perturb import clip_to_simplex, linf_pgd, ramp_eps, step_generator
-from dsrna_dist.strategies.schedule import lr_at
+from dsrna_dist.engine.schedule import lr_at
 
 torch.set_num_threads(1)
 
@@ -290,7 +290,7 @@ def test_cosine_lr_matches_torch_scheduler():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.025)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=0.001)
     for e in range(50):
-        assert math.isclose(lr_at(cfg.optim, e, 50), opt.param_groups[0]["lr"], rel_tol=1e-9)
+        assert math.isclose(lr_at(cfg.optim, e, 0, 10, 50), opt.param_groups[0]["lr"], rel_tol=1e-9)
         opt.step()
         sched.step()
 
