@@ -69,13 +69,6 @@ class RobustnessMetric(ABC):
             raise ValueError(f"{self.name} metric has no state; got keys {sorted(state)}")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP / Accelerate wrappers (``.module``), else the model itself."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def first_logits(out: Any) -> torch.Tensor:
     """Logits from a forward output; derived nets in train mode return ``(logits, aux)``."""
     return out[0] if isinstance(out, (tuple, list)) else out

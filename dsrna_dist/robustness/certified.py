@@ -74,7 +74,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, RobustnessConfig
-from .base import METRICS, RobustnessMetric, batch_subset, unwrap_model
+from ..engine.unwrap import unwrap_model
+from .base import METRICS, RobustnessMetric, batch_subset
 
 
 def num_classes(model: nn.Module) -> int:

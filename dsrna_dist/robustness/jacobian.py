@@ -70,7 +70,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RobustnessConfig
-from .base import METRICS, RobustnessMetric, batch_subset, first_logits, unwrap_model
+from ..engine.unwrap import unwrap_model
+from .base import METRICS, RobustnessMetric, batch_subset, first_logits
 from .bn import Stats, capture_stats, frozen_stats
 
 
