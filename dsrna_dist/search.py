@@ -28,10 +28,10 @@ from .config import ConfigError, SearchConfig, parse_cli
 from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
                      capture_rng, restore_training_state, run_checked, training_state)
 from .engine.schedule import arch_lr_at, lr_at
+from .search_artifacts import (alpha_record, genotype_markdown, heatmap_figure, read_alpha_history,
+                               save_genotypes, write_alpha_history)
 from .space.supernet import Supernet
 from .strategies import NonFiniteLossError, SearchContext, build_strategy
-from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
-                                   read_alpha_history, save_genotypes, write_alpha_history)
 from .strategies.convergence import GenotypeTracker, convergence
 
 PROG = "python -m dsrna_dist.search"

@@ -51,7 +51,7 @@ from .config import ConfigError, TrainConfig, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
                      restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
-from .engine.io import atomic_write_text
+from .engine.io import atomic_write_text, read_jsonl
 from .engine.schedule import lr_at
 from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
                             resolve_genotype)
@@ -343,14 +343,8 @@ def _truncate_metrics(rt: Runtime, start_epoch: int) -> None:
     path = _metrics_path(rt)
     if not rt.is_main or not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) < start_epoch:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(str(path), "".join(k + "\n" for k in keep))
+    keep = [r for r in read_jsonl(path) if r.get("epoch", 0) < start_epoch]
+    atomic_write_text(str(path), "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _append_metrics(rt: Runtime, record: Dict[str, Any]) -> None:
