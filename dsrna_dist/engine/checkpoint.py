@@ -288,6 +288,10 @@ def load_checkpoint(path: str | Path, expected_config: Any = None, *,
         saved = state.get("config")
         if not isinstance(saved, Mapping):
             raise CheckpointError(f"checkpoint {p} holds no 'config' to check against")
+        if dataclasses.is_dataclass(expected_config):  # keys moved since it was written: compare at the new place
+            from dsrna_dist.config import upgrade_dict
+
+            saved = upgrade_dict(type(expected_config), saved)
         errors, warnings = compare_configs(saved, _as_dict(expected_config), structural=structural,
                                            harmless=harmless, strict=strict)
         if errors:
