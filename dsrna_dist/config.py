@@ -685,7 +685,7 @@ def load_config(cls: Type[T], path: str | None = None, overrides: Mapping[str, A
         with warnings.catch_warnings(record=True) as moved:
             warnings.simplefilter("always", ConfigDeprecationWarning)
             cfg = _build(cls, data)
-        src = path or "command-line overrides"
+        src = (f"config {path}" if path else "config") + (" + command-line overrides" if overrides else "")
         for w in moved:  # re-issued naming the file; stacklevel 3: the stage's load_config call
             warnings.warn(f"{src}: {w.message}", w.category, stacklevel=3)
         return cfg

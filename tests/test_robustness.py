@@ -195,7 +195,7 @@ def test_fused_finite_difference_equals_own_forward(train):
     assert net.alpha.grad.abs().sum() > 0
     # a fraction < 1: only the first examples get perturbed copies
     half = build_metric(replace(metric.cfg, batch_fraction=0.5))
-    assert half.extra_inputs(x, y).shape[0] == half.cfg.projections * 8
+    assert half.extra_inputs(x, y).shape[0] == half.cfg.jacobian.projections * 8
     assert torch.equal(fd_inputs(x[:1], 1, 0.0), x[:1])
 
 

@@ -16,6 +16,10 @@ outermost, hence the loop):
   accelerate 1.15.0); a DeepSpeed or FSDP wrapper exists only where that import already happened.
 
 channels_last needs nothing here: it is a memory format of the tensors, not a wrapper module.
+
+Gradients of anything computed on the unwrapped module (bounds, metrics) do not go through
+DDP's forward, so DDP does not all-reduce them: reduce them explicitly
+(see notes/distributed-on-cpu.md).
 """
 from __future__ import annotations
 
