@@ -98,3 +98,28 @@ def test_per_epoch_part_ignores_step_and_steps_per_epoch(schedule):
     for e in range(1, 9):
         vals = {lr_at(o, e, i, spe, 9) for spe in (1, 3, 11) for i in range(spe)}
         assert len(vals) == 1, (schedule, e, vals)
+
+
+def test_search_loop_sets_the_per_step_lr(tmp_path):
+    """search.py itself: with a 1-epoch warm-up over 3 steps the last step of epoch 0 runs at the
+    full lr (the old per-epoch rule held lr / 2 for the whole epoch), epoch 1 at the cosine value."""
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
+            "--data.synthetic_classes=4", "--data.batch_size=8", "--model.init_channels=4", "--model.layers=3",
+            "--model.nodes=2", "--run.progress=false", "--steps_per_epoch=3", "--epochs=2",
+            "--optim.lr=0.04", "--optim.lr_min=0.0", "--optim.warmup_epochs=1", "--run.name=s",
+            f"--run.out_dir={tmp_path}"]
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ea = EventAccumulator(str(tmp_path / "s" / "tb"))
+    ea.Reload()
+    logged = [e.value for e in ea.Scalars("epoch/lr")]
+    o = OptimConfig(lr=0.04, lr_min=0.0, warmup_epochs=1)
+    assert logged == pytest.approx([lr_at(o, 0, 2, 3, 2), lr_at(o, 1, 2, 3, 2)], rel=1e-6)  # TB stores float32
+    assert logged[0] == pytest.approx(0.04, rel=1e-6) and old_search_lr(o, 0, 2) == pytest.approx(0.02)
