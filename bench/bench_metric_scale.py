@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
-from dsrna_dist.robustness import build_metric, metric_forward
+from dsrna_dist.config import SupernetConfig
+from dsrna_dist.robustness import build_metric, metric_config, metric_forward
 from dsrna_dist.robustness.jacobian import jacobian_rows
 from dsrna_dist.space.supernet import Supernet
 
@@ -66,13 +66,13 @@ def main() -> None:
                                                       batch_fraction=0.25)),
                        ("jacobian l2 frobenius_sq", dict(name="jacobian", norm="2", estimator="frobenius_sq")),
                        ("jacobian l2 frobenius_sq_fd", dict(name="jacobian", norm="2", estimator="frobenius_sq_fd"))]:
-        metric = build_metric(replace(RobustnessConfig(), **over))
+        metric = build_metric(metric_config(**over))
         r, s, logs = share(model, metric, x, y)
         print(f"{name}: R = {r:.3g}, per-example norm = {logs['jacobian_norm']:.3g}, "
               f"grad share at gamma 0.01 = {s:.3g}")
     for eps in args.eps:
-        metric = build_metric(replace(RobustnessConfig(), name="certified", eps=eps, eps_min=1e-12,
-                                      eps_rule="log", reduction="min"))
+        metric = build_metric(metric_config(name="certified", eps=eps, eps_min=1e-12,
+                                             eps_rule="log", reduction="min"))
         r, s, logs = share(model, metric, x, y)
         print(f"certified crown-ibp min, eps {eps:g}: R = {r:.3g}, gap = {logs['bound_gap']:.3g}, "
               f"grad share at gamma 0.01 = {s:.3g}")

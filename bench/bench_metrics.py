@@ -36,8 +36,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
-from dsrna_dist.robustness import build_metric, metric_forward
+from dsrna_dist.config import SupernetConfig
+from dsrna_dist.robustness import build_metric, metric_config, metric_forward
 from dsrna_dist.space.supernet import Supernet
 
 
@@ -92,7 +92,7 @@ def variants() -> List[Tuple[str, Optional[dict], bool]]:
 def make_step(model: Supernet, x: torch.Tensor, y: torch.Tensor, over: Optional[dict],
               share: bool, eps: float) -> Callable[[], None]:
     over = None if over is None else dict(over, eps=eps) if over.get("name") == "certified" else over
-    metric = None if over is None else build_metric(replace(RobustnessConfig(), **over))
+    metric = None if over is None else build_metric(metric_config(**over))
     arch = model.arch_parameters()
 
     def step() -> None:
@@ -114,8 +114,8 @@ def make_step(model: Supernet, x: torch.Tensor, y: torch.Tensor, over: Optional[
 def eps_trajectory(model: Supernet, x: torch.Tensor, y: torch.Tensor, steps: int, eps0: float,
                    target: float, eps_min: float, out: Optional[str]) -> float:
     """DSRNA-CB's eps rule (log) for ``steps`` calls on this batch; returns the last eps."""
-    metric = build_metric(replace(RobustnessConfig(), name="certified", method="crown-ibp", reduction="min",
-                                  eps=eps0, eps_rule="log", eps_target_gap=target, eps_min=eps_min))
+    metric = build_metric(metric_config(name="certified", method="crown-ibp", reduction="min",
+                                         eps=eps0, eps_rule="log", eps_target_gap=target, eps_min=eps_min))
     rows = []
     for t in range(steps):
         c0 = time.process_time()

@@ -15,8 +15,9 @@ import os
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -148,13 +149,19 @@ class StrategyConfig:
     order: int = fld(1, choices=(1, 2), help="DARTS 1st or 2nd order (unrolled) architecture gradient")
     arch_start_epoch: int = fld(0, ge=0, help="first epoch with architecture updates (PC-DARTS: 15)")
     fd_r: float = fld(0.01, gt=0.0, help="2nd order: finite-difference step r / ||v||")
-    perturb_eps: float = fld(0.03, ge=0.0, help="SDARTS: perturbation radius on softmax(alpha) at start")
-    perturb_eps_max: float = fld(0.3, ge=0.0, help="SDARTS: radius at the last epoch (linear ramp)")
-    adv_steps: int = fld(7, ge=1, help="SDARTS-ADV: PGD steps on alpha")
-    adv_bn: str = fld("eval", choices=("eval", "train"),
-                      help="SDARTS-ADV: mode of the PGD-on-alpha forwards: eval = as the reference (BN running "
-                           "stats, not updated by the attack); train = batch stats, running stats updated")
     max_skip: int = fld(-1, ge=-1, help="derive(): at most this many skip_connect per normal cell (-1 = no cap)")
+
+
+@dataclass(frozen=True)
+class SDARTSConfig:
+    """``sdarts``: the perturbation of softmax(alpha) in sdarts_rs, sdarts_adv and pcdarts_adv
+    (Chen & Hsieh 2020); these keys were in ``strategy:`` before."""
+    perturb_eps: float = fld(0.03, ge=0.0, help="perturbation radius on softmax(alpha) at start")
+    perturb_eps_max: float = fld(0.3, ge=0.0, help="radius at the last epoch (linear ramp)")
+    adv_steps: int = fld(7, ge=1, help="sdarts_adv/pcdarts_adv: PGD steps on alpha")
+    adv_bn: str = fld("eval", choices=("eval", "train"),
+                      help="sdarts_adv/pcdarts_adv: mode of the PGD-on-alpha forwards: eval = as the reference (BN running "
+                           "stats, not updated by the attack); train = batch stats, running stats updated")
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,8 @@ class OptimConfig:
     schedule: str = fld("cosine", choices=("cosine", "step", "constant"), help="lr schedule")
     step_size: int = fld(1, ge=1, help="step schedule: epochs per decay")
     step_gamma: float = fld(0.97, gt=0.0, help="step schedule: decay factor")
-    warmup_epochs: int = fld(0, ge=0, help="linear warmup epochs")
+    warmup_epochs: int = fld(0, ge=0, help="linear lr warm-up over this many epochs, per step (search and train); "
+                            "then the per-epoch schedule")
     momentum: float = fld(0.9, ge=0.0, lt=1.0)
     nesterov: bool = fld(False)
     weight_decay: float = fld(3e-4, ge=0.0)
@@ -186,50 +194,66 @@ class ArchOptimConfig:
 
 
 @dataclass(frozen=True)
-class RobustnessConfig:
-    name: str = fld("none", help="robustness metric R: none, jacobian, certified")
-    gamma: float = fld(0.01, ge=0.0, help="architecture objective = val_loss - gamma * R")
-    norm: str = fld("inf", choices=("inf", "2"), help="threat model of the metric")
-    eps: float = fld(0.03, gt=0.0, help="jacobian: delta; certified: initial eps (pixel scale)")
-    method: str = fld("crown-ibp", choices=("ibp", "crown-ibp", "crown"), help="certified: bound method")
-    reduction: str = fld("min", choices=("min", "mean", "mean_margin"),
-                         help="certified: per-example margin bound = min (the certificate) or mean over j != y of the "
-                              "K-1 margin bounds, or mean_margin: one bound of the mean margin (1 spec row, "
-                              "never looser than mean)")
-    eps_rule: str = fld("sign", choices=("sign", "proportional", "log", "fixed"),
-                        help="certified eps after each call: sign: eps += eps_step * sign(target_gap - gap); "
-                             "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); "
-                             "log: ln eps += clip(eps_gain * ln(target_gap / gap) / slope, +-eps_log_step), slope = "
-                             "d ln gap / d ln eps estimated online (a Newton step in log-log space); fixed: never")
-    eps_step: float = fld(0.001, ge=0.0, help="certified: eps change per arch step (see eps_rule)")
-    eps_target_gap: float = fld(1.0, gt=0.0, help="certified: target global mean (upper - lower) margin bound gap")
-    eps_every: int = fld(1, ge=1, help="certified: apply the eps rule on every n-th metric call only; the upper "
-                                         "bounds it needs are computed on those calls only")
-    eps_min: float = fld(1e-4, gt=0.0, help="certified: eps never goes below this")
-    eps_max: float = fld(0.3, gt=0.0, help="certified: eps never goes above this")
-    projections: int = fld(1, ge=1, help="jacobian frobenius_sq(_fd): random projections per step (Hoffman et al. 2019)")
+class JacobianMetricConfig:
+    """``robustness.jacobian``: DSRNA-Jacobian (paper 3.1.2), R = -delta * mean Jacobian norm."""
+    delta: float = fld(0.03, gt=0.0, help="radius delta of the l_p threat model in formula (15), pixel scale "
+                                          "(R = -delta * mean norm; was robustness.eps)")
+    projections: int = fld(1, ge=1, help="frobenius_sq(_fd): random projections per step (Hoffman et al. 2019)")
     estimator: str = fld("paper", choices=("paper", "frobenius_sq", "frobenius_sq_fd"),
-                         help="jacobian: paper = formula (15), exact row norms ||J_k||_q (K VJPs); "
+                         help="paper = formula (15), exact row norms ||J_k||_q (K VJPs); "
                               "frobenius_sq = unbiased random-projection estimate of ||J||_F^2 / K (VJPs, norm 2 only); "
                               "frobenius_sq_fd = the same from finite differences along Gaussian input directions "
                               "(no double backward; bias O(fd_step))")
-    fd_step: float = fld(0.01, gt=0.0, help="jacobian frobenius_sq_fd: finite-difference step h (pixel units)")
-    fd_fused: bool = fld(True, help="jacobian frobenius_sq_fd: evaluate the perturbed copies in the objective's own "
+    fd_step: float = fld(0.01, gt=0.0, help="frobenius_sq_fd: finite-difference step h (pixel units)")
+    fd_fused: bool = fld(True, help="frobenius_sq_fd: evaluate the perturbed copies in the objective's own "
                                     "forward (one forward of the joint batch; its BN statistics include them)")
     vjp: str = fld("auto", choices=("auto", "loop", "batched"),
-                   help="jacobian paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
+                   help="paper estimator: K VJPs in a loop or vmapped (is_grads_batched); auto = batched on CUDA")
+
+
+@dataclass(frozen=True)
+class CertifiedMetricConfig:
+    """``robustness.certified``: DSRNA-CB (paper 3.1.1), certified margin bounds at an adaptive eps."""
+    eps: float = fld(0.03, gt=0.0, help="initial eps of the bounds, pixel scale (then moved by eps_rule; "
+                                        "was robustness.eps)")
+    method: str = fld("crown-ibp", choices=("ibp", "crown-ibp", "crown"), help="bound method")
+    reduction: str = fld("min", choices=("min", "mean", "mean_margin"),
+                         help="per-example margin bound = min (the certificate) or mean over j != y of the "
+                              "K-1 margin bounds, or mean_margin: one bound of the mean margin (1 spec row, "
+                              "never looser than mean)")
+    eps_rule: str = fld("sign", choices=("sign", "proportional", "log", "fixed"),
+                        help="eps after each call: sign: eps += eps_step * sign(target_gap - gap); "
+                             "proportional: eps += eps_step * clip((target_gap - gap) / target_gap, -1, 1); "
+                             "log: ln eps += clip(eps_gain * ln(target_gap / gap) / slope, +-eps_log_step), slope = "
+                             "d ln gap / d ln eps estimated online (a Newton step in log-log space); fixed: never")
+    eps_step: float = fld(0.001, ge=0.0, help="eps change per arch step (see eps_rule)")
+    eps_target_gap: float = fld(1.0, gt=0.0, help="target global mean (upper - lower) margin bound gap")
+    eps_every: int = fld(1, ge=1, help="apply the eps rule on every n-th metric call only; the upper "
+                                         "bounds it needs are computed on those calls only")
+    eps_min: float = fld(1e-4, gt=0.0, help="eps never goes below this")
+    eps_max: float = fld(0.3, gt=0.0, help="eps never goes above this")
+    eps_gain: float = fld(0.8, gt=0.0, le=1.0, help="eps_rule log: fraction of the Newton step taken")
+    eps_log_step: float = fld(2.3, gt=0.0, help="eps_rule log: largest |change of ln eps| per update "
+                                                  "(2.3 = a factor 10)")
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """The metric R of the architecture objective: shared keys here, each metric's own in its section."""
+    name: str = fld("none", help="robustness metric R: none, jacobian, certified")
+    gamma: float = fld(0.01, ge=0.0, help="architecture objective = val_loss - gamma * R")
+    norm: str = fld("inf", choices=("inf", "2"), help="threat model of the metric")
     batch_fraction: float = fld(1.0, gt=0.0, le=1.0, help="fraction of the val batch the metric is computed on")
     bn_stats: str = fld("objective", choices=("objective", "own"),
                         help="BN in train mode (certified; jacobian paper/frobenius_sq): objective = the batch statistics "
                              "of the arch objective's val forward (certified: no clean pass in the bound engine); "
                              "own = those of the metric's examples")
-    eps_gain: float = fld(0.8, gt=0.0, le=1.0, help="certified eps_rule log: fraction of the Newton step taken")
-    eps_log_step: float = fld(2.3, gt=0.0, help="certified eps_rule log: largest |change of ln eps| per update "
-                                                  "(2.3 = a factor 10)")
     trade_off: str = fld("gamma", choices=("gamma", "share"),
                          help="arch gradient = dL/dalpha - gamma_eff * dR/dalpha with gamma_eff = gamma (paper), or "
                               "share: gamma_eff = share * ||dL/dalpha|| / ||dR/dalpha|| (all-reduced norms, every step)")
     share: float = fld(0.5, gt=0.0, help="trade_off share: ||gamma_eff dR/dalpha|| / ||dL/dalpha||")
+    jacobian: JacobianMetricConfig = fld(default_factory=JacobianMetricConfig)
+    certified: CertifiedMetricConfig = fld(default_factory=CertifiedMetricConfig)
 
 
 @dataclass(frozen=True)
@@ -283,6 +307,7 @@ class SearchConfig:
     arch_optim: ArchOptimConfig = fld(default_factory=ArchOptimConfig)
     robustness: RobustnessConfig = fld(default_factory=RobustnessConfig)
     pdarts: PDARTSConfig = fld(default_factory=PDARTSConfig)
+    sdarts: SDARTSConfig = fld(default_factory=SDARTSConfig)
     stopping: StoppingConfig = fld(default_factory=StoppingConfig)
     robnet: RobNetConfig = fld(default_factory=RobNetConfig)
     epochs: int = fld(50, ge=1, help="search epochs")
@@ -511,7 +536,87 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"key {key!r}: {value!r} must be {word} {bound}")
 
 
+# --------------------------------------------------------------------------- moved keys
+class ConfigDeprecationWarning(DeprecationWarning):
+    """A config used a key that moved to its component's own section; it works for one release."""
+
+
+# shown once per key even outside __main__ (Python hides DeprecationWarning by default)
+warnings.filterwarnings("default", category=ConfigDeprecationWarning)
+
+_JACOBIAN_KEYS = ("projections", "estimator", "fd_step", "fd_fused", "vjp")
+_CERTIFIED_KEYS = ("method", "reduction", "eps_rule", "eps_step", "eps_target_gap", "eps_every", "eps_min",
+                   "eps_max", "eps_gain", "eps_log_step")
+_SDARTS_KEYS = ("perturb_eps", "perturb_eps_max", "adv_steps", "adv_bn")
+
+
+def _robustness_moves(d: Mapping[str, Any]) -> Dict[str, Tuple[str, ...]]:
+    """Old flat ``robustness.<key>`` -> new keys. ``eps`` meant the Jacobian metric's delta and the
+    certified metric's initial eps: it goes to the selected metric's key (to both when none is)."""
+    moves = {k: (f"jacobian.{k}",) for k in _JACOBIAN_KEYS}
+    moves.update({k: (f"certified.{k}",) for k in _CERTIFIED_KEYS})
+    moves["eps"] = {"jacobian": ("jacobian.delta",), "certified": ("certified.eps",)}.get(
+        d.get("name"), ("jacobian.delta", "certified.eps"))
+    return moves
+
+
+def _search_moves(d: Mapping[str, Any]) -> Dict[str, Tuple[str, ...]]:
+    return {f"strategy.{k}": (f"sdarts.{k}",) for k in _SDARTS_KEYS}
+
+
+def _pop_dotted(d: Dict[str, Any], path: str) -> Any:
+    """Pop dotted ``path`` from ``d``; the nested mappings on the way are copied (the caller's,
+    e.g. a checkpoint's config, stay untouched). ``_NOT_GIVEN`` when absent."""
+    *parents, last = path.split(".")
+    cur: Any = d
+    for p in parents:
+        cur = cur.get(p) if isinstance(cur, Mapping) else None
+    if not isinstance(cur, Mapping) or last not in cur:
+        return _NOT_GIVEN
+    cur = d
+    for p in parents:
+        cur[p] = dict(cur[p])
+        cur = cur[p]
+    return cur.pop(last)
+
+
+_NOT_GIVEN = object()
+# class -> (its mapping -> {old dotted key: new dotted keys}), relative to that class's section
+_MOVED: Dict[type, Callable[[Mapping[str, Any]], Dict[str, Tuple[str, ...]]]] = {}
+
+
+def _move_keys(cls: type, data: Mapping[str, Any], prefix: str, warn: bool) -> Dict[str, Any]:
+    """Old keys of ``cls``'s section moved to their new place (the old key wins over a value
+    already there: it is what the old config or override meant), warned as deprecated."""
+    out = dict(data)
+    moves = _MOVED.get(cls)
+    if moves is None:
+        return out
+    for old, new in moves(out).items():
+        value = _pop_dotted(out, old)
+        if value is _NOT_GIVEN:
+            continue
+        for n in new:
+            set_dotted(out, n, value)
+        if warn:
+            warnings.warn(f"config key {prefix + old!r} is deprecated and will be removed in the next release: "
+                          f"use {' / '.join(repr(prefix + n) for n in new)}", ConfigDeprecationWarning, stacklevel=2)
+    return out
+
+
+def upgrade_dict(cls: type, data: Mapping[str, Any]) -> Dict[str, Any]:
+    """``data`` (a config of ``cls`` in dict form, e.g. a checkpoint's) with moved keys at their
+    new place, silently and without validation: to compare an old run's config with a new one."""
+    out = _move_keys(cls, data, "", warn=False)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), Mapping):
+            out[f.name] = upgrade_dict(hints[f.name], out[f.name])
+    return out
+
+
 def _build(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    data = _move_keys(cls, data, prefix, warn=True)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -525,6 +630,10 @@ def _build(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         _check_range(v, fields[name].metadata, key)
         kwargs[name] = v
     return cls(**kwargs)
+
+
+_MOVED[RobustnessConfig] = _robustness_moves
+_MOVED[SearchConfig] = _search_moves
 
 
 def _deep_merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
@@ -575,7 +684,13 @@ def load_config(cls: Type[T], path: str | None = None, overrides: Mapping[str, A
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     try:
-        return _build(cls, data)
+        with warnings.catch_warnings(record=True) as moved:
+            warnings.simplefilter("always", ConfigDeprecationWarning)
+            cfg = _build(cls, data)
+        src = (f"config {path}" if path else "config") + (" + command-line overrides" if overrides else "")
+        for w in moved:  # re-issued naming the file; stacklevel 3: the stage's load_config call
+            warnings.warn(f"{src}: {w.message}", w.category, stacklevel=3)
+        return cfg
     except ConfigError as e:
         src = f"config {path}" if path else "config"
         if overrides:

@@ -193,18 +193,10 @@ def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- result files
 def read_records(path: Path) -> List[Dict[str, Any]]:
-    """JSONL records; a torn last line from a killed writer is dropped."""
-    out: List[Dict[str, Any]] = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and "index" in r:
-            out.append(r)
-    return out
+    """Per-example result records; a torn last line from a killed writer is dropped."""
+    from .engine.io import read_jsonl
+
+    return [r for r in read_jsonl(path) if "index" in r]
 
 
 def append_records(path: Path, records: Sequence[Dict[str, Any]]) -> None:

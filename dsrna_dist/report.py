@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .config import ReportConfig, parse_cli
+from .engine.io import JSONLError, read_jsonl
 
 PROG = "python -m dsrna_dist.report"
 DOC = __doc__.split("\n\n")[1] if __doc__ else ""
@@ -54,23 +55,6 @@ def _read_json(p: Path) -> Optional[Dict[str, Any]]:
         return d if isinstance(d, dict) else None
     except (OSError, ValueError):
         return None
-
-
-def read_jsonl(p: Path) -> List[Dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (interrupted writer) is skipped."""
-    out = []
-    try:
-        text = p.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict):
-            out.append(r)
-    return out
 
 
 def _last_jsonl(p: Path) -> Optional[Dict[str, Any]]:
@@ -656,7 +640,7 @@ def from_args(config: str = "", **overrides: Any) -> None:
         out = Path(cfg.out)  # temps a killed earlier report left next to its outputs
         remove_stale_temps(out.parent, targets=[out.name, out.with_suffix(".json").name])
         out = write_report(cfg)
-    except ReportError as e:
+    except (ReportError, JSONLError) as e:  # JSONLError: a damaged (not just torn) results file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # an unwritable --out / plots dir found while writing: bad input too

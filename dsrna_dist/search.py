@@ -27,12 +27,12 @@ from torch import nn
 from .config import ConfigError, SearchConfig, parse_cli
 from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
                      capture_rng, restore_training_state, run_checked, training_state)
+from .engine.schedule import arch_lr_at, lr_at
+from .search_artifacts import (alpha_record, genotype_markdown, heatmap_figure, read_alpha_history,
+                               save_genotypes, write_alpha_history)
 from .space.supernet import Supernet
 from .strategies import NonFiniteLossError, SearchContext, build_strategy
-from .strategies.artifacts import (alpha_record, genotype_markdown, heatmap_figure,
-                                   read_alpha_history, save_genotypes, write_alpha_history)
 from .strategies.convergence import GenotypeTracker, convergence
-from .strategies.schedule import arch_lr_at, lr_at
 
 PROG = "python -m dsrna_dist.search"
 DOC = __doc__.split("\n\n")[0]
@@ -235,9 +235,8 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             break
         model, w_optim, a_optim = ctx.model, ctx.w_optim, ctx.a_optim
         changes_before = tracker.changes
-        lr = lr_at(cfg.optim, *strategy.lr_position(epoch))
-        for g in w_optim.param_groups:
-            g["lr"] = lr
+        lr_epoch, lr_epochs = strategy.lr_position(epoch)  # P-DARTS: restarted every stage
+        lr = lr_at(cfg.optim, lr_epoch, 0, steps, lr_epochs)
         strategy.on_epoch_start(epoch)
         train_loader.set_epoch(epoch)
         val_loader.set_epoch(epoch)
@@ -246,6 +245,9 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         batches = zip(range(steps), train_loader, val_loader)
         for i, (xt, yt), (xv, yv) in rt.progress(batches, total=steps, desc=f"epoch {epoch}"):
+            lr = lr_at(cfg.optim, lr_epoch, i, steps, lr_epochs)  # per step: the warm-up ramps per step
+            for g in w_optim.param_groups:
+                g["lr"] = lr
             for g in a_optim.param_groups:  # constant (reference) or cosine per step
                 g["lr"] = arch_lr_at(cfg.arch_optim, epoch + i / steps, cfg.strategy.arch_start_epoch, cfg.epochs)
             xt = xt.contiguous(memory_format=fmt)

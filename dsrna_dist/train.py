@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import genotype as G
-from .config import ConfigError, OptimConfig, TrainConfig, parse_cli
+from .config import ConfigError, TrainConfig, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
                      restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
-from .engine.io import atomic_write_text
+from .engine.io import atomic_write_text, read_jsonl
+from .engine.schedule import lr_at
 from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
                             resolve_genotype)
 from .training import (NonFiniteError, Regime, SplitRecord, all_finite, any_rank_nonfinite, build_regime,
@@ -68,18 +69,6 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     if not cfg.scale_lr:
         return cfg.optim.lr
     return cfg.optim.lr * world_size * cfg.data.batch_size / cfg.base_batch_size
-
-
-def lr_at(o: OptimConfig, base_lr: float, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """Per-step lr: linear warmup over ``warmup_epochs``, then the per-epoch schedule (as DARTS)."""
-    if o.warmup_epochs and epoch < o.warmup_epochs:
-        done = epoch * steps_per_epoch + step + 1
-        return base_lr * done / (o.warmup_epochs * max(1, steps_per_epoch))
-    if o.schedule == "cosine":
-        return o.lr_min + 0.5 * (base_lr - o.lr_min) * (1 + math.cos(math.pi * epoch / epochs))
-    if o.schedule == "step":
-        return base_lr * o.step_gamma ** (epoch // o.step_size)
-    return base_lr
 
 
 # --------------------------------------------------------------------------- preflight
@@ -257,7 +246,7 @@ class Trainer:
                 break
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(cfg.optim, self.base_lr, epoch, i, steps, cfg.epochs)
+            lr = lr_at(cfg.optim, epoch, i, steps, cfg.epochs, base_lr=self.base_lr)
             self.set_lr(lr)
             with self.autocast():
                 r = self.plan.regime.loss(self.model, self.net, x, y, drop_prob=p, epoch=epoch, step=i,
@@ -354,14 +343,8 @@ def _truncate_metrics(rt: Runtime, start_epoch: int) -> None:
     path = _metrics_path(rt)
     if not rt.is_main or not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) < start_epoch:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(str(path), "".join(k + "\n" for k in keep))
+    keep = [r for r in read_jsonl(path) if r.get("epoch", 0) < start_epoch]
+    atomic_write_text(str(path), "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _write_summary(rt: Runtime, cfg: TrainConfig, best: float, params: int) -> None:

@@ -145,7 +145,7 @@ def test_one_node_naming():
     assert P.edge_labels(3) == G.edge_names(3)
     g = G.from_dict(geno())
     assert "0->1 sep_conv_3x3" in str(g) and "c_{k-1}->2 sep_conv_3x3" in str(g)
-    from dsrna_dist.strategies.artifacts import genotype_markdown
+    from dsrna_dist.search_artifacts import genotype_markdown
 
     md = genotype_markdown(g)
     assert "| normal | 1->2 | sep_conv_3x3 |" in md and "| reduce | c_{k-2}->0 | sep_conv_3x3 |" in md
@@ -236,7 +236,7 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
 
 def test_arch_lr_schedule():
     from dsrna_dist.config import ArchOptimConfig
-    from dsrna_dist.strategies.schedule import arch_lr_at
+    from dsrna_dist.engine.schedule import arch_lr_at
 
     const = ArchOptimConfig(lr=0.1)
     assert [arch_lr_at(const, p, 2, 8) for p in (0, 2, 7.99)] == [0.1, 0.1, 0.1]

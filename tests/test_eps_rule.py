@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
-from dsrna_dist.robustness import build_metric
+from dsrna_dist.robustness import build_metric, metric_config
 from dsrna_dist.robustness.certified import LogEpsState, next_eps
 
 torch.set_num_threads(1)
@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 def cfg(**kw) -> RobustnessConfig:
     base = dict(name="certified", eps=0.03, eps_rule="log", eps_target_gap=1.0, eps_min=1e-12, eps_max=0.3)
-    return replace(RobustnessConfig(), **dict(base, **kw))
+    return metric_config(**dict(base, **kw))
 
 
 GAPS = {
@@ -61,7 +61,7 @@ def test_reaches_target_from_far_within_a_few_dozen_steps(name, target):
     assert all(abs(math.log(g / target)) < math.log(2) for _, g in traj[hit + 5:]), (name, traj[hit:])
     # the literal linear rule cannot cross these decades in the same number of steps
     if name in ("power3.4", "linear_then_explosive"):
-        lin = run(GAPS[name], replace(c, eps_rule="sign", eps_step=0.001), 30)
+        lin = run(GAPS[name], replace(c, **{"certified.eps_rule": "sign", "certified.eps_step": 0.001}), 30)
         assert abs(math.log(lin[-1][1] / target)) > math.log(2)
 
 
@@ -81,8 +81,8 @@ def test_floor_ceiling_and_non_finite():
     assert next_eps(2e-6, 1e9, c) == 1e-6                    # clipped at the floor
     assert next_eps(0.09, 1e-9, c) == 0.1                    # and at the ceiling
     st = LogEpsState()
-    assert next_eps(0.01, float("inf"), c, st) == pytest.approx(0.01 * math.exp(-c.eps_log_step))
-    assert next_eps(0.01, 0.0, c, st) == pytest.approx(0.01 * math.exp(c.eps_log_step))
+    assert next_eps(0.01, float("inf"), c, st) == pytest.approx(0.01 * math.exp(-c.certified.eps_log_step))
+    assert next_eps(0.01, 0.0, c, st) == pytest.approx(0.01 * math.exp(c.certified.eps_log_step))
     assert next_eps(0.01, 1.0, c) == pytest.approx(0.01)      # on target: stays
     # the linear rules are still there, unchanged
     lin = cfg(eps_rule="sign", eps_step=0.01, eps_min=1e-4)

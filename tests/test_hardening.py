@@ -286,9 +286,9 @@ def _adv_setup(mode: str):
     from dsrna_dist.strategies import SearchContext, build_strategy
 
     over = {"model.init_channels": 4, "model.layers": 3, "model.nodes": 2, "strategy.name": "sdarts_adv",
-            "strategy.adv_steps": 3}
+            "sdarts.adv_steps": 3}
     if mode != "default":  # the default must be the reference's eval mode
-        over["strategy.adv_bn"] = mode
+        over["sdarts.adv_bn"] = mode
     cfg = replace(SearchConfig(), **over)
     info = types.SimpleNamespace(name="t", in_channels=3, image_size=8, num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3)
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
-from dsrna_dist.robustness import build_metric
+from dsrna_dist.robustness import build_metric, metric_config
 from dsrna_dist.robustness.jacobian import jacobian_rows
 from dsrna_dist.space.supernet import Supernet
 
@@ -39,7 +39,7 @@ def supernet(pc: int = 2) -> Supernet:
 
 
 def cfg(**kw) -> RobustnessConfig:
-    return replace(RobustnessConfig(), **dict(dict(name="jacobian", norm="inf", eps=0.1), **kw))
+    return metric_config(**dict(dict(name="jacobian", norm="inf", delta=0.1), **kw))
 
 
 def per_example(net, x: torch.Tensor) -> torch.Tensor:

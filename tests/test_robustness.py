@@ -13,7 +13,7 @@ from torch.autograd.functional import jacobian
 
 from dsrna_dist.config import ConfigError, RobustnessConfig, SupernetConfig, replace
 from dsrna_dist.registry import RegistryError
-from dsrna_dist.robustness import METRICS, CertifiedMetric, JacobianMetric, build_metric
+from dsrna_dist.robustness import METRICS, CertifiedMetric, JacobianMetric, build_metric, metric_config
 from dsrna_dist.robustness.certified import margin_spec, next_eps
 from dsrna_dist.robustness.jacobian import fd_inputs, frobenius_sq_estimate, frobenius_sq_fd
 
@@ -44,7 +44,7 @@ def per_example_jacobians(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def cfg(**kw) -> RobustnessConfig:
-    return replace(RobustnessConfig(), **kw)
+    return metric_config(**kw)  # each metric's keys into its own section
 
 
 # ----------------------------------------------------------------------------- registry / config
@@ -56,9 +56,9 @@ def test_registry_and_config_errors():
     with pytest.raises(RegistryError, match="robustness.name.*valid: certified, jacobian, none"):
         build_metric(cfg(name="jacobain"))
     for est in ("frobenius_sq", "frobenius_sq_fd"):
-        with pytest.raises(ConfigError, match="robustness.estimator"):
+        with pytest.raises(ConfigError, match="robustness.jacobian.estimator"):
             build_metric(cfg(name="jacobian", estimator=est, norm="inf"))
-    with pytest.raises(ConfigError, match="robustness.eps_min"):
+    with pytest.raises(ConfigError, match="robustness.certified.eps_min"):
         build_metric(cfg(name="certified", eps_min=0.5, eps_max=0.1))
 
 
@@ -69,7 +69,7 @@ def test_jacobian_paper_formula_matches_autograd(norm, q, vjp):
     torch.manual_seed(0)
     net = TinyMixNet().double()
     x = torch.rand(6, 12, dtype=torch.float64)
-    metric = build_metric(cfg(name="jacobian", norm=norm, eps=0.05, vjp=vjp))
+    metric = build_metric(cfg(name="jacobian", norm=norm, delta=0.05, vjp=vjp))
     r, logs = metric(net, x, torch.zeros(6, dtype=torch.long))
     jac = per_example_jacobians(net, x)                      # [B, K, D]
     expected = -0.05 * jac.norm(p=q, dim=2).mean(1).mean(0)  # formula (15)
@@ -155,7 +155,7 @@ def test_finite_difference_estimator_mean_and_variance():
     assert std ** 2 == pytest.approx(var_exact, rel=0.2)
     # the metric: R = -delta * ||J||_F^2 / K, gradient through an ordinary backward
     metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq_fd", projections=3000,
-                              fd_step=1e-6, eps=0.1))
+                              fd_step=1e-6, delta=0.1))
     metric.generator = torch.Generator().manual_seed(1)
     r, _ = metric(net, x, torch.zeros(1, dtype=torch.long))
     assert float(r.detach()) == pytest.approx(-0.1 * tr / 6, rel=4.5 * math.sqrt(var_exact / 3000) / tr)
@@ -175,13 +175,13 @@ def test_fused_finite_difference_equals_own_forward(train):
         net(torch.rand(64, 12, dtype=torch.float64))           # non-trivial running stats
     x, y = torch.rand(16, 12, dtype=torch.float64), torch.randint(0, 5, (16,))
     metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq_fd", fd_step=1e-3,
-                              projections=2 if not train else 1, eps=0.1))
+                              projections=2 if not train else 1, delta=0.1))
     metric.generator = torch.Generator().manual_seed(7)
     extra_in = metric.extra_inputs(x, y)
     assert extra_in.shape == ((2 if not train else 1) * 16, 12)
     out = net(torch.cat([x, extra_in]))
     r_fused, _ = metric(net, x, y, logits=out[:16], extra=out[16:])
-    own = build_metric(replace(metric.cfg, fd_fused=False))
+    own = build_metric(replace(metric.cfg, **{"jacobian.fd_fused": False}))
     assert own.extra_inputs(x, y) is None
     own.generator = torch.Generator().manual_seed(7)
     r_own, _ = own(net, x, y)
@@ -195,7 +195,7 @@ def test_fused_finite_difference_equals_own_forward(train):
     assert net.alpha.grad.abs().sum() > 0
     # a fraction < 1: only the first examples get perturbed copies
     half = build_metric(replace(metric.cfg, batch_fraction=0.5))
-    assert half.extra_inputs(x, y).shape[0] == half.cfg.projections * 8
+    assert half.extra_inputs(x, y).shape[0] == half.cfg.jacobian.projections * 8
     assert torch.equal(fd_inputs(x[:1], 1, 0.0), x[:1])
 
 
@@ -203,7 +203,7 @@ def test_frobenius_sq_metric_scale_and_gradient_flow():
     torch.manual_seed(3)
     net = TinyMixNet().double()
     x = torch.rand(4, 12, dtype=torch.float64)
-    metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq", projections=2000, eps=0.1))
+    metric = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq", projections=2000, delta=0.1))
     metric.generator = torch.Generator().manual_seed(1)
     r, _ = metric(net, x, torch.zeros(4, dtype=torch.long))
     exact = -0.1 * per_example_jacobians(net, x).pow(2).sum((1, 2)).mean() / 5
@@ -253,10 +253,10 @@ def test_eps_rules():
     assert next_eps(0.03, 2.0, c) == pytest.approx(0.03)                  # on target
     assert next_eps(0.045, 0.0, c) == pytest.approx(0.05)                 # clipped above
     assert next_eps(0.01, float("inf"), c) == pytest.approx(0.005)        # non-finite: shrink, clip
-    p = replace(c, eps_rule="proportional")
+    p = replace(c, **{"certified.eps_rule": "proportional"})
     assert next_eps(0.03, 1.0, p) == pytest.approx(0.035)                 # half way -> half step
     assert next_eps(0.03, 100.0, p) == pytest.approx(0.02)                # clipped to one step
-    assert next_eps(0.03, 100.0, replace(c, eps_rule="fixed")) == 0.03
+    assert next_eps(0.03, 100.0, replace(c, **{"certified.eps_rule": "fixed"})) == 0.03
 
 
 def test_certified_state_dict_roundtrip():

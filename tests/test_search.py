@@ -15,7 +15,7 @@ from dsrna_dist.config import ConfigError, SearchConfig, replace
 from dsrna_dist.space.supernet import Supernet
 from dsrna_dist.strategies import STRATEGIES, NonFiniteLossError, SearchContext, build_strategy
 from dsrna_dist.strategies.perturb import clip_to_simplex, linf_pgd, ramp_eps, step_generator
-from dsrna_dist.strategies.schedule import lr_at
+from dsrna_dist.engine.schedule import lr_at
 
 torch.set_num_threads(1)
 
@@ -231,8 +231,8 @@ def test_pgd_reaches_known_maximizer_and_beats_random():
 
 
 def test_sdarts_rs_perturbation_deterministic_and_on_simplex():
-    cfg = tiny_cfg(**{"strategy.name": "sdarts_rs", "strategy.perturb_eps": 0.1,
-                      "strategy.perturb_eps_max": 0.1})
+    cfg = tiny_cfg(**{"strategy.name": "sdarts_rs", "sdarts.perturb_eps": 0.1,
+                      "sdarts.perturb_eps_max": 0.1})
     model, _, _, strat = make(cfg)
     x, y = batch()
     a = strat.perturbation(x, y, epoch=0, step=5)
@@ -290,7 +290,7 @@ def test_cosine_lr_matches_torch_scheduler():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.025)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=0.001)
     for e in range(50):
-        assert math.isclose(lr_at(cfg.optim, e, 50), opt.param_groups[0]["lr"], rel_tol=1e-9)
+        assert math.isclose(lr_at(cfg.optim, e, 0, 10, 50), opt.param_groups[0]["lr"], rel_tol=1e-9)
         opt.step()
         sched.step()
 
@@ -299,14 +299,14 @@ def test_cosine_lr_matches_torch_scheduler():
 DIST_CASES = [
     ("darts", {}), ("darts", {"strategy.order": 2}),
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True}),
-    ("sdarts_adv", {"strategy.adv_steps": 2}),
+    ("sdarts_adv", {"sdarts.adv_steps": 2}),
     # DSRNA through the strategy: BN statistics captured from the objective's forward
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
-                 "robustness.name": "certified", "robustness.reduction": "mean_margin",
-                 "robustness.batch_fraction": 0.5, "robustness.gamma": 1e-3, "robustness.eps_every": 2}),
+                 "robustness.name": "certified", "robustness.certified.reduction": "mean_margin",
+                 "robustness.batch_fraction": 0.5, "robustness.gamma": 1e-3, "robustness.certified.eps_every": 2}),
     ("pcdarts", {"model.partial_channels": 2, "model.edge_normalization": True,
                  "robustness.name": "jacobian", "robustness.norm": "2",
-                 "robustness.estimator": "frobenius_sq_fd", "robustness.gamma": 10.0}),
+                 "robustness.jacobian.estimator": "frobenius_sq_fd", "robustness.gamma": 10.0}),
 ]
 
 
@@ -469,7 +469,7 @@ def test_accelerate_launch_two_ranks_end_to_end(tmp_path, strategy):
 
     extra = {"darts_2nd": ["--strategy.order=2"],
              "pcdarts_adv": ["--strategy.name=pcdarts_adv", "--model.partial_channels=2",
-                             "--model.edge_normalization=true", "--strategy.adv_steps=2"]}[strategy]
+                             "--model.edge_normalization=true", "--sdarts.adv_steps=2"]}[strategy]
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsrna_dist.search",

@@ -76,20 +76,20 @@ def flat(ts) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- first order
-JAC = {"robustness.name": "jacobian", "robustness.norm": "inf", "robustness.estimator": "paper"}
-FD = {"robustness.name": "jacobian", "robustness.norm": "2", "robustness.estimator": "frobenius_sq_fd"}
-CB = {"robustness.name": "certified", "robustness.method": "crown-ibp", "robustness.reduction": "min",
-      "robustness.eps": 0.01, "robustness.eps_rule": "fixed"}
+JAC = {"robustness.name": "jacobian", "robustness.norm": "inf", "robustness.jacobian.estimator": "paper"}
+FD = {"robustness.name": "jacobian", "robustness.norm": "2", "robustness.jacobian.estimator": "frobenius_sq_fd"}
+CB = {"robustness.name": "certified", "robustness.certified.method": "crown-ibp", "robustness.certified.reduction": "min",
+      "robustness.certified.eps": 0.01, "robustness.certified.eps_rule": "fixed"}
 
 
 def independent_terms(ref, cfg, xv, yv):
     """val loss and R on the copy, by code that shares nothing with the strategy's forward."""
     r_cfg = cfg.robustness
-    if r_cfg.estimator == "frobenius_sq_fd" and r_cfg.name == "jacobian":  # the joint forward by hand
+    if r_cfg.jacobian.estimator == "frobenius_sq_fd" and r_cfg.name == "jacobian":  # the joint forward by hand
         from dsrna_dist.robustness.jacobian import fd_frobenius_sq, fd_inputs
-        h, n = r_cfg.fd_step, xv.shape[0]
+        h, n = r_cfg.jacobian.fd_step, xv.shape[0]
         out = ref(torch.cat([xv, fd_inputs(xv, 1, h, generator=torch.Generator().manual_seed(5))]))
-        return F.cross_entropy(out[:n], yv), -r_cfg.eps * fd_frobenius_sq(out[:n], out[n:], h).mean() / out.shape[1]
+        return F.cross_entropy(out[:n], yv), -r_cfg.jacobian.delta * fd_frobenius_sq(out[:n], out[n:], h).mean() / out.shape[1]
     metric = build_metric(replace(r_cfg, bn_stats="own"))        # its own pass over the same batch
     return F.cross_entropy(ref(xv), yv), metric(ref, xv, yv)[0]
 
@@ -210,7 +210,7 @@ def test_second_order_with_each_metric_decomposes_against_plain_darts(over):
 
 
 # ----------------------------------------------------------------------------- 2 ranks
-DIST = [dict(JAC), dict(CB, **{"robustness.eps_rule": "log", "robustness.eps_target_gap": 1.0}),
+DIST = [dict(JAC), dict(CB, **{"robustness.certified.eps_rule": "log", "robustness.certified.eps_target_gap": 1.0}),
         dict(JAC, **{"strategy.order": 2}), dict(CB, **{"strategy.order": 2})]
 
 
@@ -276,8 +276,8 @@ def test_search_logs_grad_share_eps_and_gap_to_tensorboard_and_summary(tmp_path)
             "--data.synthetic_classes=4", "--data.batch_size=8", "--model.init_channels=4", "--model.layers=3",
             "--model.nodes=2", "--run.progress=false", "--steps_per_epoch=2", "--epochs=1", "--run.log_every=1",
             "--strategy.name=pcdarts", "--model.partial_channels=2", "--model.edge_normalization=true",
-            "--robustness.name=certified", "--robustness.reduction=min", "--robustness.eps_rule=log",
-            "--robustness.eps_min=1e-6", "--robustness.trade_off=share", "--robustness.share=0.25",
+            "--robustness.name=certified", "--robustness.certified.reduction=min", "--robustness.certified.eps_rule=log",
+            "--robustness.certified.eps_min=1e-6", "--robustness.trade_off=share", "--robustness.share=0.25",
             "--run.name=s", f"--run.out_dir={tmp_path}"]
     r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)

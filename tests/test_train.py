@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from dsrna_dist.config import OptimConfig, TrainConfig, load_config
-from dsrna_dist.train import effective_lr, lr_at
+from dsrna_dist.engine.schedule import lr_at
+from dsrna_dist.train import effective_lr
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,20 +71,20 @@ def test_schedules_match_torch_schedulers():
     opt = torch.optim.SGD([p], lr=0.025)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=600, eta_min=0.001)
     for epoch in range(600):
-        assert lr_at(o, 0.025, epoch, 3, 10, 600) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert lr_at(o, epoch, 3, 10, 600, base_lr=0.025) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         opt.step()
         sched.step()
     o = OptimConfig(lr=0.5, schedule="step", step_size=1, step_gamma=0.97)
     opt = torch.optim.SGD([p], lr=0.5)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.97)
     for epoch in range(250):
-        assert lr_at(o, 0.5, epoch, 0, 10, 250) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert lr_at(o, epoch, 0, 10, 250, base_lr=0.5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         opt.step()
         sched.step()
     w = OptimConfig(lr=0.4, schedule="step", warmup_epochs=2)
-    ramp = [lr_at(w, 0.4, e, s, 5, 10) for e in range(2) for s in range(5)]
+    ramp = [lr_at(w, e, s, 5, 10, base_lr=0.4) for e in range(2) for s in range(5)]
     assert ramp == pytest.approx([0.4 * (i + 1) / 10 for i in range(10)])
-    assert lr_at(w, 0.4, 2, 0, 5, 10) == pytest.approx(0.4 * 0.97 ** 2)
+    assert lr_at(w, 2, 0, 5, 10, base_lr=0.4) == pytest.approx(0.4 * 0.97 ** 2)
 
 
 def test_linear_lr_scaling_rule():

@@ -108,19 +108,7 @@ def merge_duplicate_relus(graph: fx.Graph, model: nn.Module) -> int:
     return removed
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / DataParallel / torch.compile wrappers.
-
-    Bounds computed on the unwrapped module do not go through DDP's forward, so DDP does not
-    all-reduce their gradients: reduce them explicitly (see notes/distributed-on-cpu.md).
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+from ..engine.unwrap import unwrap_model as unwrap  # noqa: E402  (the one unwrap helper)
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:

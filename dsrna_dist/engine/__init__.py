@@ -19,7 +19,7 @@ from typing import Any
 
 _WHERE = {
     "checkpoint": ("HARMLESS_KEYS", "STRUCTURAL_KEYS", "CheckpointManager", "capture_rng", "compare_configs",
-                   "load_checkpoint", "restore_rng", "restore_training_state", "training_state", "unwrap_model"),
+                   "load_checkpoint", "restore_rng", "restore_training_state", "training_state"),
     "errors": ("CheckpointError",),
     "gather": ("gather_objects", "shard_indices"),
     "runtime": ("Runtime", "build_accelerator", "report_error", "run_checked", "run_stage", "setup_runtime",
@@ -27,6 +27,7 @@ _WHERE = {
     "seeding": ("derive_seed", "rank_generator", "seed_everything", "seed_rank_streams", "set_deterministic"),
     "sync": ("all_reduce_mean_", "assert_identical_across_ranks", "broadcast_parameters"),
     "tb": ("TBWriter",),
+    "unwrap": ("unwrap_model",),
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 

@@ -30,6 +30,7 @@ from torch import nn
 from .errors import CheckpointError
 from .io import atomic_write_bytes
 from .seeding import derive_seed, seed_everything
+from .unwrap import unwrap_model
 
 log = logging.getLogger("dsrna_dist")
 
@@ -162,18 +163,6 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- training state
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / DeepSpeed / torch.compile wrappers (state_dict keys stay plain)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or \
-                type(model).__name__ == "DeepSpeedEngine":
-            model = model.module
-        else:
-            return model
-
-
 def training_state(*, models: Mapping[str, nn.Module], optimizers: Optional[Mapping[str, Any]] = None,
                    schedulers: Optional[Mapping[str, Any]] = None, step: int = 0, epoch: int = 0,
                    config: Any = None, rng: Optional[Mapping[str, Any]] = None,
@@ -299,6 +288,10 @@ def load_checkpoint(path: str | Path, expected_config: Any = None, *,
         saved = state.get("config")
         if not isinstance(saved, Mapping):
             raise CheckpointError(f"checkpoint {p} holds no 'config' to check against")
+        if dataclasses.is_dataclass(expected_config):  # keys moved since it was written: compare at the new place
+            from dsrna_dist.config import upgrade_dict
+
+            saved = upgrade_dict(type(expected_config), saved)
         errors, warnings = compare_configs(saved, _as_dict(expected_config), structural=structural,
                                            harmless=harmless, strict=strict)
         if errors:

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
 # what mkstemp(prefix="." + name + ".", suffix=".tmp") creates: a dot, the name, 8 random chars
@@ -100,3 +100,40 @@ def atomic_torch_save(path: str, obj: Any) -> None:
     import torch  # here, not at import: this module is on the light start-up path
 
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+# --------------------------------------------------------------------------- JSONL
+class JSONLError(ValueError):
+    """A JSONL file has a bad line that is not its last one: the message names file and line."""
+
+
+def read_jsonl(path: "str | Path", *, missing_ok: bool = True) -> List[Dict[str, Any]]:
+    """The records (JSON objects) of a JSONL file, one per non-blank line.
+
+    Why tolerant at the end only: our JSONL files are appended to (results, metrics) or rewritten
+    atomically, so a killed writer can tear the *last* line and nothing else; that line is dropped.
+    A bad line anywhere before it means the file was damaged otherwise, and silently skipping it
+    would lose records (a result, an epoch) without a trace: :class:`JSONLError` names the file
+    and the line. A missing file is ``[]`` unless ``missing_ok=False`` (FileNotFoundError).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    out: List[Dict[str, Any]] = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            if k == len(lines) - 1:
+                break  # torn last line: the writer was killed mid-line
+            raise JSONLError(f"{p}: line {n} is not valid JSON ({e.msg}) and is not the last line; "
+                             "the file is damaged (fix or remove that line)") from None
+        if not isinstance(rec, dict):
+            raise JSONLError(f"{p}: line {n} is a JSON {type(rec).__name__}, not an object (record)")
+        out.append(rec)
+    return out

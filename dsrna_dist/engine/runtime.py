@@ -135,7 +135,7 @@ def _refuse_incompatible_run_dir(run_dir: Path, cfg: Any) -> None:
     raised before config.yaml (or anything else) is overwritten."""
     import yaml
 
-    from dsrna_dist.config import to_dict
+    from dsrna_dist.config import to_dict, upgrade_dict
 
     from .checkpoint import compare_configs
     from .errors import CheckpointError
@@ -150,7 +150,7 @@ def _refuse_incompatible_run_dir(run_dir: Path, cfg: Any) -> None:
         return  # unreadable: the checkpoint's own config check still applies on load
     if not isinstance(old, dict):
         return
-    errors, _ = compare_configs(old, to_dict(cfg))
+    errors, _ = compare_configs(upgrade_dict(type(cfg), old), to_dict(cfg))
     if errors:
         key, a, b = errors[0]
         raise CheckpointError(f"{run_dir} holds a run with a different config ({old_path}): key "

@@ -3,11 +3,11 @@
 ``build_metric(cfg)`` returns the metric named ``cfg.name`` (``none``: None); the search
 strategies minimise ``val_loss - cfg.gamma * R``. One file per metric, registered in METRICS.
 """
-from .base import (METRICS, RobustnessMetric, batch_subset, build_metric, first_logits, metric_forward,
-                   unwrap_model)
+from .base import (METRICS, RobustnessMetric, batch_subset, build_metric, first_logits, metric_config,
+                   metric_forward)
 from . import none, jacobian, certified  # noqa: F401  (registration)
 from .certified import CertifiedMetric
 from .jacobian import JacobianMetric
 
-__all__ = ["METRICS", "RobustnessMetric", "build_metric", "unwrap_model", "first_logits",
+__all__ = ["METRICS", "RobustnessMetric", "build_metric", "first_logits", "metric_config",
            "batch_subset", "metric_forward", "JacobianMetric", "CertifiedMetric"]

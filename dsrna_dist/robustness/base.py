@@ -9,6 +9,7 @@ parameter per backward; ``backward(create_graph=True)`` is refused by DDP).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
@@ -16,7 +17,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import ConfigError, RobustnessConfig
+from ..config import ConfigError, RobustnessConfig, replace
 from ..registry import Registry
 
 MetricFactory = Callable[[RobustnessConfig], Optional["RobustnessMetric"]]
@@ -69,13 +70,6 @@ class RobustnessMetric(ABC):
             raise ValueError(f"{self.name} metric has no state; got keys {sorted(state)}")
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP / Accelerate wrappers (``.module``), else the model itself."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def first_logits(out: Any) -> torch.Tensor:
     """Logits from a forward output; derived nets in train mode return ``(logits, aux)``."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -103,6 +97,15 @@ def metric_forward(model: nn.Module, metric: Optional[RobustnessMetric], x: torc
     if extra_in is None:
         return out, None
     return out[: x.shape[0]], out[x.shape[0]:]
+
+
+def metric_config(name: str = "none", base: Optional[RobustnessConfig] = None, **keys: Any) -> RobustnessConfig:
+    """The ``robustness`` config of metric ``name`` from flat keyword arguments (tests, benches):
+    shared keys (gamma, norm, batch_fraction, ...) stay at the top, every other key goes to the
+    metric's own section ``robustness.<name>``; an unknown key is a ConfigError naming it."""
+    shared = {f.name for f in dataclasses.fields(RobustnessConfig)}
+    dotted = {k if k in shared else f"{name}.{k}": v for k, v in keys.items()}
+    return replace(base if base is not None else RobustnessConfig(), name=name, **dotted)
 
 
 def build_metric(cfg: RobustnessConfig) -> Optional[RobustnessMetric]:

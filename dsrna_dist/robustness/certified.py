@@ -73,8 +73,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, RobustnessConfig
-from .base import METRICS, RobustnessMetric, batch_subset, unwrap_model
+from ..config import CertifiedMetricConfig, ConfigError, RobustnessConfig
+from ..engine.unwrap import unwrap_model
+from .base import METRICS, RobustnessMetric, batch_subset
 
 
 def num_classes(model: nn.Module) -> int:
@@ -135,9 +136,12 @@ class LogEpsState:
         self.last = None if last is None else (float(last[0]), float(last[1]))
 
 
-def next_eps(eps: float, gap: float, cfg: RobustnessConfig, state: Optional[LogEpsState] = None) -> float:
+def next_eps(eps: float, gap: float, cfg: "CertifiedMetricConfig | RobustnessConfig",
+             state: Optional[LogEpsState] = None) -> float:
     """The eps rule of the module docstring (a function of floats: identical on all ranks).
-    ``state``: the log rule's memory, updated in place (a fresh one if None)."""
+    ``cfg``: the ``robustness.certified`` section (or the whole ``robustness``); ``state``: the log
+    rule's memory, updated in place (a fresh one if None)."""
+    cfg = getattr(cfg, "certified", cfg)
     if cfg.eps_rule == "fixed":
         return eps
     if cfg.eps_rule == "log":
@@ -149,7 +153,7 @@ def next_eps(eps: float, gap: float, cfg: RobustnessConfig, state: Optional[LogE
     return min(cfg.eps_max, max(cfg.eps_min, eps + cfg.eps_step * step))
 
 
-def _next_eps_log(eps: float, gap: float, cfg: RobustnessConfig, st: LogEpsState) -> float:
+def _next_eps_log(eps: float, gap: float, cfg: CertifiedMetricConfig, st: LogEpsState) -> float:
     le = math.log(eps)
     if not math.isfinite(gap) or gap <= 0.0:  # overflowed: shrink; exactly tight: grow; no slope
         step = -cfg.eps_log_step if not math.isfinite(gap) else cfg.eps_log_step
@@ -175,10 +179,11 @@ class CertifiedMetric(RobustnessMetric):
 
     def __init__(self, cfg: RobustnessConfig) -> None:
         super().__init__(cfg)
-        if cfg.eps_min > cfg.eps_max:
-            raise ConfigError(f"key 'robustness.eps_min': {cfg.eps_min} is above "
-                              f"robustness.eps_max={cfg.eps_max}")
-        self.eps = min(cfg.eps_max, max(cfg.eps_min, cfg.eps))
+        c = cfg.certified
+        if c.eps_min > c.eps_max:
+            raise ConfigError(f"key 'robustness.certified.eps_min': {c.eps_min} is above "
+                              f"robustness.certified.eps_max={c.eps_max}")
+        self.eps = min(c.eps_max, max(c.eps_min, c.eps))
         self.log_state = LogEpsState()
         self.updates = 0
         self.calls = 0  # calls with update=True: the eps_every schedule
@@ -214,36 +219,36 @@ class CertifiedMetric(RobustnessMetric):
                  logits: Optional[torch.Tensor] = None,
                  extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
-        cfg = self.cfg
+        cfg, cc = self.cfg, self.cfg.certified
         xs, ys = batch_subset(x.detach(), y, cfg.batch_fraction)
         bm = self.bounded_model(model)
         k = self._classes
         eps = self.eps
-        adapt = update and cfg.eps_rule != "fixed" and self.calls % cfg.eps_every == 0
+        adapt = update and cc.eps_rule != "fixed" and self.calls % cc.eps_every == 0
         if update:
             self.calls += 1
         stats, self._captured = self._captured, None  # from forward_context, for this call only
         c, _ = margin_spec(ys, k, xs.dtype)
-        if cfg.reduction == "mean_margin":
+        if cc.reduction == "mean_margin":
             c = c.mean(dim=1, keepdim=True)  # [B, 1, K]: e_y - mean_{j != y} e_j
         # the upper bounds only feed the eps rule: skip their (CROWN) backward pass otherwise
-        lb, ub = bm.bounds(xs, eps, norm=cfg.norm, method=cfg.method, C=c, need_upper=adapt,
+        lb, ub = bm.bounds(xs, eps, norm=cfg.norm, method=cc.method, C=c, need_upper=adapt,
                            bn_stats=stats)
-        per = lb.min(dim=1).values if cfg.reduction == "min" else lb.mean(dim=1)
+        per = lb.min(dim=1).values if cc.reduction == "min" else lb.mean(dim=1)
         r = per.mean()
         logs: Dict[str, float] = {"R": float(r.detach()), "eps": eps}
-        if cfg.reduction != "mean_margin":  # per-class bounds: the certificate is their min
+        if cc.reduction != "mean_margin":  # per-class bounds: the certificate is their min
             logs["certified_frac"] = float((lb.detach().min(dim=1).values > 0).float().mean())
         if adapt:
             gap = global_mean(ub.detach() - lb.detach())
-            self.eps = next_eps(eps, gap, cfg, self.log_state)
+            self.eps = next_eps(eps, gap, cc, self.log_state)
             self.updates += 1
             logs["bound_gap"] = gap
         return r, logs
 
     def state_dict(self) -> Dict[str, Any]:
         state = {"eps": self.eps, "updates": self.updates, "calls": self.calls}
-        if self.cfg.eps_rule == "log":
+        if self.cfg.certified.eps_rule == "log":
             state["log_rule"] = self.log_state.state_dict()
         return state
 

@@ -21,11 +21,11 @@ weight it by lambda/2). No unbiased projection estimator of the sum of row norms
     R = -(delta / N) * sum_i (1/K) * ||J(x_i)||_F^2,   ||J||_F^2 ~= (K / P) * sum_p ||v_p^T J||_2^2
 
 with v_p uniform on the unit sphere of R^K (E[v v^T] = I / K, so the estimate is unbiased) and
-P = ``cfg.projections`` VJPs. That is formula (15) with the row norms squared.
+P = ``cfg.jacobian.projections`` VJPs. That is formula (15) with the row norms squared.
 
 ``estimator="frobenius_sq_fd"`` estimates the same ||J||_F^2 without any double backward: with
 u ~ N(0, I_D) in input space, E[||J u||^2] = ||J||_F^2, and J u is taken by a finite difference
-(f(x + h u) - f(x)) / h, h = ``cfg.fd_step``. The clean and the P perturbed copies go through
+(f(x + h u) - f(x)) / h, h = ``cfg.jacobian.fd_step``. The clean and the P perturbed copies go through
 one forward (so BatchNorm normalises them with the same batch statistics), and the gradient is
 an ordinary backward through that forward: about the cost of one more training step on the
 metric's examples, where a VJP-based estimate costs a double backward (~3x). Bias: O(h) from
@@ -70,7 +70,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RobustnessConfig
-from .base import METRICS, RobustnessMetric, batch_subset, first_logits, unwrap_model
+from ..engine.unwrap import unwrap_model
+from .base import METRICS, RobustnessMetric, batch_subset, first_logits
 from .bn import Stats, capture_stats, frozen_stats
 
 
@@ -138,8 +139,8 @@ class JacobianMetric(RobustnessMetric):
 
     def __init__(self, cfg: RobustnessConfig) -> None:
         super().__init__(cfg)
-        if cfg.estimator.startswith("frobenius_sq") and cfg.norm != "2":
-            raise ConfigError(f"key 'robustness.estimator': {cfg.estimator!r} estimates the l_2 "
+        if cfg.jacobian.estimator.startswith("frobenius_sq") and cfg.norm != "2":
+            raise ConfigError(f"key 'robustness.jacobian.estimator': {cfg.jacobian.estimator!r} estimates the l_2 "
                               f"Jacobian norm; it needs robustness.norm='2' (got {cfg.norm!r})")
         self.q = 1.0 if cfg.norm == "inf" else 2.0
         self.generator: Optional[torch.Generator] = None  # None: the global RNG of the device
@@ -149,7 +150,7 @@ class JacobianMetric(RobustnessMetric):
 
     # ------------------------------------------------------------------ BatchNorm statistics
     def _vjp_based(self) -> bool:
-        return self.cfg.estimator in ("paper", "frobenius_sq")
+        return self.cfg.jacobian.estimator in ("paper", "frobenius_sq")
 
     def batch_stat_bns(self, model: nn.Module) -> List[nn.Module]:
         """The model's BNs that use batch statistics now (the module scan is cached per model)."""
@@ -195,19 +196,19 @@ class JacobianMetric(RobustnessMetric):
         return stats
 
     def _batched(self, device: torch.device) -> bool:
-        return self.cfg.vjp == "batched" or (self.cfg.vjp == "auto" and device.type == "cuda")
+        return self.cfg.jacobian.vjp == "batched" or (self.cfg.jacobian.vjp == "auto" and device.type == "cuda")
 
     def per_example(self, f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """(1/K) sum_k ||J_k(x_i)||_q (paper) or its squared-l_2 analogue, per example [B]."""
         k = f.shape[1]
-        if self.cfg.estimator == "paper":
+        if self.cfg.jacobian.estimator == "paper":
             rows = jacobian_rows(f, x, batched=self._batched(x.device), create_graph=create_graph)
             return torch.linalg.vector_norm(rows.flatten(2), ord=self.q, dim=2).mean(0)
-        return frobenius_sq_estimate(f, x, self.cfg.projections, create_graph=create_graph,
+        return frobenius_sq_estimate(f, x, self.cfg.jacobian.projections, create_graph=create_graph,
                                      generator=self.generator) / k
 
     def _fused(self) -> bool:
-        return self.cfg.estimator == "frobenius_sq_fd" and self.cfg.fd_fused
+        return self.cfg.jacobian.estimator == "frobenius_sq_fd" and self.cfg.jacobian.fd_fused
 
     def extra_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """frobenius_sq_fd with ``fd_fused``: the perturbed copies of the metric's examples,
@@ -215,20 +216,20 @@ class JacobianMetric(RobustnessMetric):
         if not self._fused():
             return None
         xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
-        return fd_inputs(xs, self.cfg.projections, self.cfg.fd_step, generator=self.generator)
+        return fd_inputs(xs, self.cfg.jacobian.projections, self.cfg.jacobian.fd_step, generator=self.generator)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  logits: Optional[torch.Tensor] = None,
                  extra: Optional[torch.Tensor] = None,
                  update: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
         create_graph = torch.is_grad_enabled()
-        if self.cfg.estimator == "frobenius_sq_fd":
+        if self.cfg.jacobian.estimator == "frobenius_sq_fd":
             xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
             if extra is not None and logits is not None and self._fused():
                 f_clean = first_logits(logits)[: xs.shape[0]]
-                per = fd_frobenius_sq(f_clean, first_logits(extra), self.cfg.fd_step) / f_clean.shape[1]
+                per = fd_frobenius_sq(f_clean, first_logits(extra), self.cfg.jacobian.fd_step) / f_clean.shape[1]
             else:
-                sq, k = frobenius_sq_fd(model, xs, self.cfg.projections, self.cfg.fd_step,
+                sq, k = frobenius_sq_fd(model, xs, self.cfg.jacobian.projections, self.cfg.jacobian.fd_step,
                                         generator=self.generator)
                 per = sq / k
         else:
@@ -251,7 +252,7 @@ class JacobianMetric(RobustnessMetric):
                         f = first_logits(model(xs))
                 per = self.per_example(f, xs, create_graph)
             self._captured = None
-        r = -self.cfg.eps * per.mean()
+        r = -self.cfg.jacobian.delta * per.mean()
         if not create_graph:
             r = r.detach()
         logs = {"R": float(r.detach()), "jacobian_norm": float(per.detach().mean()),

@@ -138,7 +138,7 @@ class SearchStrategy:
             raise NonFiniteLossError(
                 f"robustness metric {metric.name!r} gave a non-finite R in the architecture step "
                 f"(R = {logs['R']:.4g} on this rank): its bounds overflowed. Interval-based bounds "
-                f"grow geometrically with depth; use a smaller robustness.eps, fewer cells or the "
+                f"grow geometrically with depth; use a smaller robustness.certified.eps, fewer cells or the "
                 f"PC-DARTS space (partial channels)")
         logs.update({f"metric/{k}": float(v) for k, v in mlogs.items()})
         return loss, r

@@ -179,7 +179,9 @@ def run_convergence(run_dir: str, **kw: Any) -> Dict[str, Any]:
     path = Path(run_dir) / "alphas.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no alpha history (is {run_dir} a search run directory?)")
-    hist = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from ..engine.io import read_jsonl
+
+    hist = read_jsonl(path)
     return convergence(hist, **kw)
 
 

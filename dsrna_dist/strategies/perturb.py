@@ -8,7 +8,7 @@ divide by the row sum.
 SDARTS-ADV's attack runs the supernet in eval mode by default, as the reference
 (``Linf_PGD_alpha`` calls ``model.eval()`` and restores train mode afterwards): BatchNorm uses
 its running statistics and the ``adv_steps + 2`` attack forwards do not update them.
-``strategy.adv_bn=train`` keeps the former behaviour (batch statistics; running stats updated
+``sdarts.adv_bn=train`` keeps the former behaviour (batch statistics; running stats updated
 by every attack forward) for comparison.
 """
 from __future__ import annotations

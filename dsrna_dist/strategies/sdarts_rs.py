@@ -15,7 +15,7 @@ class SDARTSRS(DARTS):
     name = "sdarts_rs"
 
     def eps(self, epoch: int) -> float:
-        s = self.cfg.strategy
+        s = self.cfg.sdarts
         return ramp_eps(s.perturb_eps, s.perturb_eps_max, epoch, self.cfg.epochs)
 
     def perturbation(self, x, y, epoch: int, step: int) -> Optional[ArchWeights]:

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .. import genotype as G
-from ..engine.io import atomic_write_text
-from ..space.supernet import Supernet
-from .convergence import GenotypeTracker, alpha_stats, record_alphas
+from . import genotype as G
+from .engine.io import atomic_write_text, read_jsonl
+from .space.supernet import Supernet
+from .strategies.convergence import GenotypeTracker, alpha_stats, record_alphas
 
 
 def alpha_record(model: Supernet, epoch: int, genotype: Optional[G.Genotype] = None,
@@ -40,15 +40,7 @@ def write_alpha_history(path: Path, records: List[Dict[str, Any]]) -> None:
 
 def read_alpha_history(path: Path, before_epoch: int) -> List[Dict[str, Any]]:
     """Records of epochs < ``before_epoch`` (a resumed run rewrites later ones)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec.get("epoch", 1 << 30) < before_epoch:
-                out.append(rec)
-    return out
+    return [r for r in read_jsonl(path) if r.get("epoch", 1 << 30) < before_epoch]
 
 
 def save_genotypes(run_dir: Path, g: G.Genotype, epoch: int) -> None:
@@ -58,7 +50,7 @@ def save_genotypes(run_dir: Path, g: G.Genotype, epoch: int) -> None:
 def heatmap_figure(model: Supernet, epoch: int):
     """TensorBoard's alpha heatmap: the report's figure (:func:`dsrna_dist.plots.alpha_heatmap_figure`),
     softmax(alpha) per cell and, for PC-DARTS, the normalized edge betas in their own panel."""
-    from ..plots import alpha_heatmap_figure
+    from .plots import alpha_heatmap_figure
 
     w = model.arch_weights()
     ops = {k: w[k].detach().float().cpu().numpy() for k in ("normal", "reduce")}
