@@ -144,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in srows:
         f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
         g = (lambda v: "-" if v is None else f"{v:.2g}")
-        lines.append(f"| {r['method']} | {r['seed']} | {'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
+        lines.append(f"| {r['method']} | {r['seed']} | {'n/a' if r['converged'] is None else 'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
                      f"{f(r['entropy'])} | {r['changes']} | {r['last_change']} / {r['arch_steps']} | "
                      f"{r['late_changes']} / {r['late_diff']} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
