@@ -12,8 +12,10 @@ Resumable, idempotent and runnable in parts, by several workers at once:
 Every task (search of a method and seed; train / eval / certify of a network) is claimed with a
 lock file holding its worker's pid (a dead worker's lock is taken over), is skipped when the file
 that marks it done exists, and resumes from its own checkpoint when it was killed. Tasks run in
-a fixed priority order: all searches first (they are cheap and answer the convergence question),
-then, method group by method group, training, attacks, certification; AutoAttack last.
+a fixed priority order: first the core comparison's seed 0 end to end (DARTS, PC-DARTS and the two
+DSRNA variants: search, both retrainings, attacks, certification), then all other searches (they
+are cheap and answer the convergence question), then, method group by method group, training,
+attacks, certification; AutoAttack last.
 
 A network is identified by (recipe, genotype, seed): two searches that find the same cell with
 the same seed share one retrained network (the retrain depends on nothing else), so a DSRNA run
@@ -142,7 +144,17 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                                 net / stage / "summary.json",
                                 launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
                                           f"--checkpoint={best}", *common], info))
-    return sorted(out, key=lambda t: t.prio)
+    return sorted(out, key=lambda t: (tier(t), t.prio))
+
+
+def tier(t: Task) -> int:
+    """The core comparison's first seed runs end to end before anything else, so the whole
+    pipeline (search -> both retrainings -> attacks -> certification) is exercised early;
+    AutoAttack always last."""
+    if t.stage == "autoattack":
+        return 2
+    methods = [t.info["method"]] if "method" in t.info else list(t.info.get("methods") or [])
+    return 0 if t.info.get("seed") == 0 and any(m in GROUPS[0] for m in methods) else 1
 
 
 def pid_alive(pid: int) -> bool:
