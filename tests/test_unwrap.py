@@ -85,3 +85,35 @@ def test_deepspeed_engine_goes_through_accelerate(monkeypatch):
     m = net()
     assert unwrap_model(DeepSpeedEngine(torch.compile(m))) is m
     assert calls == [False]
+
+
+DS_PROBE = r'''
+import os, tempfile
+import torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+from dsrna_dist.engine.deepspeed_engine import ds_config, initialize
+from dsrna_dist.engine.unwrap import unwrap_model
+net = nn.Linear(3, 2)
+eng = initialize(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                 ds_config(micro_batch=1, world_size=1, zero_stage=0, grad_clip=0))
+assert type(eng).__name__ == "DeepSpeedEngine"
+assert unwrap_model(eng) is net and unwrap_model(torch.compile(eng)) is net
+dist.destroy_process_group()
+print("UNWRAPPED")
+'''
+
+
+def test_real_deepspeed_engine(tmp_path):
+    """A real DeepSpeedEngine (ZeRO-0, CPU accelerator, its own process: DeepSpeed sets process
+    state), also under torch.compile, unwraps to the module."""
+    import os
+    import subprocess
+
+    pytest.importorskip("deepspeed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", DS_PROBE], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "UNWRAPPED" in r.stdout, r.stderr[-3000:]

@@ -11,7 +11,7 @@ outermost, hence the loop):
 - torch's own: DistributedDataParallel / DataParallel (``.module``) and torch.compile's
   OptimizedModule (``._orig_mod``), stripped here directly;
 - DeepSpeed's engine and FSDP: accelerate's ``extract_model_from_parallel``. Why not it for all:
-  it imports ``deepspeed`` whenever that is installed, which costs 2.9 s and prints an
+  it imports ``deepspeed`` whenever that is installed, which costs 1.9 s of CPU and prints an
   accelerator warning in every CPU process on its first DDP unwrap (measured, torch 2.14.1,
   accelerate 1.15.0); a DeepSpeed or FSDP wrapper exists only where that import already happened.
 
