@@ -262,7 +262,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
                 return 1
             global_step += 1
             if strategy.arch_active(epoch):
-                tracker.observe(model.derive(cfg.strategy.max_skip))
+                tracker.observe(strategy.genotype())  # P-DARTS caps skips with its own key
             for k, v in logs.items():
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v
                 counts[k] = counts.get(k, 0) + 1
