@@ -36,14 +36,15 @@ METHOD_ORDER = ("ibp", "crown-ibp", "crown")
 def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *,
                   methods: Sequence[str], norms: Sequence[str], steps: int, eps_init: float,
                   random_target: bool, seed: int, num_classes: int, rel_tol: float = 0.0,
-                  eps_min: float = 1e-7) -> List[Dict]:
+                  eps_min: float = 1e-7, crown_passes: int = 0) -> List[Dict]:
     """certify.jsonl records (index, label, method, norm, radius, radius_target, target).
 
     Methods run cheapest first (IBP, CROWN-IBP, CROWN) and each search starts from the radius
     the previous one certified (a sound certificate whichever bound proved it): the easy part
     of the bracket is settled cheaply, and the radii are ordered IBP <= CROWN-IBP <= CROWN on
     every example. ``rel_tol`` > 0: bisect each example to that relative resolution (at most
-    ``steps`` probes); 0: exactly ``steps`` probes (CNN-Cert)."""
+    ``steps`` probes); 0: exactly ``steps`` probes (CNN-Cert). ``crown_passes`` > 0: full CROWN
+    runs at most that many full passes per example (dsrna_dist.bounds.certify)."""
     from ..bounds import BoundedModel, certified_radius
 
     bad = [m for m in methods if m not in METHOD_ORDER]
@@ -58,8 +59,9 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
             prev = prev_t = None
             radii = {}
             for method in sorted(set(methods), key=METHOD_ORDER.index):
-                r = certified_radius(bm, x, y, norm, method, lower=prev, **kw)
-                rt = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, **kw) \
+                mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
+                r = certified_radius(bm, x, y, norm, method, lower=prev, **mkw)
+                rt = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, **mkw) \
                     if tgt is not None else None
                 if prev is not None:  # the warm start keeps the cheaper certificate
                     r = torch.maximum(r, prev)
