@@ -8,6 +8,7 @@ smallest eps a strong PGD breaks (a radius never exceeds it), and the exact sing
 CROWN (the staged bounds equal it; the fast radius is at most its radius and close to it)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -133,3 +134,17 @@ def test_fast_crown_radius_below_pgd_and_close_to_exact(norm):
     assert (fast > cibp * 1.01).all(), "the full-CROWN passes gained nothing over CROWN-IBP"
     assert (fast <= exact * (1 + 2e-3)).all()
     assert (fast >= exact * 0.95).all(), (fast / exact)
+
+
+def test_float32_bounds_match_a_float64_spot_check():
+    """The eval path runs float32 (the checkpoint's dtype): its CROWN margins, staged and via
+    the eps-linear reuse, agree with the same computation in float64 to float32 precision, so
+    rounding cannot turn an uncertified example into a certified one beyond that slack."""
+    net, x, y = _trained_cnn(0)
+    net32 = copy.deepcopy(net).float()
+    eps = 0.012
+    with torch.no_grad():
+        m64 = _margin(BoundedModel(net, crown_stages=(1,)), x, y, eps, "inf", "crown")
+        m32 = _margin(BoundedModel(net32, crown_stages=(1,)), x.float(), y, eps, "inf", "crown").double()
+    scale = m64.abs().clamp(min=1.0)
+    assert ((m32 - m64).abs() <= 1e-4 * scale).all(), (m32 - m64)
