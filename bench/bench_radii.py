@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--no-pool-inputs", action="store_true", help="max-pool inputs keep IBP boxes (faster, looser)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from dsrna_dist.attacks.certify import min_adversarial_eps
+    from dsrna_dist.bounds.evaluation import min_adversarial_eps
     from dsrna_dist.bounds import BoundedModel, certified_radius
 
     model, x, y = _data(args.checkpoint, args.n)

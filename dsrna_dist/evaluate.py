@@ -482,7 +482,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
             rt.print("certify: no correctly classified example to certify")
         chunks, n_chunks = _chunks(todo_c, rt.rank, rt.world_size, cfg.certify.batch_size)
         from .bounds import BoundedModel
-        from .attacks.certify import certify_batch
+        from .bounds.evaluation import certify_batch
 
         bm = BoundedModel(model)
         num_classes = _num_classes(model, data, rt.device) if n else 2

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from dsrna_dist.attacks.certify import min_adversarial_eps
+from dsrna_dist.bounds.evaluation import min_adversarial_eps
 from dsrna_dist.bounds import BoundedModel, BoundError, certified_radius
 from test_bounds import assert_sound, pgd_extremes
 from test_bounds_tight import _darts, _margin
