@@ -84,21 +84,43 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
 
 
 def min_adversarial_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf", *,
-                        eps_max: float = 1.0, bisection_steps: int = 12, steps: int = 20) -> torch.Tensor:
+                        eps_max: float = 1.0, bisection_steps: int = 12, steps: int = 20,
+                        restarts: int = 1, seed: int = 0) -> torch.Tensor:
     """[B] smallest eps (up to the bisection resolution) at which PGD breaks each example;
     +inf where even ``eps_max`` fails, 0 where the clean input is already misclassified.
 
-    Every probe is a PGD attack (no random start, margin loss, ``steps`` steps of eps / 4,
-    keeping any iterate that fools the model) with a per-example eps, all examples at once.
+    Every probe is a PGD attack (margin loss, ``steps`` steps of eps / 4, keeping any iterate
+    that fools the model) with a per-example eps, all examples at once; the first restart
+    starts at the clean input, each further one (``restarts`` > 1) at a uniform random point of
+    the l_inf box / l_2 ball (seeded by ``seed``), until it breaks the example.
+    (Its own loop rather than ``PGD.ascend``: the eps differs per example and every iterate
+    counts, which the training-side ascend does not offer.)
     """
     from ..attacks.base import flat_norm, input_grad, project
 
     model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def broken(eps: torch.Tensor) -> torch.Tensor:
+        hit = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for r in range(max(1, restarts)):
+            hit |= one(eps, r)
+            if hit.all():
+                break
+        return hit
+
+    def one(eps: torch.Tensor, restart: int) -> torch.Tensor:
         e = eps.to(x.dtype)
         shape = (-1,) + (1,) * (x.dim() - 1)
         xa, hit = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        if restart > 0:
+            if norm == "inf":
+                d = (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * e.view(shape).cpu()
+            else:
+                d = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+                d = d / flat_norm(d, "2").clamp_min(1e-12).view(shape)
+                d = d * (torch.rand(len(x), generator=gen, dtype=x.dtype) * e.cpu()).view(shape)
+            xa = project(x + d.to(x.device), x, e, norm)
         for _ in range(steps):
             g, logits = input_grad(model, xa, y, "margin")
             hit |= logits.argmax(1) != y
