@@ -149,3 +149,17 @@ def test_float32_bounds_match_a_float64_spot_check():
         m32 = _margin(BoundedModel(net32, crown_stages=(1,)), x.float(), y, eps, "inf", "crown").double()
     scale = m64.abs().clamp(min=1.0)
     assert ((m32 - m64).abs() <= 1e-4 * scale).all(), (m32 - m64)
+
+
+def test_fast_crown_radius_without_warm_start_from_a_far_eps():
+    """No bracket and a first pass far above the radius (eps_init 0.2, radii ~0.01): the
+    one-backward probes below the failed pass, then a pass lower down, still find a radius
+    that a fresh full-CROWN pass certifies and that PGD does not break."""
+    net, x, y = _trained_cnn(0)
+    x, y = x[:4], y[:4]
+    bm = BoundedModel(net)
+    r = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-2, crown_passes=2, eps_init=0.2)
+    assert (r > 0).all()
+    assert (_margin(bm, x, y, r, "inf", "crown") > 0).all()
+    adv = min_adversarial_eps(net, x, y, "inf", eps_max=1.0, bisection_steps=12, steps=40, restarts=2)
+    assert (r <= adv).all()

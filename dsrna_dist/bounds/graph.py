@@ -19,7 +19,11 @@
   IBP on some nets: it is provably no looser only in special cases such as one hidden ReLU
   layer with zero lower slopes); ``crown`` (a backward pass for every input of a ReLU / max
   pool, chunked over neurons and examples, intersected with IBP; the output bound is
-  intersected with IBP too, so CROWN is never looser than IBP).
+  intersected with IBP too, so CROWN is never looser than IBP). Cost switches for full CROWN:
+  ``crown_stages`` (cut passes first, the full pass only on neurons still loose: same bounds),
+  ``crown_depth`` (every intermediate pass cut: looser), ``crown_pool_inputs=False`` (max-pool
+  inputs keep IBP boxes: looser); ``keep_lin`` / ``prior_lin`` / ``frozen`` let a radius search
+  reuse one full pass at every smaller eps (dsrna_dist.bounds.certify).
 * Input set: ``{x' : ||x' - x||_p <= eps} intersected with [x_min, x_max]``. l_inf: the exact
   box. l_2: IBP starts from the box hull of the set, and every node of the affine prefix
   (Normalize -> conv -> BN, up to the first non-linearity) is intersected with its l_2-ball
