@@ -58,14 +58,14 @@ def child(args) -> None:
             atk(model, x, y)
         mean = float("nan")
     else:
-        from dsrna_dist.attacks.certify import certify_batch
+        from dsrna_dist.bounds.evaluation import certify_batch
 
         for _ in range(args.repeats):
             recs = certify_batch(model, x, y, list(range(len(y))), methods=[method], norms=[norm],
                                  steps=args.steps, eps_init=0.05, random_target=False, seed=0, num_classes=10) \
                 if kind == "untargeted" else None
             if kind == "target":
-                from dsrna_dist.attacks.certify import random_targets
+                from dsrna_dist.bounds.evaluation import random_targets
                 from dsrna_dist.bounds import certified_radius
 
                 tgt = random_targets(y, 10, 0, list(range(len(y))))

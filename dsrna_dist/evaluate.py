@@ -478,7 +478,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
             rt.print("certify: no correctly classified example to certify")
         chunks, n_chunks = _chunks(todo_c, rt.rank, rt.world_size, cfg.certify.batch_size)
         from .bounds import BoundedModel
-        from .attacks.certify import certify_batch
+        from .bounds.evaluation import certify_batch
 
         bm = BoundedModel(model)
         num_classes = _num_classes(model, data, rt.device) if n else 2
@@ -491,7 +491,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
                 recs = certify_batch(bm, x, y, idx, methods=cfg.certify.methods, norms=cfg.certify.norms,
                                      steps=cfg.certify.bisection_steps, eps_init=cfg.certify.eps_init,
                                      random_target=cfg.certify.random_target, seed=cfg.run.seed,
-                                     num_classes=num_classes, rel_tol=cfg.certify.rel_tol)
+                                     num_classes=num_classes, rel_tol=cfg.certify.rel_tol,
+                                     crown_passes=cfg.certify.crown_passes)
             recs = gather_objects(recs, key=None)
             recs.sort(key=lambda r: (r["index"], r["method"], r["norm"]))
             if rt.is_main:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsrna_dist.attacks.certify import certify_batch, min_adversarial_eps
+from dsrna_dist.bounds.evaluation import certify_batch, min_adversarial_eps
 from dsrna_dist.bounds import BoundedModel, certified_radius
 from dsrna_dist.space.layers import Normalize
 from dsrna_dist.space.ops import build_op

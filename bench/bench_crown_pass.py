@@ -1,0 +1,66 @@
+"""Cost of ONE full-CROWN margin pass (every intermediate bound by backward passes) on a trained
+network, per engine setting, at a fixed eps: process CPU time, the neurons IBP leaves loose
+(rows of the intermediate backward passes) and the margin lower bound. One JSON line per setting.
+
+    OMP_NUM_THREADS=1 python bench/bench_crown_pass.py --checkpoint runs/<train>/checkpoints/best.pt \
+        --eps 1e-4 --settings "exact;stages=1,2,4;no_pool"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+
+def _settings(spec: str):
+    out = []
+    for s in spec.split(";"):
+        kw = {}
+        if s.startswith("stages="):
+            kw["crown_stages"] = tuple(int(v) for v in s.split("=", 1)[1].split(","))
+        elif s.startswith("depth="):
+            kw["crown_depth"] = int(s.split("=", 1)[1])
+        elif s == "no_pool":
+            kw["crown_pool_inputs"] = False
+        elif s != "exact":
+            raise SystemExit(f"--settings: unknown {s!r} (exact, stages=a,b, depth=d, no_pool)")
+        out.append((s, kw))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--eps", type=float, default=1e-4)
+    ap.add_argument("--norm", default="inf")
+    ap.add_argument("--index", type=int, default=0, help="test image index")
+    ap.add_argument("--settings", default="exact")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    from dsrna_dist.bounds import BoundedModel
+    from dsrna_dist.config import DataConfig
+    from dsrna_dist.data.base import load_arrays
+    from dsrna_dist.space.network import load_trained
+
+    model, tcfg, _ = load_trained(args.checkpoint, "cpu")
+    arr = load_arrays(DataConfig(name=tcfg.data.name), "test")
+    x = arr.images[args.index:args.index + 1].float() / 255.0
+    y = arr.labels[args.index:args.index + 1]
+    for name, kw in _settings(args.settings):
+        bm = BoundedModel(model, **kw)
+        keep: dict = {}
+        t0 = time.process_time()
+        m = bm.margin_lower_bound(x, y, args.eps, args.norm, "crown", keep=keep)
+        dt = time.process_time() - t0
+        loose = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for n, b in keep.items() if n in bm.relu_only_pre_act)
+        print(json.dumps({"setting": name, "eps": args.eps, "norm": args.norm, "index": args.index, "cpu_s": dt,
+                          "margin_min": float(m.scatter(1, y.view(-1, 1), math.inf).min()),
+                          "unstable_relu_inputs_after": loose}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

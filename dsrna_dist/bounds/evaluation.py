@@ -1,0 +1,147 @@
+"""Verification-based evaluation (paper Tables 5-6) and its empirical counterpart.
+
+Certification, not an attack: it lived in ``dsrna_dist/attacks/certify.py`` (kept there as a
+re-export for old imports) and belongs next to the radius search it drives (``certify.py``).
+
+``certify_batch`` asks the bound engine (dsrna_dist.bounds.certified_radius: a per-example
+log-space bisection on eps, CNN-Cert style) for the largest eps whose margin lower bound is
+positive: against every other class (untargeted) and against one random class per example
+(CNN-Cert's "certified lower bound"; the target is seeded by (seed, example index) so it does
+not depend on batching or ranks). ``min_adversarial_eps`` is the attack-side upper bound of
+the same quantity: the smallest eps at which PGD finds an adversarial example (bisection on
+eps); a sound certificate can never exceed it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from ..attacks.base import example_seed
+
+
+def random_targets(y: torch.Tensor, num_classes: int, seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """One target class != y per example, uniform over the others, seeded per example index."""
+    g = torch.Generator()
+    offs = []
+    for i in indices:
+        g.manual_seed(example_seed(seed, int(i), salt=7919))
+        offs.append(int(torch.randint(1, num_classes, (1,), generator=g)))
+    return (y + torch.tensor(offs, device=y.device)) % num_classes
+
+
+#: bound methods from cheapest/loosest to dearest/tightest: each warm-starts the next
+METHOD_ORDER = ("ibp", "crown-ibp", "crown")
+
+
+def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *,
+                  methods: Sequence[str], norms: Sequence[str], steps: int, eps_init: float,
+                  random_target: bool, seed: int, num_classes: int, rel_tol: float = 0.0,
+                  eps_min: float = 1e-7, crown_passes: int = 0) -> List[Dict]:
+    """certify.jsonl records (index, label, method, norm, radius, radius_target, target).
+
+    Methods run cheapest first (IBP, CROWN-IBP, CROWN) and each search starts from the radius
+    the previous one certified (a sound certificate whichever bound proved it): the easy part
+    of the bracket is settled cheaply, and the radii are ordered IBP <= CROWN-IBP <= CROWN on
+    every example. ``rel_tol`` > 0: bisect each example to that relative resolution (at most
+    ``steps`` probes); 0: exactly ``steps`` probes (CNN-Cert). ``crown_passes`` > 0: full CROWN
+    runs at most that many full passes per example (dsrna_dist.bounds.certify)."""
+    from .certify import certified_radius
+    from .graph import BoundedModel
+
+    bad = [m for m in methods if m not in METHOD_ORDER]
+    if bad:
+        raise ValueError(f"certify methods: unknown {bad[0]!r}; valid: {', '.join(METHOD_ORDER)}")
+    bm = model if isinstance(model, BoundedModel) else BoundedModel(model)
+    tgt = random_targets(y, num_classes, seed, indices) if random_target and num_classes > 1 else None
+    out: List[Dict] = []
+    kw = dict(steps=steps, eps_init=eps_init, rel_tol=rel_tol, eps_min=eps_min)
+    with torch.no_grad():
+        for norm in norms:
+            prev = prev_t = None
+            radii = {}
+            for method in sorted(set(methods), key=METHOD_ORDER.index):
+                mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
+                r = certified_radius(bm, x, y, norm, method, lower=prev, **mkw)
+                rt = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, **mkw) \
+                    if tgt is not None else None
+                if prev is not None:  # the warm start keeps the cheaper certificate
+                    r = torch.maximum(r, prev)
+                    rt = torch.maximum(rt, prev_t) if rt is not None else None
+                prev, prev_t = r, rt
+                radii[method] = (r, rt)
+            for method in methods:
+                r, rt = radii[method]
+                for k, i in enumerate(indices):
+                    out.append({"index": int(i), "label": int(y[k]), "method": method, "norm": norm,
+                                "radius": float(r[k]),
+                                "radius_target": float(rt[k]) if rt is not None else None,
+                                "target": int(tgt[k]) if tgt is not None else None})
+    out.sort(key=lambda d: (methods.index(d["method"]), list(norms).index(d["norm"]), d["index"]))
+    return out
+
+
+def min_adversarial_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf", *,
+                        eps_max: float = 1.0, bisection_steps: int = 12, steps: int = 20,
+                        restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """[B] smallest eps (up to the bisection resolution) at which PGD breaks each example;
+    +inf where even ``eps_max`` fails, 0 where the clean input is already misclassified.
+
+    Every probe is a PGD attack (margin loss, ``steps`` steps of eps / 4, keeping any iterate
+    that fools the model) with a per-example eps, all examples at once; the first restart
+    starts at the clean input, each further one (``restarts`` > 1) at a uniform random point of
+    the l_inf box / l_2 ball (seeded by ``seed``), until it breaks the example.
+    (Its own loop rather than ``PGD.ascend``: the eps differs per example and every iterate
+    counts, which the training-side ascend does not offer.)
+    """
+    from ..attacks.base import flat_norm, input_grad, project
+
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def broken(eps: torch.Tensor) -> torch.Tensor:
+        hit = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for r in range(max(1, restarts)):
+            hit |= one(eps, r)
+            if hit.all():
+                break
+        return hit
+
+    def one(eps: torch.Tensor, restart: int) -> torch.Tensor:
+        e = eps.to(x.dtype)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        xa, hit = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        if restart > 0:
+            if norm == "inf":
+                d = (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * e.view(shape).cpu()
+            else:
+                d = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+                d = d / flat_norm(d, "2").clamp_min(1e-12).view(shape)
+                d = d * (torch.rand(len(x), generator=gen, dtype=x.dtype) * e.cpu()).view(shape)
+            xa = project(x + d.to(x.device), x, e, norm)
+        for _ in range(steps):
+            g, logits = input_grad(model, xa, y, "margin")
+            hit |= logits.argmax(1) != y
+            if norm == "inf":
+                step = g.sign()
+            else:
+                step = g / flat_norm(g, "2").clamp_min(1e-12).view(shape)
+            xa = project(xa + (e / 4).view(shape) * step, x, e, norm)
+        with torch.no_grad():
+            hit |= model(xa).argmax(1) != y
+        return hit
+
+    with torch.no_grad():
+        clean_wrong = model(x).argmax(1) != y
+    lo = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+    hi = torch.full((len(x),), float(eps_max), dtype=torch.float64, device=x.device)
+    top = broken(hi)
+    for _ in range(bisection_steps):
+        mid = (lo + hi) / 2
+        b = broken(mid)
+        hi = torch.where(b, mid, hi)
+        lo = torch.where(b, lo, mid)
+    out = torch.where(top, hi, torch.full_like(hi, math.inf))
+    return torch.where(clean_wrong, torch.zeros_like(out), out)

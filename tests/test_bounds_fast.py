@@ -1,0 +1,165 @@
+"""Affordable full CROWN (issue 16 item 1): staged intermediate bounds (cut passes first, the
+pass to the input only for neurons still loose), cut passes alone (``crown_depth``), max-pool
+inputs left at their IBP boxes, and the radius search with at most ``crown_passes`` full-CROWN
+passes per example that reuses a failed pass's bounds as functions of eps below it.
+
+References: sampled points and PGD (a bound never crosses a value the network attains), the
+smallest eps a strong PGD breaks (a radius never exceeds it), and the exact single-stage full
+CROWN (the staged bounds equal it; the fast radius is at most its radius and close to it)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dsrna_dist.bounds.evaluation import min_adversarial_eps
+from dsrna_dist.bounds import BoundedModel, BoundError, certified_radius
+from test_bounds import assert_sound, pgd_extremes
+from test_bounds_tight import _darts, _margin
+from test_bounds_tight import _trained_cnn as _fit_cnn
+
+torch.set_num_threads(1)
+DT = torch.float64
+_NETS: dict = {}
+
+
+def _trained_cnn(seed: int = 0):
+    """The trained small CNN of test_bounds_tight, fitted once per session."""
+    if seed not in _NETS:
+        _NETS[seed] = _fit_cnn(seed)
+    return _NETS[seed]
+
+
+def _pgd_margin(net, x, y, eps, norm, seed=0):
+    """[B] smallest margin min_j f_y - f_j that PGD (and the clean point) attains in the set."""
+    def f(z):
+        yy = y.repeat_interleave(z.shape[0] // x.shape[0])
+        out = net(z)
+        m = out.gather(1, yy[:, None]) - out
+        return m.scatter(1, yy[:, None], math.inf).min(1, keepdim=True).values
+    lo, _ = pgd_extremes(f, x, eps, norm, steps=30, restarts=2, gen=torch.Generator().manual_seed(seed))
+    return lo[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["cnn", pytest.param("darts", marks=pytest.mark.slow)])
+def test_staged_intermediate_bounds_equal_single_stage_crown(kind):
+    """Cut passes only decide which neurons the full pass recomputes: every neuron that stays
+    loose is recomputed to the input, so the bounds equal single-stage CROWN (or are tighter
+    by the intersection) -- and they are sound."""
+    if kind == "cnn":
+        net, x, _ = _trained_cnn(0)
+        eps = 0.012
+    else:
+        net = _darts(layers=3, genotype="DARTS_V2")
+        x = torch.rand(3, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
+        eps = 0.003
+    exact = BoundedModel(net)
+    staged = BoundedModel(net, crown_stages=(1, 2))
+    assert_sound(net, x, eps, "inf", methods=("crown",), bm=staged, n_samples=32, pgd_steps=15, restarts=1)
+    lo_e, up_e = exact.bounds(x, eps, "inf", "crown")
+    lo_s, up_s = staged.bounds(x, eps, "inf", "crown")
+    assert (lo_s >= lo_e - 1e-9).all() and (up_s <= up_e + 1e-9).all()
+    torch.testing.assert_close(lo_s, lo_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(up_s, up_e, rtol=1e-6, atol=1e-6)
+
+
+def test_cut_passes_and_ibp_pool_inputs_are_sound_and_looser():
+    """crown_depth=1 (every intermediate pass stops one relaxed layer back, at that layer's
+    box) and crown_pool_inputs=False (max-pool inputs keep IBP boxes): sound, never tighter
+    than full CROWN, and the cut is strictly looser somewhere (it does lose something)."""
+    net = _darts(layers=2, genotype="DARTS_V2")  # cell 1 is a reduction cell with max pools
+    x = torch.rand(2, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(2))
+    eps = 0.003
+    with torch.no_grad():
+        lo_e, up_e = BoundedModel(net).bounds(x, eps, "inf", "crown")
+    widths = {}
+    for kw in (dict(crown_depth=1), dict(crown_pool_inputs=False)):
+        bm = BoundedModel(net, **kw)
+        assert_sound(net, x, eps, "inf", methods=("crown",), bm=bm, n_samples=32, pgd_steps=15, restarts=1)
+        with torch.no_grad():
+            lo, up = bm.bounds(x, eps, "inf", "crown")
+        assert (lo <= lo_e + 1e-9).all() and (up >= up_e - 1e-9).all(), kw
+        widths[str(kw)] = float((up - lo).sum() - (up_e - lo_e).sum())
+    assert widths[str(dict(crown_depth=1))] > 0, widths
+    with pytest.raises(BoundError, match="crown_depth"):
+        BoundedModel(net, crown_depth=-1)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_eps_linear_reuse_sound_and_exact_at_its_eps(norm):
+    """The intermediate bounds of a full pass at eps_p, kept as centre -/+ eps * dual norm,
+    re-used at a smaller eps with one backward pass: equal to full CROWN at eps_p, sound below
+    it (PGD), tighter than reusing eps_p's boxes alone, and never above fresh full CROWN."""
+    net, x, y = _trained_cnn(0)
+    bm = BoundedModel(net)
+    eps_p = 0.012 if norm == "inf" else 0.04
+    keep, keep_lin = {}, {}
+    full = bm.margin_lower_bound(x, y, eps_p, norm, "crown", keep=keep, keep_lin=keep_lin)
+    assert keep_lin, "no linear bounds were kept"
+    same = bm.margin_lower_bound(x, y, eps_p, norm, "crown", prior=keep, prior_lin=keep_lin, frozen=True)
+    torch.testing.assert_close(same, full, rtol=1e-7, atol=1e-7)
+    eps = eps_p * 0.8
+    reuse = _margin_of(bm.margin_lower_bound(x, y, eps, norm, "crown", prior=keep, prior_lin=keep_lin, frozen=True), y)
+    boxes = _margin_of(bm.margin_lower_bound(x, y, eps, norm, "crown", prior=keep, frozen=True), y)
+    fresh = _margin(bm, x, y, eps, norm, "crown")
+    attained = _pgd_margin(net, x, y, eps, norm)
+    assert (reuse <= attained + 1e-9).all()
+    assert (reuse >= boxes - 1e-9).all() and (reuse > boxes + 1e-6).any()
+    assert (reuse <= fresh + 1e-9).all()
+
+
+def _margin_of(m, y):
+    return m.scatter(1, y[:, None], math.inf).min(1).values
+
+
+@pytest.mark.parametrize("norm", ["inf", pytest.param("2", marks=pytest.mark.slow)])
+def test_fast_crown_radius_below_pgd_and_close_to_exact(norm):
+    """The independent reference for the fast path: on every example of a trained net its
+    radius is at most the smallest eps a strong PGD breaks, a fresh full-CROWN pass certifies
+    it, it is >= the CROWN-IBP radius it starts from and at most the exact CROWN radius."""
+    net, x, y = _trained_cnn(0)
+    bm = BoundedModel(net)
+    kw = dict(steps=30, rel_tol=1e-3)
+    ibp = certified_radius(bm, x, y, norm, "ibp", **kw)
+    cibp = certified_radius(bm, x, y, norm, "crown-ibp", lower=ibp, **kw)
+    fast = certified_radius(bm, x, y, norm, "crown", lower=cibp, crown_passes=3, **kw)
+    exact = certified_radius(bm, x, y, norm, "crown", lower=cibp, **kw)
+    adv = min_adversarial_eps(net, x, y, norm, eps_max=1.0 if norm == "inf" else 8.0, bisection_steps=14, steps=60,
+                              restarts=3)
+    assert torch.isfinite(adv).all()
+    assert (fast <= adv).all(), (fast, adv)
+    assert (_margin(bm, x, y, fast, norm, "crown") > 0).all()
+    assert (fast >= cibp).all() and (cibp >= ibp).all()
+    assert (fast > cibp * 1.01).all(), "the full-CROWN passes gained nothing over CROWN-IBP"
+    assert (fast <= exact * (1 + 2e-3)).all()
+    assert (fast >= exact * 0.95).all(), (fast / exact)
+
+
+def test_float32_bounds_match_a_float64_spot_check():
+    """The eval path runs float32 (the checkpoint's dtype): its CROWN margins, staged and via
+    the eps-linear reuse, agree with the same computation in float64 to float32 precision, so
+    rounding cannot turn an uncertified example into a certified one beyond that slack."""
+    net, x, y = _trained_cnn(0)
+    net32 = copy.deepcopy(net).float()
+    eps = 0.012
+    with torch.no_grad():
+        m64 = _margin(BoundedModel(net, crown_stages=(1,)), x, y, eps, "inf", "crown")
+        m32 = _margin(BoundedModel(net32, crown_stages=(1,)), x.float(), y, eps, "inf", "crown").double()
+    scale = m64.abs().clamp(min=1.0)
+    assert ((m32 - m64).abs() <= 1e-4 * scale).all(), (m32 - m64)
+
+
+def test_fast_crown_radius_without_warm_start_from_a_far_eps():
+    """No bracket and a first pass far above the radius (eps_init 0.2, radii ~0.01): the
+    one-backward probes below the failed pass, then a pass lower down, still find a radius
+    that a fresh full-CROWN pass certifies and that PGD does not break."""
+    net, x, y = _trained_cnn(0)
+    x, y = x[:4], y[:4]
+    bm = BoundedModel(net)
+    r = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-2, crown_passes=2, eps_init=0.2)
+    assert (r > 0).all()
+    assert (_margin(bm, x, y, r, "inf", "crown") > 0).all()
+    adv = min_adversarial_eps(net, x, y, "inf", eps_max=1.0, bisection_steps=12, steps=40, restarts=2)
+    assert (r <= adv).all()
