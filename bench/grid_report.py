@@ -138,8 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ---- convergence per search
     lines += ["## Searches: convergence", "",
               "Converged = mean max softmax(alpha) >= 0.25 and no genotype change in the last quarter of the arch "
-              "steps (issue 11). 'Late' = changes counted in the last quarter / genotype entries (of 12) that "
-              "differ between the end of the third quarter and the end.", "",
+              "steps (issue 11). 'Late' = genotype changes / genotype entries (of 12) that differ, from the last "
+              "epoch boundary at or before the start of the last quarter to the end (epoch resolution, so it "
+              "can include a few steps before the quarter).", "",
               "| method | seed | converged | mean max softmax | entropy | genotype changes | last change / arch steps "
               "| late | grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 13 + "|"]
     for r in srows:
