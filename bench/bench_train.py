@@ -100,7 +100,8 @@ def regimes(args) -> dict:
     from dsrna_dist.training import build_regime
 
     torch.manual_seed(0)
-    ncfg = NetworkConfig(genotype="DARTS_V2", init_channels=args.c, layers=args.layers, auxiliary=False, drop_path=0.0)
+    ncfg = NetworkConfig(genotype=args.genotype, init_channels=args.c, layers=args.layers, auxiliary=False,
+                         drop_path=0.0)
     m = build_network(ncfg, None, INFOS["fashion_mnist"]).train()
     x = torch.rand(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
@@ -200,6 +201,7 @@ def main() -> None:
     ap.add_argument("--regimes", action="store_true", help="only the adversarial-training step-cost ratios")
     ap.add_argument("--k", type=int, default=7, help="--regimes: PGD steps of the training attack")
     ap.add_argument("--certified", action="store_true", help="--regimes: natural and certified regimes only")
+    ap.add_argument("--genotype", default="DARTS_V2", help="--regimes: cell (zoo name or genotype.json)")
     args = ap.parse_args()
     q = args.quick
     args.c = args.c or (8 if q else 36)
@@ -212,7 +214,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # as each rank of the engine comparison; 2 threads thrash a shared box
     if args.regimes:
-        print(f"training regimes, derived DARTS_V2 C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
+        print(f"training regimes, derived {args.genotype} C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
               f"batch {args.batch}, eps 0.1 l_inf, 1 thread, process CPU time, best of {args.repeats} interleaved "
               f"rounds of {args.steps} steps")
         res = regimes(args)
