@@ -14,7 +14,11 @@
    ``--repeats`` rounds. The floor for PGD-k AT is about k+1 (k input-gradient passes, one
    training pass); TRADES adds a clean forward and trains on a double batch. Certified
    training (``ibp``; ``crown_ibp`` at the start of its ramp, beta = 1, where it is dearest)
-   adds one bound pass of the project's engine to the training forward.
+   adds one bound pass of the project's engine to the training forward. Mid-ramp rows (eps 0.05
+   of 0.1; crown_ibp's beta 0.5, so both bound passes) with and without the bound-balance
+   regulariser of Shi et al. (``regime.bound_reg``) give its cost; ``--certified`` skips PGD.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_train.py --regimes --certified --quick --repeats 2 --steps 3
 
     .venv/bin/python bench/bench_train.py --regimes --quick --k 7
 
@@ -96,7 +100,8 @@ def regimes(args) -> dict:
     from dsrna_dist.training import build_regime
 
     torch.manual_seed(0)
-    ncfg = NetworkConfig(genotype="DARTS_V2", init_channels=args.c, layers=args.layers, auxiliary=False, drop_path=0.0)
+    ncfg = NetworkConfig(genotype=args.genotype, init_channels=args.c, layers=args.layers, auxiliary=False,
+                         drop_path=0.0)
     m = build_network(ncfg, None, INFOS["fashion_mnist"]).train()
     x = torch.rand(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
@@ -107,7 +112,15 @@ def regimes(args) -> dict:
             f"pgd_at PGD-{k}": RegimeConfig(name="pgd_at", eps=0.1, steps=k),
             f"trades PGD-{k}": RegimeConfig(name="trades", eps=0.1, steps=k),
             "ibp": RegimeConfig(name="ibp", eps=0.1, ibp_init=False),
-            "crown_ibp (beta 1)": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=1e9, ibp_init=False)}
+            "crown_ibp (beta 1)": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=1e9, ibp_init=False),
+            # mid-ramp (eps 0.05 of 0.1), where the bound-balance regulariser is on; same eps without it
+            "ibp mid-ramp": RegimeConfig(name="ibp", eps=0.1, warmup_epochs=2, ibp_init=False),
+            "ibp mid-ramp +reg": RegimeConfig(name="ibp", eps=0.1, warmup_epochs=2, ibp_init=False, bound_reg=0.5),
+            "crown_ibp mid-ramp": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=2, ibp_init=False),
+            "crown_ibp mid-ramp +reg": RegimeConfig(name="crown_ibp", eps=0.1, warmup_epochs=2, ibp_init=False,
+                                                    bound_reg=0.5)}
+    if args.certified:
+        cfgs = {n: c for n, c in cfgs.items() if c.name in ("natural", "ibp", "crown_ibp")}
     tcfg = replace(TrainConfig(), model=ncfg)
     regs = {n: build_regime(replace(tcfg, regime=c)) for n, c in cfgs.items()}
 
@@ -187,6 +200,8 @@ def main() -> None:
     ap.add_argument("--worker", choices=("ddp", "deepspeed"), help=argparse.SUPPRESS)
     ap.add_argument("--regimes", action="store_true", help="only the adversarial-training step-cost ratios")
     ap.add_argument("--k", type=int, default=7, help="--regimes: PGD steps of the training attack")
+    ap.add_argument("--certified", action="store_true", help="--regimes: natural and certified regimes only")
+    ap.add_argument("--genotype", default="DARTS_V2", help="--regimes: cell (zoo name or genotype.json)")
     args = ap.parse_args()
     q = args.quick
     args.c = args.c or (8 if q else 36)
@@ -199,13 +214,13 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # as each rank of the engine comparison; 2 threads thrash a shared box
     if args.regimes:
-        print(f"training regimes, derived DARTS_V2 C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
+        print(f"training regimes, derived {args.genotype} C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
               f"batch {args.batch}, eps 0.1 l_inf, 1 thread, process CPU time, best of {args.repeats} interleaved "
               f"rounds of {args.steps} steps")
         res = regimes(args)
         nat = res["natural"]
         for n, sec in res.items():
-            print(f"  {n:18s} {sec * 1e3:8.0f} ms/step  ratio to natural {sec / nat:5.2f}")
+            print(f"  {n:24s} {sec * 1e3:8.0f} ms/step  ratio to natural {sec / nat:5.2f}")
         return
     print(f"derived DARTS_V2 networks, C={args.c}, {args.layers} cells, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -345,6 +345,14 @@ class RegimeConfig:
                            "1 -> kappa_end with eps; Zhang et al. 2020: 0, Gowal et al. 2018: 0.5)")
     ibp_init: bool = fld(True, help="ibp/crown_ibp: IBP-aware initialisation of conv/linear weights, "
                          "N(0, 2*pi/fan_in^2) (Shi et al. 2021), on a fresh run only")
+    bound_reg: float = fld(0.0, ge=0.0, help="ibp/crown_ibp: weight lambda of the bound-balance regulariser "
+                           "during the eps ramp (Shi et al. 2021: 0.5; 0 = off)")
+    bound_reg_tol: float = fld(0.5, gt=0.0, le=1.0, help="ibp/crown_ibp: tolerance alpha of the bound-balance "
+                               "terms (Shi et al. 2021: 0.5)")
+    bound_reg_terms: Tuple[str, ...] = fld(("tightness", "relu"), help="ibp/crown_ibp: bound-balance terms, "
+                                           "any of tightness (interval growth), relu (active/inactive balance)")
+    bound_reg_decay: bool = fld(True, help="ibp/crown_ibp: bound-balance weight lambda * (1 - eps / eps_max) "
+                                "(Shi et al.), else lambda throughout the ramp")
 
 
 @dataclass(frozen=True)

@@ -633,13 +633,16 @@ class BoundedModel:
 
     def bounds(self, x: Tensor, eps: Union[float, Tensor], norm: str = "inf", method: str = "crown-ibp",
                C: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
-               need_upper: bool = True, bn_stats: Optional[BNStats] = None) -> Tuple[Tensor, Optional[Tensor]]:
+               need_upper: bool = True, bn_stats: Optional[BNStats] = None,
+               keep: Optional[Dict[fx.Node, Interval]] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """(lb, ub) of ``C @ logits`` for every input in the set; C: [S, K] or [B, S, K] or None
         (identity: bounds of the logits). Returns [B, S] tensors (ub None if not needed).
 
         ``bn_stats``: {BN module: (mean, var)} for the BatchNorms in train mode, e.g. captured
-        from the caller's forward by :func:`capture_bn_stats`; then no clean pass is run."""
-        return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper, bn_stats)
+        from the caller's forward by :func:`capture_bn_stats`; then no clean pass is run.
+        ``keep``: a dict that receives the relaxed nodes' boxes (certified training's
+        bound-balance regulariser reads the ReLU pre-activation boxes from it)."""
+        return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper, bn_stats, keep=keep)
 
     def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None,
                 prior=None, keep=None, prior_lin=None, keep_lin=None, frozen=False):

@@ -11,9 +11,10 @@ Practices from Shi et al. 2021 that are implemented: IBP-aware initialisation
 explode nor vanish through depth at the start); BatchNorm on the clean batch's statistics (the
 bound pass reuses the statistics of the training forward, captured by hooks: no second clean
 pass, running statistics moved once per step as in natural training); an eps warm-up
-(``ramp_start`` epochs of eps = 0) then a linear ramp (``warmup_epochs``). Not implemented:
-their bound-balance (ReLU stability / tightness) regulariser, and their exponential first
-phase of the ramp.
+(``ramp_start`` epochs of eps = 0) then a linear ramp (``warmup_epochs``); their bound-balance
+regulariser during the ramp (``regime.bound_reg*``, :mod:`.bound_balance`), on the ReLU
+pre-activation boxes of the same bound pass (IBP's; CROWN-IBP's intermediate boxes are IBP's
+too). Not implemented: their exponential first phase of the ramp.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from . import bound_balance as bb
 from .base import REGIMES, Regime, RegimeOutput, eps_at, split_output
 
 
@@ -44,12 +46,18 @@ class _Certified(Regime):
         if self.tcfg.model.drop_path > 0:
             raise ConfigError(f"key 'model.drop_path': regime {c.name!r} bounds the network without drop-path; "
                               "set model.drop_path=0")
+        bad = [t for t in c.bound_reg_terms if t not in bb.TERMS]
+        if bad or not c.bound_reg_terms:
+            raise ConfigError(f"key 'regime.bound_reg_terms': expected a non-empty list of {list(bb.TERMS)}, "
+                              f"got {list(c.bound_reg_terms)}")
         self._bm = None
 
     def describe(self) -> str:
         c = self.cfg
         return (f"{self.name} eps={c.eps:g} (l_{c.norm}; eps 0 for {c.ramp_start:g} epochs, then a "
-                f"{c.warmup_epochs:g}-epoch ramp), kappa 1 -> {c.kappa_end:g}, IBP init {c.ibp_init}")
+                f"{c.warmup_epochs:g}-epoch ramp), kappa 1 -> {c.kappa_end:g}, IBP init {c.ibp_init}"
+                + (f", bound-balance regulariser lambda={c.bound_reg:g} ({'+'.join(c.bound_reg_terms)}, "
+                   f"tol {c.bound_reg_tol:g}{', decayed' if c.bound_reg_decay else ''})" if c.bound_reg > 0 else ""))
 
     def init_weights(self, net: nn.Module) -> None:
         if not self.cfg.ibp_init:
@@ -85,11 +93,15 @@ class _Certified(Regime):
             return RegimeOutput(clean, clean, logits, y, {"regime_eps": 0.0, "kappa": 1.0})
         C = margin_spec(y, logits.shape[1]).to(logits.dtype)
         beta = self.beta(frac)
+        reg_coef = bb.coefficient(self.cfg.bound_reg, eps, self.cfg.eps, self.cfg.bound_reg_decay)
+        kept: dict = {}
+        keep = kept if reg_coef > 0 else None  # both methods share the IBP intermediate boxes: keep one
         lb = None
         if beta < 1:
-            lb, _ = bm.bounds(x, eps, self.cfg.norm, "ibp", C, need_upper=False, bn_stats=stats)
+            lb, _ = bm.bounds(x, eps, self.cfg.norm, "ibp", C, need_upper=False, bn_stats=stats, keep=keep)
+            keep = None
         if beta > 0:
-            lb2, _ = bm.bounds(x, eps, self.cfg.norm, "crown-ibp", C, need_upper=False, bn_stats=stats)
+            lb2, _ = bm.bounds(x, eps, self.cfg.norm, "crown-ibp", C, need_upper=False, bn_stats=stats, keep=keep)
             lb = lb2 if lb is None else beta * lb2 + (1 - beta) * lb
         k = logits.shape[1]
         worst = lb.new_zeros((x.shape[0], k))
@@ -99,9 +111,17 @@ class _Certified(Regime):
         robust = F.cross_entropy(worst, y)
         loss = kappa * clean + (1 - kappa) * robust
         verified = (lb > 0).all(1).float().mean()
-        return RegimeOutput(loss, clean, logits, y, {"regime_eps": eps, "kappa": kappa, "bound_beta": beta,
-                                                     "robust_loss": float(robust.detach()),
-                                                     "train_verified": float(verified)})
+        logs = {"regime_eps": eps, "kappa": kappa, "bound_beta": beta, "robust_loss": float(robust.detach()),
+                "train_verified": float(verified)}
+        if self.cfg.bound_reg > 0:
+            logs["bound_reg_coef"] = reg_coef
+        if reg_coef > 0:
+            terms = bb.balance_terms(bb.relu_input_boxes(bm, kept), bb.input_scale(net, x, eps),
+                                     self.cfg.bound_reg_tol)
+            loss = loss + reg_coef * bb.regulariser(terms, self.cfg.bound_reg_terms)
+            logs.update({"bound_reg_tightness": float(terms.tightness.detach()),
+                         "bound_reg_relu": float(terms.relu.detach())})
+        return RegimeOutput(loss, clean, logits, y, logs)
 
 
 @REGIMES.register("ibp")
