@@ -64,11 +64,12 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
                          log_cap: float, log_min: float, x_min: float, x_max: float) -> Tensor:
     """Log-eps lower ends (certified) after at most ``passes`` full-CROWN passes per example,
     each followed by up to ``steps`` one-backward probes below it (see the module docstring)."""
-    B = x.shape[0]
     both = torch.isfinite(lo) & torch.isfinite(hi)
     grow = math.log(1.5)  # the reuse below a failed pass is good within a small factor of its eps
-    ref = torch.where(both, (lo + hi) / 2, torch.where(torch.isfinite(hi), torch.minimum(hi - 1.0, torch.full_like(hi, log_init)),
-                                                       torch.where(torch.isfinite(lo), lo + grow, torch.full_like(lo, log_init))))
+    init = torch.full_like(lo, log_init)
+    ref = torch.where(both, (lo + hi) / 2,
+                      torch.where(torch.isfinite(hi), torch.minimum(hi - 1.0, init),
+                                  torch.where(torch.isfinite(lo), lo + grow, init)))
     for _ in range(passes):
         done = (torch.isfinite(lo) & torch.isfinite(hi) & (hi - lo <= tol)) | (hi <= log_min) | (lo >= log_cap)
         act = (~done).nonzero().flatten()
