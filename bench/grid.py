@@ -15,7 +15,7 @@ that marks it done exists, and resumes from its own checkpoint when it was kille
 a fixed priority order: first the core comparison's seed 0 end to end (DARTS, PC-DARTS and the two
 DSRNA variants: search, both retrainings, attacks, certification), then all other searches (they
 are cheap and answer the convergence question), then, method group by method group, training,
-attacks, certification; AutoAttack last.
+attacks, certification (IBP, CROWN-IBP); full CROWN and AutoAttack last.
 
 A network is identified by (recipe, genotype, seed): two searches that find the same cell with
 the same seed share one retrained network (the retrain depends on nothing else), so a DSRNA run
@@ -24,7 +24,7 @@ A search that fails the convergence criterion (mean max softmax(alpha) >= 0.25, 
 over the last quarter) is still retrained, and flagged as not converged in every table.
 
 Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<seed>/{train,eval,
-certify,autoattack}/; light files are committed (checkpoints, tb/ and attacks.jsonl are git-ignored);
+certify,crown,autoattack}/; light files are committed (checkpoints, tb/ and attacks.jsonl are git-ignored);
 grid_log.jsonl has one record per finished task: rc, wall and CPU seconds, code version.
 """
 from __future__ import annotations
@@ -68,9 +68,11 @@ GROUPS = (("darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"),
 SEARCH_ONLY = frozenset(("dartsplus", "darts_2nd", "sdarts_rs"))
 RECIPES = {"nat": "configs/train/fmnist_small.yaml", "adv": "configs/train/fmnist_small_pgd_at.yaml"}
 EVAL_CFG = "configs/eval/fmnist_small_grid.yaml"
-CERT_CFG = "configs/eval/fmnist_small_certify.yaml"
+CERT_CFG = "configs/eval/fmnist_small_grid_certify.yaml"
+CROWN_CFG = "configs/eval/fmnist_small_grid_crown.yaml"
 AA_CFG = "configs/eval/fmnist_small_grid_aa.yaml"
-STAGES = ("search", "train", "eval", "certify", "autoattack")
+STAGES = ("search", "train", "eval", "certify", "crown", "autoattack")
+LATE = ("crown", "autoattack")  # hours per network on a CPU core: after everything else
 
 
 @dataclass
@@ -136,10 +138,10 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                                       f"--model.genotype={n['genotype']}", *common], info))
         if not (net / "train" / "summary.json").exists():
             continue
-        for stage, cfg in (("eval", EVAL_CFG), ("certify", CERT_CFG), ("autoattack", AA_CFG)):
+        for stage, cfg in (("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG)):
             if stage in stages and (ROOT / cfg).exists():
-                # AutoAttack (hours per robust network on a CPU core) after every other stage
-                prio = (1 + gi, STAGES.index(stage), seed, rk, mi) if stage != "autoattack" else (9, gi, seed, rk, mi)
+                prio = (1 + gi, STAGES.index(stage), seed, rk, mi) if stage not in LATE else (
+                    9 + LATE.index(stage), gi, seed, rk, mi)
                 out.append(Task(f"{stage}-{recipe}-{gh}-s{seed}", stage, prio,
                                 net / stage / "summary.json",
                                 launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
@@ -150,8 +152,8 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
 def tier(t: Task) -> int:
     """The core comparison's first seed runs end to end before anything else, so the whole
     pipeline (search -> both retrainings -> attacks -> certification) is exercised early;
-    AutoAttack always last."""
-    if t.stage == "autoattack":
+    full CROWN and AutoAttack always last."""
+    if t.stage in LATE:
         return 2
     methods = [t.info["method"]] if "method" in t.info else list(t.info.get("methods") or [])
     return 0 if t.info.get("seed") == 0 and any(m in GROUPS[0] for m in methods) else 1

@@ -98,15 +98,15 @@ def net_results(recipe: str, ghash: str, seed: int) -> Dict[str, Any]:
     aa = load(net / "autoattack" / "summary.json")
     if aa:
         out.update({k: v for k, v in (aa.get("robust_acc") or {}).items()})
-    ce = load(net / "certify" / "summary.json")
-    if ce:
-        cert = ce.get("certified") or {}
-        for meth in CERT_PREF:
+    for stage in ("certify", "crown"):  # IBP/CROWN-IBP on 200 examples; full CROWN on a few
+        ce = load(net / stage / "summary.json")
+        cert = (ce or {}).get("certified") or {}
+        for meth in CERT_PREF:  # the tightest method of the stage
             if meth in cert:
                 for norm, v in cert[meth].items():
-                    out[f"radius {meth} l_{norm}"] = v.get("mean_radius")
+                    out[f"radius {meth} l_{norm} (n={v.get('n')})"] = v.get("mean_radius")
                     if v.get("mean_radius_target") is not None:
-                        out[f"radius {meth} l_{norm} (random target)"] = v.get("mean_radius_target")
+                        out[f"radius {meth} l_{norm} random target (n={v.get('n')})"] = v.get("mean_radius_target")
                 break
     return out
 
