@@ -202,12 +202,13 @@ def code_version() -> str:
 
 def run_task(task: Task, env: Dict[str, str]) -> int:
     print(f"[run ] {task.key}: {' '.join(task.argv)}", flush=True)
+    code = code_version()  # the code the task starts with (it imports everything at start)
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     rc = subprocess.call(task.argv, env=env, cwd=ROOT)
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, "wall_s": round(time.time() - t0, 1),
            "cpu_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
-           "code": code_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "code": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(OUT / "grid_log.jsonl", "a") as f:
         f.write(json.dumps(rec, default=str) + "\n")
     if rc != 0:

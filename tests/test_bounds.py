@@ -744,12 +744,16 @@ def test_chunked_crown_equals_unchunked():
     model = ops_net(9, False)
     x = torch.rand(3, 1, 6, 6, dtype=DT)
     big = BoundedModel(model, max_memory_mb=1024)
-    small = BoundedModel(model, max_memory_mb=0.02)  # a few rows and one example per chunk
+    small = BoundedModel(model, max_memory_mb=0.1)  # a few rows and one example per chunk
+    calls = []
+    chunks = small._chunks
+    small._chunks = lambda *a, **k: calls.append(chunks(*a, **k)) or calls[-1]
     for m in ("crown-ibp", "crown"):
         a = big.bounds(x, 0.02, "inf", m)
         b = small.bounds(x, 0.02, "inf", m)
         torch.testing.assert_close(a[0], b[0], atol=1e-10, rtol=0)
         torch.testing.assert_close(a[1], b[1], atol=1e-10, rtol=0)
+    assert any(ex < 3 for ex, _ in calls)  # the small budget really split the passes into chunks
 
 
 def test_registry_names_are_listed():
