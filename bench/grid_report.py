@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from dsrna_dist import stats  # noqa: E402
+from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 from grid import GROUPS, METHODS, OUT, genotype_hash  # noqa: E402
 
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
@@ -66,8 +67,8 @@ def late_quarter(path: Path) -> tuple:
     between the end of the third quarter and the end): the second separates a cell that keeps
     moving from one near-tied entry flipping back and forth."""
     try:
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        recs = read_jsonl(path)
+    except ValueError:  # damaged history: no late-change figures rather than a wrong one
         return None, None
     recs = [r for r in recs if isinstance(r.get("genotype"), dict) and r.get("arch_steps") is not None]
     if not recs or not recs[-1]["arch_steps"]:
@@ -215,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # ---- cost per stage
     log = OUT / "grid_log.jsonl"
     if log.exists():
-        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        recs = read_jsonl(log)
         by: Dict[str, List[float]] = {}
         for r in recs:
             if r.get("rc") == 0:

@@ -353,13 +353,8 @@ def _write_summary(rt: Runtime, cfg: TrainConfig, best: float, params: int) -> N
     epochs in metrics.jsonl, so a resumed run reports its whole training time."""
     if not rt.is_main:
         return
-    from .engine.io import atomic_write_json
-    recs = []
-    for line in _metrics_path(rt).read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    from .engine.io import atomic_write_json, read_jsonl
+    recs = read_jsonl(_metrics_path(rt))
     last = recs[-1] if recs else {}
     atomic_write_json(str(rt.run_dir / "summary.json"), {
         "kind": "train", "dataset": cfg.data.name, "regime": cfg.regime.name, "epochs": cfg.epochs,
