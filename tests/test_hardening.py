@@ -441,11 +441,12 @@ def test_accelerate_launch_config_typo_prints_one_error_line(tmp_path):
 AGREE = textwrap.dedent("""
     import sys
     from dsrna_dist.config import ConfigError
-    from dsrna_dist.engine.runtime import agree_on_start
+    from dsrna_dist.engine.runtime import agree_on_start, teardown
     rank = int(sys.argv[1])
     fail = {"none": (), "one": (1,), "both": (0, 1)}[sys.argv[2]]
     agree_on_start(ConfigError(f"key 'x': bad on rank {rank}") if rank in fail else None)
     print(f"rank {rank} started", flush=True)
+    teardown(None)  # as every entry point ends: a bare interpreter exit lets gloo abort (pytorch #190489)
 """)
 
 
