@@ -235,6 +235,9 @@ class CertifiedMetricConfig:
     eps_gain: float = fld(0.8, gt=0.0, le=1.0, help="eps_rule log: fraction of the Newton step taken")
     eps_log_step: float = fld(2.3, gt=0.0, help="eps_rule log: largest |change of ln eps| per update "
                                                   "(2.3 = a factor 10)")
+    max_pool: str = fld("best", choices=("best", "cheap", "cnn-cert"),
+                        help="max-pool relaxation of the bounds: best = the tighter of the two per spec row (two "
+                             "CROWN backward passes on a supernet with max-pool ops), cheap or cnn-cert = one pass")
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,12 @@ def test_every_shipped_config_resolves_as_before(old, name):
     before = effective_old(mod.load_config(mod.SearchConfig, str(before_path)))
     now = load_quiet(SearchConfig, ROOT / "configs" / "search" / name)
     after = effective_new(now)
-    assert set(before) == set(after), sorted(set(before) ^ set(after))
+    assert set(before) <= set(after), sorted(set(before) - set(after))
+    # fields added after the refactor must default to the old behaviour in every shipped config
+    # that predates them (e.g. robustness.certified.max_pool: "best", what the old code did)
+    defaults = flat(to_dict(SearchConfig()))
+    newer = {k: (after[k], defaults.get(k)) for k in set(after) - set(before) if after[k] != defaults.get(k)}
+    assert not newer, newer
     diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not diff, diff
     if now.robustness.name in ("jacobian", "certified"):  # the split key took the old value
@@ -197,8 +202,13 @@ def test_old_checkpoint_config_loads_and_compares_equal(old):
     from dsrna_dist.engine.checkpoint import compare_configs
 
     errors, warns = compare_configs(upgrade_dict(SearchConfig, saved), to_dict(now))
-    # the one key the old layout never had: the unselected metric's own radius (a resume warns once)
-    assert errors == [] and warns == [("robustness.jacobian.delta", "<missing>", 0.03)]
+    # the one key the old layout never had: the unselected metric's own radius (a resume warns once);
+    # besides it, only fields added after the refactor, each at its default (the old behaviour)
+    added = set(flat(to_dict(SearchConfig()))) - set(flat(mod.to_dict(mod.SearchConfig())))
+    defaults = flat(to_dict(SearchConfig()))
+    later = [w for w in warns if w[0] in added and w[0] != "robustness.jacobian.delta"]
+    assert all(w[1] == "<missing>" and w[2] == defaults[w[0]] for w in later), later
+    assert errors == [] and [w for w in warns if w not in later] == [("robustness.jacobian.delta", "<missing>", 0.03)]
     errors, warns = compare_configs(saved, to_dict(now))  # without the upgrade: spurious differences
     assert any(k == "robustness.eps" for k, _, _ in warns)
 

@@ -210,7 +210,7 @@ class CertifiedMetric(RobustnessMetric):
         mod = unwrap_model(model)
         if self._bounded is None or self._bounded_for is None or self._bounded_for() is not mod:
             from ..bounds import BoundedModel  # import late: bounds is optional for other metrics
-            self._bounded = BoundedModel(mod)
+            self._bounded = BoundedModel(mod, max_pool=self.cfg.certified.max_pool)
             self._bounded_for = weakref.ref(mod)
             self._classes = num_classes(mod)
         return self._bounded
