@@ -51,9 +51,9 @@ def test_one_relaxation_is_sound_and_best_is_the_tighter_of_both(train):
             for pool in ("cheap", "cnn-cert"):
                 m = build_metric(cfg(name="certified", eps=eps, method="crown-ibp", eps_rule="fixed",
                                      max_pool=pool))
-                for i in range(8):
+                for i in range(4):
                     r_i, _ = m(net, x[i:i + 1], y[i:i + 1])
-                    for _ in range(20):
+                    for _ in range(12):
                         lp = net((x[i:i + 1] + eps * torch.sign(torch.randn_like(x[i:i + 1]))).clamp(0, 1))
                         other = lp.scatter(1, y[i:i + 1, None], float("-inf")).max(1).values
                         assert float(lp[0, y[i]] - other[0]) >= float(r_i) - 1e-5
