@@ -25,8 +25,10 @@ def _settings(spec: str):
             kw["crown_depth"] = int(s.split("=", 1)[1])
         elif s == "no_pool":
             kw["crown_pool_inputs"] = False
+        elif s == "no_fwd":
+            kw["crown_forward"] = False
         elif s != "exact":
-            raise SystemExit(f"--settings: unknown {s!r} (exact, stages=a,b, depth=d, no_pool)")
+            raise SystemExit(f"--settings: unknown {s!r} (exact, stages=a,b, depth=d, no_pool, no_fwd)")
         out.append((s, kw))
     return out
 
@@ -37,7 +39,9 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=1e-4)
     ap.add_argument("--norm", default="inf")
     ap.add_argument("--index", type=int, default=0, help="test image index")
-    ap.add_argument("--settings", default="exact")
+    ap.add_argument("--settings", default="exact", help="';'-separated: exact (forward pre-pass on, the "
+                    "default), no_fwd (the backward passes on every IBP-loose row), stages=a,b, depth=d, no_pool")
+    ap.add_argument("--method", default="crown", help="crown or crown-forward")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -54,12 +58,16 @@ def main() -> None:
         bm = BoundedModel(model, **kw)
         keep: dict = {}
         t0 = time.process_time()
-        m = bm.margin_lower_bound(x, y, args.eps, args.norm, "crown", keep=keep)
+        m = bm.margin_lower_bound(x, y, args.eps, args.norm, args.method, keep=keep)
         dt = time.process_time() - t0
         loose = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for n, b in keep.items() if n in bm.relu_only_pre_act)
-        print(json.dumps({"setting": name, "eps": args.eps, "norm": args.norm, "index": args.index, "cpu_s": dt,
+        print(json.dumps({"setting": name, "method": args.method, "eps": args.eps, "norm": args.norm, "index": args.index, "cpu_s": dt,
                           "margin_min": float(m.scatter(1, y.view(-1, 1), math.inf).min()),
-                          "unstable_relu_inputs_after": loose}), flush=True)
+                          "unstable_relu_inputs_after": loose,
+                          "backward_rows": sum(getattr(bm, "last_run_rows", {}).values()),
+                          "backward_rows_per_node": {k: (v, round(getattr(bm, "last_run_times", {}).get(k, 0.0), 2))
+                                                     for k, v in getattr(bm, "last_run_rows", {}).items()}}),
+              flush=True)
 
 
 if __name__ == "__main__":

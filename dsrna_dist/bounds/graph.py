@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -50,10 +51,11 @@ from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_m
                    method_key, module_key, sum_spec)
 from .ops_linear import BoundBatchNorm, BoundLinear, uses_batch_stats
 from .ops_nonlinear import MAX_POOL, RELU_LOWER, BoundMaxPool2d, BoundReLU
+from .lin import Lin, concretize as lin_concretize, dual_norms
 
 BNStats = Mapping[nn.Module, Optional[Tuple[Tensor, Tensor]]]
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = ("ibp", "crown-ibp", "crown", "crown-forward")
 NORMS = ("inf", "2")
 _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
@@ -145,7 +147,7 @@ class BoundedModel:
     def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0,
                  clean_values: str = "auto", merge_relus: bool = True, max_pool: str = "best",
                  l2_ball: bool = True, fold_spec: bool = True, crown_stages: Tuple[int, ...] = (),
-                 crown_depth: int = 0, crown_pool_inputs: bool = True) -> None:
+                 crown_depth: int = 0, crown_pool_inputs: bool = True, crown_forward: bool = True) -> None:
         if relu_lower not in RELU_LOWER:
             raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
         if max_pool not in MAX_POOL:
@@ -159,6 +161,8 @@ class BoundedModel:
             raise BoundError(f"crown_depth must be >= 0 and crown_stages >= 1 (got {crown_depth}, {crown_stages})")
         self.crown_stages = tuple(sorted({int(d) for d in crown_stages}))
         self.crown_depth, self.crown_pool_inputs = int(crown_depth), bool(crown_pool_inputs)
+        self.crown_forward = bool(crown_forward)
+        self._fwd_numel: Dict[Any, int] = {}
         self._cut_cache: Dict[Any, frozenset] = {}
         model = unwrap(model)
         self.model = model
@@ -201,6 +205,8 @@ class BoundedModel:
         self._set_pool_relaxation("cnn-cert" if max_pool == "cnn-cert" else "cheap")
         self.relu_only_pre_act = {a for a in self.pre_act
                                   if all(isinstance(self.ops.get(u), BoundReLU) for u in a.users)}
+        #: forward mode: the index of each node's last user (its Lin is freed after it)
+        self.last_use = {n: max((self.index[u] for u in n.users), default=len(self.nodes)) for n in self.nodes}
         #: relaxed depth: the most ReLU / max-pool ops on a path from the input to each node
         self.depth: Dict[fx.Node, int] = {}
         for n in self.nodes:
@@ -277,12 +283,18 @@ class BoundedModel:
         run = _Run(self, x, eps, norm, x_min, x_max)
         run.lin = {} if keep_lin else None
         run.value_free = self.clean_values != "always" and self.value_free_ok(bn_stats)
+        fwd = self.uses_forward(method, frozen)
+        if fwd:
+            run.fwd = {}
         for n in self.nodes:
             if n.op == "output":
                 break
             if n is self.input:
                 run.val[n] = x
                 run.bnd[n] = self._input_box(x, eps, x_min, x_max)
+                if fwd:
+                    run.fwd[n] = Lin.identity(x)
+                    run.fwd[n].box = run.bnd[n]
                 if norm == "2" and self.l2_ball:
                     run.ball[n] = Interval.from_mid_rad(x, eps.view((-1,) + (1,) * (x.dim() - 1)).expand_as(x))
                 continue
@@ -315,11 +327,45 @@ class BoundedModel:
                 lo = torch.maximum(box.lower.flatten(1), cl - e * nl)
                 up = torch.maximum(lo, torch.minimum(box.upper.flatten(1), cu + e * nu))
                 box = Interval(lo.view(box.ref.shape), up.view(box.ref.shape))
+            if fwd:
+                box = self._forward_node(run, n, op, ctx, box)
             if method == "crown" and n in self.pre_act and not frozen:
+                t0 = time.process_time()
                 box = self._crown_intermediate(run, n, box)
+                run.times[n.name] = time.process_time() - t0
             run.bnd[n] = box
             run.max_numel = max(run.max_numel, box.ref[0].numel())
+            if fwd:
+                run.fwd[n].box = box
+                for a in n.all_input_nodes:  # free the Lins no later node reads
+                    if a in run.fwd and self.last_use[a] <= self.index[n]:
+                        del run.fwd[a]
         return run
+
+    def uses_forward(self, method: str, frozen: bool = False) -> bool:
+        """Whether a call runs the forward-mode pre-pass: always for "crown-forward"; for
+        "crown" when ``crown_forward`` is on and the intermediate bounds are recomputed."""
+        return method == "crown-forward" or (method == "crown" and self.crown_forward and not frozen)
+
+    def _forward_node(self, run: "_Run", n: fx.Node, op: BoundOp, ctx: Dict[str, Any], box: Interval) -> Interval:
+        """Forward-mode linear bounds of ``n`` (``run.fwd[n]``) from its inputs'; for a node
+        whose box a relaxation reads (or the output), the box becomes IBP ∩ their concretization.
+        An op without a ``lin`` rule (or one that declines) gets its box as constant bounds."""
+        args = _map(n.args, lambda a: run.fwd[a] if a in run.fwd else run.val.get(a))
+        kwargs = _map(n.kwargs, lambda a: run.fwd[a] if a in run.fwd else run.val.get(a))
+        lin = op.lin(ctx, box, *args, **kwargs)
+        if lin is None:
+            run.fwd_fallback.append(n.name)
+            lin = Lin.const(box.lower, box.upper, run.x[0].numel())
+        run.fwd[n] = lin
+        if n not in self.pre_act and n is not self.output:
+            return box
+        fb = lin_concretize(lin, run.x, run.bnd[self.input], run.eps, run.norm)
+        lo = torch.maximum(box.lower, fb.lower)
+        box = Interval(lo, torch.maximum(lo, torch.minimum(box.upper, fb.upper)))
+        if run.lin is not None and n in self.pre_act:  # the forward bounds as functions of eps
+            run.lin[n] = list(dual_norms(lin, run.norm))
+        return box
 
     def _l2_ball(self, run: "_Run", n: fx.Node, op: BoundOp, ctx: Dict[str, Any], box: Interval) -> Interval:
         """Intersect ``n``'s IBP box with what the l_2 ball alone allows, where that is cheap.
@@ -571,6 +617,8 @@ class BoundedModel:
                 cols = loose.any(0).nonzero().flatten()
                 if cols.numel() == 0:
                     break
+                if d == 0:
+                    run.rows[node.name] = run.rows.get(node.name, 0) + int(cols.numel())
                 _, rows_c = self._chunks(run, b, cols.numel(), node, cut)
                 lr, ur = [], []
                 parts: Optional[List[Tuple[Tensor, ...]]] = [] if (run.lin is not None and cut is None) else None
@@ -609,7 +657,7 @@ class BoundedModel:
         slot = run.lin[node]
         for i, (v, fill) in enumerate(((cl, -math.inf), (nl, 0.0), (cu, math.inf), (nu, 0.0))):
             cur = slot[i][bs]
-            cur[:, cols] = torch.where(sel, v, torch.full_like(v, fill))
+            cur[:, cols] = torch.where(sel, v, cur[:, cols])
             slot[i][bs] = cur
 
     # ------------------------------------------------------------------ public API
@@ -644,11 +692,78 @@ class BoundedModel:
         bound-balance regulariser reads the ReLU pre-activation boxes from it)."""
         return self._bounds(x, eps, norm, method, lambda out: C, x_min, x_max, need_upper, bn_stats, keep=keep)
 
+    def _forward_examples(self, x: Tensor, bn_stats: Optional[BNStats]) -> int:
+        """Examples per forward-mode chunk: the weights are [b, D, *node] per node, D = input
+        numel, so one example of a 28x28 DARTS net already holds ~60 MB per live Lin; chunks
+        keep ~8 of the largest near ``max_memory_mb`` (one example at least). Batch statistics
+        are per batch, so a call that computes them from the clean batch is not split."""
+        if self.clean_values == "always" or not self.value_free_ok(bn_stats):
+            return x.shape[0]
+        key = tuple(x.shape[1:])
+        if key not in self._fwd_numel:
+            with torch.no_grad():
+                run = self._propagate(x[:1], x.new_zeros(1), "inf", "ibp", -math.inf, math.inf, bn_stats)
+            self._fwd_numel[key] = max(b.ref[0].numel() for b in run.bnd.values())
+        per = 8 * x[0].numel() * self._fwd_numel[key] * x.element_size()
+        return int(max(1, self.max_memory_mb * 2 ** 20 // per))
+
     def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None,
                 prior=None, keep=None, prior_lin=None, keep_lin=None, frozen=False):
+        B = x.shape[0]
+        ex_c = self._forward_examples(x, bn_stats) if (B > 1 and self.uses_forward(method, frozen)) else B
+        if ex_c >= B:
+            return self._bounds_one(x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats,
+                                    prior, keep, prior_lin, keep_lin, frozen)
+        eps_t = self._prepare(x, eps, norm, method, x_min, x_max)
+        lows, ups = [], []
+        keeps: List[Dict] = []
+        keep_lins: List[Dict] = []
+        for b0 in range(0, B, ex_c):
+            bs = slice(b0, min(B, b0 + ex_c))
+
+            def make_c(out, bs=bs):
+                C = make_C(out)
+                return C[bs] if (C is not None and C.dim() == out.dim() + 1 and C.shape[0] == B) else C
+
+            k = {} if keep is not None else None
+            kl = {} if keep_lin is not None else None
+            lo, up = self._bounds_one(
+                x[bs], eps_t[bs], norm, method, make_c, x_min, x_max, need_upper, bn_stats,
+                None if prior is None else {n: v.slice(bs) for n, v in prior.items()}, k,
+                None if prior_lin is None else {n: [t[bs] for t in v] for n, v in prior_lin.items()}, kl, frozen)
+            lows.append(lo)
+            ups.append(up)
+            keeps.append(k)
+            keep_lins.append(kl)
+        if keep is not None:
+            keep.update({n: Interval(torch.cat([k[n].lower for k in keeps]), torch.cat([k[n].upper for k in keeps]))
+                         for n in keeps[0]})
+        if keep_lin is not None and keep_lins[0]:
+            keep_lin.update({n: [torch.cat([kl[n][i] for kl in keep_lins]) for i in range(4)]
+                             for n in keep_lins[0]})
+        return torch.cat(lows), (torch.cat(ups) if need_upper else None)
+
+    def _forward_spec(self, run: "_Run", C: Tensor) -> Tuple[Tensor, Tensor]:
+        """Bounds of ``C @ out`` from the output's forward-mode linear bounds (C+ L + C- U)."""
+        lin = run.fwd[self.output]
+        B, D = lin.lw.shape[:2]
+        Cf = C.flatten(2)
+        Cp, Cn = Cf.clamp(min=0), Cf.clamp(max=0)
+        lw, uw = lin.lw.reshape(B, D, -1), lin.uw.reshape(B, D, -1)
+        lb, ub = lin.lb.reshape(B, -1), lin.ub.reshape(B, -1)
+        w_lo = torch.einsum("bsk,bdk->bds", Cp, lw) + torch.einsum("bsk,bdk->bds", Cn, uw)
+        w_up = torch.einsum("bsk,bdk->bds", Cp, uw) + torch.einsum("bsk,bdk->bds", Cn, lw)
+        b_lo = torch.einsum("bsk,bk->bs", Cp, lb) + torch.einsum("bsk,bk->bs", Cn, ub)
+        b_up = torch.einsum("bsk,bk->bs", Cp, ub) + torch.einsum("bsk,bk->bs", Cn, lb)
+        box = lin_concretize(Lin(w_lo, b_lo, w_up, b_up), run.x, run.bnd[self.input], run.eps, run.norm)
+        return box.lower, box.upper
+
+    def _bounds_one(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None,
+                    prior=None, keep=None, prior_lin=None, keep_lin=None, frozen=False):
         eps_t = self._prepare(x, eps, norm, method, x_min, x_max)
         run = self._propagate(x, eps_t, norm, method, x_min, x_max, bn_stats, prior, prior_lin, frozen,
                               keep_lin is not None)
+        self.last_run_rows, self.last_run_times = dict(run.rows), dict(run.times)  # profiling (bench_crown_pass)
         if keep is not None:  # hand the relaxed nodes' bounds back (certified_radius reuses them)
             keep.update({n: run.bnd[n] for n in self.pre_act})
         if keep_lin is not None and run.lin is not None:
@@ -669,6 +784,9 @@ class BoundedModel:
         ibp_lb, ibp_ub = self._ibp_spec(run, C)
         if method == "ibp":
             return ibp_lb, (ibp_ub if need_upper else None)
+        if run.fwd is not None and self.output in run.fwd:  # never looser than the forward bounds
+            f_lb, f_ub = self._forward_spec(run, C)
+            ibp_lb, ibp_ub = torch.maximum(ibp_lb, f_lb), torch.minimum(ibp_ub, f_ub)
         lb, ub = self._spec_bounds(run, self.output, C, need_upper)
         if self.max_pool == "best" and self._max_pools:
             self._set_pool_relaxation("cnn-cert")
@@ -678,7 +796,7 @@ class BoundedModel:
                 self._set_pool_relaxation("cheap")
             lb = torch.maximum(lb, lb2)
             ub = torch.minimum(ub, ub2) if ub is not None else None
-        if method == "crown":
+        if method in ("crown", "crown-forward"):
             lb = torch.maximum(lb, ibp_lb)
             ub = torch.minimum(ub, ibp_ub) if ub is not None else None
         return lb, ub
@@ -771,6 +889,13 @@ class _Run:
         #: full CROWN with ``keep_linear``: {pre-activation node: [centre_l, norm_l, centre_u,
         #: norm_u]} flat [B, N], the intermediate bounds as functions of eps (see eps_linear)
         self.lin: Optional[Dict[fx.Node, List[Tensor]]] = None
+        #: forward mode: {node: Lin} of the nodes some later node still reads
+        self.fwd: Optional[Dict[fx.Node, Lin]] = None
+        #: forward mode: the nodes whose op had no linear rule (they kept their box)
+        self.fwd_fallback: List[str] = []
+        #: full CROWN: rows (neurons) of each node's backward passes to the input (profiling)
+        self.rows: Dict[str, int] = {}
+        self.times: Dict[str, float] = {}
 
     def stand_in(self, a: fx.Node) -> Any:
         """The clean value of node ``a``, or (value-free run) a tensor of its shape."""
