@@ -25,6 +25,8 @@ def _settings(spec: str):
             kw["crown_depth"] = int(s.split("=", 1)[1])
         elif s == "no_pool":
             kw["crown_pool_inputs"] = False
+        elif s.startswith("mem="):
+            kw["max_memory_mb"] = float(s.split("=", 1)[1])
         elif s == "no_fwd":
             kw["crown_forward"] = False
         elif s != "exact":

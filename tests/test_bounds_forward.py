@@ -165,3 +165,28 @@ def test_prepass_crown_radius_below_pgd_and_no_smaller_than_plain(norm):
     assert (r_new > 0).all() and (r_new <= adv).all() and (r_fast <= adv).all(), (r_new, r_fast, adv)
     assert (r_new >= r_old * (1 - 2e-3)).all(), (r_new, r_old)
     assert (r_fast <= r_new * (1 + 2e-3)).all(), (r_fast, r_new)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_kept_linear_bounds_contain_node_values_below_their_eps(norm):
+    """The bounds a full pass keeps for the radius search (forward rows and backward rows, as
+    centre -/+ e * dual norm) contain every relaxed node's value at sampled points of the
+    set at e = eps_p and e = eps_p / 2 (the kept tensors are fresh: writing the backward rows
+    into them must not touch a Lin's bias or the other bound)."""
+    net = _darts(layers=3, genotype="DARTS_V2")
+    x = torch.rand(2, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    bm = BoundedModel(net)
+    eps_p = 0.004 if norm == "inf" else 0.016
+    keep_lin: dict = {}
+    with torch.no_grad():
+        bm.margin_lower_bound(x, y, eps_p, norm, "crown", keep_lin=keep_lin)
+    assert set(keep_lin) == set(bm.pre_act)
+    for e in (eps_p, eps_p / 2):
+        pts = sample_points(x, e, norm, 32, torch.Generator().manual_seed(1))
+        vals = _node_values(bm, pts)
+        for n, (cl, nl, cu, nu) in keep_lin.items():
+            v = vals[n].reshape(2, 32, -1)
+            assert (v >= (cl - e * nl).unsqueeze(1) - 1e-9).all(), (n.name, e)
+            assert (v <= (cu + e * nu).unsqueeze(1) + 1e-9).all(), (n.name, e)

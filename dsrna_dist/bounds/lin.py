@@ -165,5 +165,6 @@ def dual_norms(lin: Lin, norm: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B, D = lin.lw.shape[:2]
     p = 1 if norm == "inf" else 2
     nl = torch.linalg.vector_norm(lin.lw.reshape(B, D, -1), ord=p, dim=1)
-    nu = nl if lin.uw is lin.lw else torch.linalg.vector_norm(lin.uw.reshape(B, D, -1), ord=p, dim=1)
-    return lin.lb.reshape(B, -1), nl, lin.ub.reshape(B, -1), nu
+    nu = torch.linalg.vector_norm(lin.uw.reshape(B, D, -1), ord=p, dim=1) if lin.uw is not lin.lw else nl.clone()
+    # fresh tensors: the caller writes into them (never into a Lin's bias or a shared norm)
+    return lin.lb.reshape(B, -1).clone(), nl, lin.ub.reshape(B, -1).clone(), nu
