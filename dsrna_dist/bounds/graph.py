@@ -371,6 +371,7 @@ class BoundedModel:
         if n not in self.pre_act and n is not self.output:
             return box
         fb = lin_concretize(lin, run.x, run.bnd[self.input], run.eps, run.norm)
+        run.fwd_conc[n] = fb
         lo = torch.maximum(box.lower, fb.lower)
         box = Interval(lo, torch.maximum(lo, torch.minimum(box.upper, fb.upper)))
         if run.lin is not None and n in self.pre_act:  # the forward bounds as functions of eps
@@ -460,7 +461,8 @@ class BoundedModel:
 
     def _backward(self, run: "_Run", start: fx.Node, lA: Optional[Tensor], uA: Optional[Tensor],
                   bs: slice, cut: Optional[frozenset] = None,
-                  parts: Optional[List[Tuple[Tensor, ...]]] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+                  parts: Optional[List[Tuple[Tensor, ...]]] = None,
+                  lins: Optional[List[Tuple[Any, ...]]] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Linear bounds of ``spec . start`` over the input set for examples ``bs``.
 
         ``cut``: nodes (never ``start``) where the pass stops and concretizes its coefficients
@@ -478,6 +480,8 @@ class BoundedModel:
             if n is self.input:
                 if parts is not None:
                     parts.append(run.eps_linear(cl, cu, lbias, ubias, bs))
+                if lins is not None:  # the linear bounds themselves (forward re-anchoring)
+                    lins.append((cl, cu, lbias, ubias))
                 lo, up = run.concretize(cl, cu, bs)
                 lbias = lbias + lo if lo is not None else lbias
                 ubias = ubias + up if up is not None else ubias
@@ -617,6 +621,8 @@ class BoundedModel:
             depths = depths + [0]
         ex_c, _ = self._chunks(run, B, 1, node)
         lows, ups = [], []
+        anchor = run.fwd is not None and node in run.fwd and node in run.fwd_conc
+        updates: List[Tuple[Any, ...]] = []
         for b0 in range(0, B, ex_c):
             bs = slice(b0, min(B, b0 + ex_c))
             b = bs.stop - bs.start
@@ -632,13 +638,14 @@ class BoundedModel:
                 _, rows_c = self._chunks(run, b, cols.numel(), node, cut)
                 lr, ur = [], []
                 parts: Optional[List[Tuple[Tensor, ...]]] = [] if (run.lin is not None and cut is None) else None
+                lins: Optional[List[Tuple[Any, ...]]] = [] if (anchor and cut is None) else None
                 for s0 in range(0, cols.numel(), rows_c):
                     c = cols[s0:s0 + rows_c]
                     k = c.numel()
                     eye = val.new_zeros((k, N))
                     eye[torch.arange(k, device=val.device), c] = 1.0
                     Cc = eye.view((1, k) + shape).expand((b, k) + shape)
-                    lo, up = self._backward(run, node, Cc, Cc, bs, cut, parts)
+                    lo, up = self._backward(run, node, Cc, Cc, bs, cut, parts, lins)
                     lr.append(lo)
                     ur.append(up)
                 # tighten only where this example needs it, so results do not depend on chunking
@@ -649,9 +656,42 @@ class BoundedModel:
                 up_c = up_c.index_copy(1, cols, torch.maximum(up_n, lo_n))
                 if parts:
                     self._store_eps_linear(run, node, bs, cols, sel, parts, B, N)
+                if lins:
+                    updates.append((bs, cols, sel, lins, torch.cat(lr, 1), torch.cat(ur, 1)))
             lows.append(lo_c)
             ups.append(up_c)
+        if updates:
+            self._reanchor(run, node, updates)
         return Interval(torch.cat(lows, 0).view(val.shape), torch.cat(ups, 0).view(val.shape))
+
+    @staticmethod
+    def _reanchor(run: "_Run", node: fx.Node, updates: List[Tuple[Any, ...]]) -> None:
+        """Give ``node``'s forward bounds the backward passes' linear bounds where those
+        concretize tighter (per example, row and side). Both are sound linear bounds of the
+        node over the input set; deep in a DARTS net the backward ones are 10-100x tighter
+        than the forward ones, and every later node's forward bounds -- hence how many of
+        its rows stay loose and need a backward pass -- start from them."""
+        lin = run.fwd[node]
+        B, D = lin.lw.shape[:2]
+        shape = tuple(lin.lb.shape)
+        lw, uw = lin.lw.reshape(B, D, -1).clone(), lin.uw.reshape(B, D, -1).clone()
+        lb, ub = lin.lb.reshape(B, -1).clone(), lin.ub.reshape(B, -1).clone()
+        fc = run.fwd_conc[node]
+        f_lo, f_up = fc.lower.reshape(B, -1), fc.upper.reshape(B, -1)
+        for bs, cols, sel, lins, lo_bw, up_bw in updates:
+            x0 = run.x[bs].flatten(1)
+            b = x0.shape[0]
+            for side, (W, Bv, conc, better) in enumerate(((lw, lb, lo_bw, lo_bw > f_lo[bs][:, cols]),
+                                                          (uw, ub, up_bw, up_bw < f_up[bs][:, cols]))):
+                A = torch.cat([p[side].reshape(b, p[side].shape[1], D) for p in lins], 1)  # [b, k, D]
+                bias = torch.cat([p[2 + side] + A.new_zeros(b, p[side].shape[1]) for p in lins], 1)
+                bias = bias + torch.einsum("bkd,bd->bk", A, x0)  # relative to the clean input
+                use = sel & better
+                Wv, Bb = W[bs], Bv[bs]
+                Wv[:, :, cols] = torch.where(use.unsqueeze(1), A.transpose(1, 2), Wv[:, :, cols])
+                Bb[:, cols] = torch.where(use, bias, Bb[:, cols])
+        new = Lin(lw.view((B, D) + shape[1:]), lb.view(shape), uw.view((B, D) + shape[1:]), ub.view(shape))
+        run.fwd[node] = new
 
     @staticmethod
     def _store_eps_linear(run: "_Run", node: fx.Node, bs: slice, cols: Tensor, sel: Tensor,
@@ -903,6 +943,8 @@ class _Run:
         self.fwd: Optional[Dict[fx.Node, Lin]] = None
         #: forward mode: the nodes whose op had no linear rule (they kept their box)
         self.fwd_fallback: List[str] = []
+        #: forward mode: the concretized forward bounds of the relaxed nodes (before intersection)
+        self.fwd_conc: Dict[fx.Node, Interval] = {}
         #: full CROWN: rows (neurons) of each node's backward passes to the input (profiling)
         self.rows: Dict[str, int] = {}
         self.times: Dict[str, float] = {}
