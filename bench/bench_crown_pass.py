@@ -25,12 +25,17 @@ def _settings(spec: str):
             kw["crown_depth"] = int(s.split("=", 1)[1])
         elif s == "no_pool":
             kw["crown_pool_inputs"] = False
+        elif s.startswith("probe="):  # probe=P or probe=P,tol
+            v = s.split("=", 1)[1].split(",")
+            kw["crown_probe_rows"] = int(v[0])
+            if len(v) > 1:
+                kw["crown_probe_tol"] = float(v[1])
         elif s.startswith("mem="):
             kw["max_memory_mb"] = float(s.split("=", 1)[1])
         elif s == "no_fwd":
             kw["crown_forward"] = False
         elif s != "exact":
-            raise SystemExit(f"--settings: unknown {s!r} (exact, stages=a,b, depth=d, no_pool, no_fwd)")
+            raise SystemExit(f"--settings: unknown {s!r} (exact, stages=a,b, depth=d, no_pool, no_fwd, probe=P[,tol], mem=MB)")
         out.append((s, kw))
     return out
 
@@ -67,6 +72,7 @@ def main() -> None:
                           "margin_min": float(m.scatter(1, y.view(-1, 1), math.inf).min()),
                           "unstable_relu_inputs_after": loose,
                           "backward_rows": sum(getattr(bm, "last_run_rows", {}).values()),
+                          "skipped_rows": sum(getattr(bm, "last_run_skipped", {}).values()),
                           "backward_rows_per_node": {k: (v, round(getattr(bm, "last_run_times", {}).get(k, 0.0), 2))
                                                      for k, v in getattr(bm, "last_run_rows", {}).items()}}),
               flush=True)

@@ -190,3 +190,25 @@ def test_kept_linear_bounds_contain_node_values_below_their_eps(norm):
             v = vals[n].reshape(2, 32, -1)
             assert (v >= (cl - e * nl).unsqueeze(1) - 1e-9).all(), (n.name, e)
             assert (v <= (cu + e * nu).unsqueeze(1) + 1e-9).all(), (n.name, e)
+
+
+def test_probed_pool_rows_sound_and_skip_work():
+    """``crown_probe_rows``: max-pool input rows are skipped only where the probe rows gained
+    less than the tolerance. Sound (PGD, sampling), never tighter than exact full CROWN, and
+    with tolerance 0 nothing is skipped (the bounds equal it)."""
+    net = _cnn(2, c=6)  # max pool 3x3 stride 2 on a conv's output: many candidates per window
+    x = torch.rand(3, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    exact = BoundedModel(net)
+    probed = BoundedModel(net, crown_probe_rows=2, crown_probe_tol=1.0)
+    none = BoundedModel(net, crown_probe_rows=2, crown_probe_tol=0.0)
+    assert_sound(net, x, 0.03, "inf", methods=("crown",), bm=probed, n_samples=32, pgd_steps=10, restarts=1)
+    with torch.no_grad():
+        m_exact = exact.margin_lower_bound(x, y, 0.03, "inf", "crown")
+        m_probed = probed.margin_lower_bound(x, y, 0.03, "inf", "crown")
+        skipped = sum(probed.last_run_skipped.values())
+        m_none = none.margin_lower_bound(x, y, 0.03, "inf", "crown")
+    assert skipped > 0 and sum(none.last_run_skipped.values()) == 0
+    assert torch.allclose(m_none, m_exact, atol=1e-10)
+    assert (m_probed <= m_exact + 1e-10).all()

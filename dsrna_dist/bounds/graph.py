@@ -27,6 +27,9 @@
   run only on the rows still loose under IBP ∩ forward (tests: its margin bound is never
   below plain full CROWN's on the test nets; not a theorem, as CROWN's adaptive lower slope
   is not monotone in the boxes). Cost switches for full CROWN:
+  ``crown_probe_rows=P`` (a max-pool input node first runs P evenly spread rows of its
+  loose set; if none gained more than ``crown_probe_tol`` of its box width, the other rows keep
+  their IBP ∩ forward boxes: sound, possibly looser than full CROWN, off by default),
   ``crown_stages`` (cut passes first, the full pass only on neurons still loose: same bounds),
   ``crown_depth`` (every intermediate pass cut: looser), ``crown_pool_inputs=False`` (max-pool
   inputs keep IBP boxes: looser); ``keep_lin`` / ``prior_lin`` / ``frozen`` let a radius search
@@ -154,7 +157,8 @@ class BoundedModel:
     def __init__(self, model: nn.Module, relu_lower: str = "adaptive", max_memory_mb: float = 256.0,
                  clean_values: str = "auto", merge_relus: bool = True, max_pool: str = "best",
                  l2_ball: bool = True, fold_spec: bool = True, crown_stages: Tuple[int, ...] = (),
-                 crown_depth: int = 0, crown_pool_inputs: bool = True, crown_forward: bool = True) -> None:
+                 crown_depth: int = 0, crown_pool_inputs: bool = True, crown_forward: bool = True,
+                 crown_probe_rows: int = 0, crown_probe_tol: float = 0.01) -> None:
         if relu_lower not in RELU_LOWER:
             raise BoundError(f"relu_lower: {relu_lower!r} not in {RELU_LOWER}")
         if max_pool not in MAX_POOL:
@@ -169,6 +173,9 @@ class BoundedModel:
         self.crown_stages = tuple(sorted({int(d) for d in crown_stages}))
         self.crown_depth, self.crown_pool_inputs = int(crown_depth), bool(crown_pool_inputs)
         self.crown_forward = bool(crown_forward)
+        if int(crown_probe_rows) < 0 or crown_probe_tol < 0:
+            raise BoundError(f"crown_probe_rows and crown_probe_tol must be >= 0 (got {crown_probe_rows}, {crown_probe_tol})")
+        self.crown_probe_rows, self.crown_probe_tol = int(crown_probe_rows), float(crown_probe_tol)
         self._fwd_numel: Dict[Any, int] = {}
         self._cut_cache: Dict[Any, frozenset] = {}
         model = unwrap(model)
@@ -630,34 +637,49 @@ class BoundedModel:
             for d in depths:
                 cut = self._cut(node, d)
                 loose = self._loose_mask(node, Interval(lo_c.view((b,) + shape), up_c.view((b,) + shape)))
-                cols = loose.any(0).nonzero().flatten()
-                if cols.numel() == 0:
+                cols_all = loose.any(0).nonzero().flatten()
+                if cols_all.numel() == 0:
                     break
-                if d == 0:
-                    run.rows[node.name] = run.rows.get(node.name, 0) + int(cols.numel())
-                _, rows_c = self._chunks(run, b, cols.numel(), node, cut)
-                lr, ur = [], []
-                parts: Optional[List[Tuple[Tensor, ...]]] = [] if (run.lin is not None and cut is None) else None
-                lins: Optional[List[Tuple[Any, ...]]] = [] if (anchor and cut is None) else None
-                for s0 in range(0, cols.numel(), rows_c):
-                    c = cols[s0:s0 + rows_c]
-                    k = c.numel()
-                    eye = val.new_zeros((k, N))
-                    eye[torch.arange(k, device=val.device), c] = 1.0
-                    Cc = eye.view((1, k) + shape).expand((b, k) + shape)
-                    lo, up = self._backward(run, node, Cc, Cc, bs, cut, parts, lins)
-                    lr.append(lo)
-                    ur.append(up)
-                # tighten only where this example needs it, so results do not depend on chunking
-                sel = loose[:, cols]
-                lo_n = torch.where(sel, torch.maximum(torch.cat(lr, 1), lo_c[:, cols]), lo_c[:, cols])
-                up_n = torch.where(sel, torch.minimum(torch.cat(ur, 1), up_c[:, cols]), up_c[:, cols])
-                lo_c = lo_c.index_copy(1, cols, lo_n)
-                up_c = up_c.index_copy(1, cols, torch.maximum(up_n, lo_n))
-                if parts:
-                    self._store_eps_linear(run, node, bs, cols, sel, parts, B, N)
-                if lins:
-                    updates.append((bs, cols, sel, lins, torch.cat(lr, 1), torch.cat(ur, 1)))
+                sets = [cols_all]
+                P = self.crown_probe_rows
+                if d == 0 and P > 0 and node not in self.relu_only_pre_act and cols_all.numel() > 2 * P:
+                    pick = torch.zeros(cols_all.numel(), dtype=torch.bool, device=cols_all.device)
+                    pick[torch.linspace(0, cols_all.numel() - 1, P, device=cols_all.device).round().long()] = True
+                    sets = [cols_all[pick], cols_all[~pick]]
+                gain = math.inf
+                for si, cols in enumerate(sets):
+                    if si == 1 and gain < self.crown_probe_tol:  # the probes gained nothing: skip the rest
+                        run.skipped[node.name] = run.skipped.get(node.name, 0) + int(cols.numel())
+                        break
+                    if d == 0:
+                        run.rows[node.name] = run.rows.get(node.name, 0) + int(cols.numel())
+                    lo_old, up_old = lo_c[:, cols], up_c[:, cols]
+                    _, rows_c = self._chunks(run, b, cols.numel(), node, cut)
+                    lr, ur = [], []
+                    parts: Optional[List[Tuple[Tensor, ...]]] = [] if (run.lin is not None and cut is None) else None
+                    lins: Optional[List[Tuple[Any, ...]]] = [] if (anchor and cut is None) else None
+                    for s0 in range(0, cols.numel(), rows_c):
+                        c = cols[s0:s0 + rows_c]
+                        k = c.numel()
+                        eye = val.new_zeros((k, N))
+                        eye[torch.arange(k, device=val.device), c] = 1.0
+                        Cc = eye.view((1, k) + shape).expand((b, k) + shape)
+                        lo, up = self._backward(run, node, Cc, Cc, bs, cut, parts, lins)
+                        lr.append(lo)
+                        ur.append(up)
+                    # tighten only where this example needs it, so results do not depend on chunking
+                    sel = loose[:, cols]
+                    lo_n = torch.where(sel, torch.maximum(torch.cat(lr, 1), lo_c[:, cols]), lo_c[:, cols])
+                    up_n = torch.where(sel, torch.minimum(torch.cat(ur, 1), up_c[:, cols]), up_c[:, cols])
+                    lo_c = lo_c.index_copy(1, cols, lo_n)
+                    up_c = up_c.index_copy(1, cols, torch.maximum(up_n, lo_n))
+                    if parts:
+                        self._store_eps_linear(run, node, bs, cols, sel, parts, B, N)
+                    if lins:
+                        updates.append((bs, cols, sel, lins, torch.cat(lr, 1), torch.cat(ur, 1)))
+                    if len(sets) > 1 and si == 0:  # largest relative gain of a probe on its box
+                        rel = torch.maximum(lo_n - lo_old, up_old - up_n) / (up_old - lo_old).clamp(min=1e-30)
+                        gain = float(torch.where(sel, rel, torch.zeros_like(rel)).max())
             lows.append(lo_c)
             ups.append(up_c)
         if updates:
@@ -814,6 +836,7 @@ class BoundedModel:
         run = self._propagate(x, eps_t, norm, method, x_min, x_max, bn_stats, prior, prior_lin, frozen,
                               keep_lin is not None)
         self.last_run_rows, self.last_run_times = dict(run.rows), dict(run.times)  # profiling (bench_crown_pass)
+        self.last_run_skipped = dict(run.skipped)
         if keep is not None:  # hand the relaxed nodes' bounds back (certified_radius reuses them)
             keep.update({n: run.bnd[n] for n in self.pre_act})
         if keep_lin is not None and run.lin is not None:
@@ -948,6 +971,8 @@ class _Run:
         #: full CROWN: rows (neurons) of each node's backward passes to the input (profiling)
         self.rows: Dict[str, int] = {}
         self.times: Dict[str, float] = {}
+        #: full CROWN with crown_probe_rows: rows skipped because the probes gained < tol
+        self.skipped: Dict[str, int] = {}
 
     def stand_in(self, a: fx.Node) -> Any:
         """The clean value of node ``a``, or (value-free run) a tensor of its shape."""
