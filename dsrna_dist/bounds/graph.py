@@ -358,11 +358,10 @@ class BoundedModel:
 
     def uses_forward(self, method: str, frozen: bool = False) -> bool:
         """Whether a call runs the forward-mode pre-pass: always for "crown-forward"; for
-        "crown" when ``crown_forward`` is on, the intermediate bounds are recomputed and grad
-        mode is off (the pre-pass is a certification speed-up: under autograd its [B, D, ...]
-        weight tensors of every node would stay alive for the backward)."""
-        return method == "crown-forward" or (method == "crown" and self.crown_forward and not frozen
-                                             and not torch.is_grad_enabled())
+        "crown" when ``crown_forward`` is on and the intermediate bounds are recomputed. (Grad
+        mode does not change the bounds; under autograd the [B, D, ...] weight tensors of every
+        node stay alive for the backward, as full CROWN's passes do: certification runs no_grad.)"""
+        return method == "crown-forward" or (method == "crown" and self.crown_forward and not frozen)
 
     def _forward_node(self, run: "_Run", n: fx.Node, op: BoundOp, ctx: Dict[str, Any], box: Interval) -> Interval:
         """Forward-mode linear bounds of ``n`` (``run.fwd[n]``) from its inputs'; for a node
