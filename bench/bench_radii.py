@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--crown-passes", type=int, default=3, help="full-CROWN passes per example (0: exact search)")
     ap.add_argument("--crown-eps-init", type=float, default=1e-4, help="first full-CROWN eps without a bracket")
     ap.add_argument("--no-pool-inputs", action="store_true", help="max-pool inputs keep IBP boxes (faster, looser)")
+    ap.add_argument("--norms", default="inf,2", help="norms of the full-CROWN part")
     ap.add_argument("--no-forward", action="store_true", help="full CROWN without the forward-mode pre-pass "
                     "(backward passes on every IBP-loose row: the engine before issue 16's pre-pass)")
     args = ap.parse_args()
@@ -71,7 +72,7 @@ def main() -> None:
     if args.crown_budget_s <= 0:
         return
     bm = BoundedModel(model, crown_pool_inputs=not args.no_pool_inputs, crown_forward=not args.no_forward)
-    for norm in ("inf", "2"):
+    for norm in args.norms.split(","):
         spent, radii, times = 0.0, [], []
         for i in range(len(y)):
             if spent >= args.crown_budget_s / 2:
