@@ -174,7 +174,8 @@ class BoundedModel:
         self.crown_depth, self.crown_pool_inputs = int(crown_depth), bool(crown_pool_inputs)
         self.crown_forward = bool(crown_forward)
         if int(crown_probe_rows) < 0 or crown_probe_tol < 0:
-            raise BoundError(f"crown_probe_rows and crown_probe_tol must be >= 0 (got {crown_probe_rows}, {crown_probe_tol})")
+            raise BoundError(f"crown_probe_rows and crown_probe_tol must be >= 0 "
+                             f"(got {crown_probe_rows}, {crown_probe_tol})")
         self.crown_probe_rows, self.crown_probe_tol = int(crown_probe_rows), float(crown_probe_tol)
         self._fwd_numel: Dict[Any, int] = {}
         self._cut_cache: Dict[Any, frozenset] = {}
