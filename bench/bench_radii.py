@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--crown-passes", type=int, default=3, help="full-CROWN passes per example (0: exact search)")
     ap.add_argument("--crown-eps-init", type=float, default=1e-4, help="first full-CROWN eps without a bracket")
     ap.add_argument("--no-pool-inputs", action="store_true", help="max-pool inputs keep IBP boxes (faster, looser)")
+    ap.add_argument("--norms", default="inf,2", help="norms of the full-CROWN part")
+    ap.add_argument("--no-forward", action="store_true", help="full CROWN without the forward-mode pre-pass "
+                    "(backward passes on every IBP-loose row: the engine before issue 16's pre-pass)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from dsrna_dist.bounds.evaluation import min_adversarial_eps
@@ -68,8 +71,8 @@ def main() -> None:
                                   "nonzero": int((r > 0).sum()), "cpu_s_per_example": dt / len(y)}), flush=True)
     if args.crown_budget_s <= 0:
         return
-    bm = BoundedModel(model, crown_pool_inputs=not args.no_pool_inputs)
-    for norm in ("inf", "2"):
+    bm = BoundedModel(model, crown_pool_inputs=not args.no_pool_inputs, crown_forward=not args.no_forward)
+    for norm in args.norms.split(","):
         spent, radii, times = 0.0, [], []
         for i in range(len(y)):
             if spent >= args.crown_budget_s / 2:
@@ -90,6 +93,7 @@ def main() -> None:
             times.append(dt)
             print(json.dumps({"crown_example": i, "norm": norm, "radius": float(r[0]), "pgd_eps": float(adv[0]),
                               "crown_passes": args.crown_passes, "pool_inputs": not args.no_pool_inputs,
+                              "forward_prepass": not args.no_forward,
                               "crown_ibp_radius": float(lower[i]) if lower is not None else None,
                               "cpu_s": dt, "cpu_s_pgd": t1 - t0}), flush=True)
         if radii:

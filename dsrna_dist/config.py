@@ -411,6 +411,8 @@ class CertifyConfig:
     batch_size: int = fld(32, ge=1, help="examples per bound computation")
     crown_passes: int = fld(3, ge=0, help="full CROWN: at most this many full passes per example, each followed by "
                             "one-backward probes below it (0 = every probe a full pass: exact, ~10x dearer)")
+    crown_forward: bool = fld(True, help="full CROWN: forward-mode linear bounds first (IBP ∩ forward boxes), "
+                              "backward passes only on neurons still loose (never looser on the tests; fewer backward rows)")
 
 
 @dataclass(frozen=True)

@@ -480,7 +480,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
         from .bounds import BoundedModel
         from .bounds.evaluation import certify_batch
 
-        bm = BoundedModel(model)
+        bm = BoundedModel(model, crown_forward=cfg.certify.crown_forward)
         num_classes = _num_classes(model, data, rt.device) if n else 2
         t0 = time.perf_counter()
         for c in rt.progress(range(n_chunks), total=n_chunks, desc="certify"):

@@ -5,6 +5,7 @@ three things about it:
 
 * ``forward``  - the clean value (and any per-call state, e.g. the BN statistics in use);
 * ``ibp``      - interval bound propagation: input intervals -> output interval;
+* ``lin``      - forward-mode linear bounds (see :mod:`.lin`), the cheap pre-pass of CROWN;
 * ``backward`` - one step of a CROWN backward pass: given linear coefficients ``lA``/``uA`` of
   shape ``[b, S, *out]`` (S specification rows) for the lower/upper bound of ``spec . out``,
   return the coefficients on each perturbed input plus the bias terms ``[b, S]`` that the
@@ -144,6 +145,13 @@ class BoundOp:
         orthogonal Jacobian rows: ``mid`` is the image of the ball centre and ``rad`` the
         per-element l_2 radius, so ``rad_out = sqrt(|W|^2 rad^2)`` (the dual-norm bound
         ``eps ||W_row D||_2``) instead of IBP's ``|W| rad``. None: the op has no such rule."""
+        return None
+
+    def lin(self, ctx: Dict[str, Any], out: Interval, *args: Any, **kwargs: Any) -> Any:
+        """Forward-mode linear bounds (:class:`dsrna_dist.bounds.lin.Lin`) of the output, from
+        the perturbed arguments' ``Lin`` (their ``.box`` holds the final input box); ``out`` is
+        the node's IBP box (its shape). None: no rule, the engine then uses the node's box
+        alone (zero weights: sound, only the correlation with the input is lost)."""
         return None
 
     def backward(self, ctx: Dict[str, Any], lA: Optional[Tensor], uA: Optional[Tensor],

@@ -47,7 +47,14 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     of the bracket is settled cheaply, and the radii are ordered IBP <= CROWN-IBP <= CROWN on
     every example. ``rel_tol`` > 0: bisect each example to that relative resolution (at most
     ``steps`` probes); 0: exactly ``steps`` probes (CNN-Cert). ``crown_passes`` > 0: full CROWN
-    runs at most that many full passes per example (dsrna_dist.bounds.certify)."""
+    runs at most that many full passes per example (dsrna_dist.bounds.certify).
+
+    Across norms, a radius certified in one norm certifies a ball of the other that it contains
+    (the l_2 ball of radius r lies in the l_inf ball of radius r, and the l_inf ball of radius
+    r / sqrt(d) in the l_2 ball of radius r): it warm-starts the same method's search in the
+    norm that comes later, and the reported radius is never below it (sound whichever norm's
+    bound proved it; without it the bisection's path can end an l_2 search below the l_inf
+    radius of the same example)."""
     from .certify import certified_radius
     from .graph import BoundedModel
 
@@ -58,11 +65,24 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     tgt = random_targets(y, num_classes, seed, indices) if random_target and num_classes > 1 else None
     out: List[Dict] = []
     kw = dict(steps=steps, eps_init=eps_init, rel_tol=rel_tol, eps_min=eps_min)
+    done: Dict[str, Dict[str, tuple]] = {}
+    d = float(x[0].numel())
+
+    def implied(norm: str, method: str, i: int):  # radius in ``norm`` implied by the other norm's
+        for other, rr in done.items():
+            if other != norm and method in rr and rr[method][i] is not None:
+                return rr[method][i] * (1.0 if norm == "2" else d ** -0.5)
+        return None
+
+    def up(a, b):
+        return b if a is None else (a if b is None else torch.maximum(a, b))
+
     with torch.no_grad():
         for norm in norms:
             prev = prev_t = None
             radii = {}
             for method in sorted(set(methods), key=METHOD_ORDER.index):
+                prev, prev_t = up(prev, implied(norm, method, 0)), up(prev_t, implied(norm, method, 1))
                 mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
                 r = certified_radius(bm, x, y, norm, method, lower=prev, **mkw)
                 rt = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, **mkw) \
@@ -72,6 +92,7 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
                     rt = torch.maximum(rt, prev_t) if rt is not None else None
                 prev, prev_t = r, rt
                 radii[method] = (r, rt)
+            done[norm] = radii
             for method in methods:
                 r, rt = radii[method]
                 for k, i in enumerate(indices):

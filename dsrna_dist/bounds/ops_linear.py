@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..space.layers import Normalize
 from .base import (BoundError, BoundOp, Interval, linear_vjp, maybe, register_functions,
                    register_methods, register_modules, sum_spec)
+from .lin import Lin, affine, flat_apply
 
 
 class _ChannelAffine(BoundOp):
@@ -27,6 +28,9 @@ class _ChannelAffine(BoundOp):
     def ibp(self, ctx: Dict[str, Any], x: Interval) -> Interval:
         s, t = ctx["scale"], ctx["shift"]
         return Interval.from_mid_rad(x.mid * s + t, x.rad * s.abs())
+
+    def lin(self, ctx, out, x: Lin) -> Lin:
+        return x.scale(ctx["scale"], ctx["shift"])
 
     def backward(self, ctx, lA, uA, x):
         s, t = ctx["scale"], ctx["shift"]
@@ -131,6 +135,13 @@ class BoundConv2d(BoundOp):
         rad = m._conv_forward(x.rad.square(), m.weight.square(), None).clamp(min=0).sqrt()
         return Interval.from_mid_rad(mid, rad)
 
+    def lin(self, ctx, out, x: Lin) -> Lin:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        wa = m.weight.abs()
+        return affine(x, lambda w: flat_apply(lambda z: m._conv_forward(z, m.weight, None), w),
+                      lambda w: flat_apply(lambda z: m._conv_forward(z, wa, None), w),
+                      lambda b: m._conv_forward(b, m.weight, m.bias), lambda b: m._conv_forward(b, wa, None))
+
     def _back(self, A: Tensor, in_shape) -> Tensor:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
         b, S = A.shape[:2]
@@ -179,6 +190,12 @@ class BoundLinear(BoundOp):
         rad = F.linear(x.rad.square(), m.weight.square()).clamp(min=0).sqrt()
         return Interval.from_mid_rad(F.linear(x.mid, m.weight, m.bias), rad)
 
+    def lin(self, ctx, out, x: Lin) -> Lin:
+        m: nn.Linear = self.module  # type: ignore[assignment]
+        wa = m.weight.abs()
+        return affine(x, lambda w: F.linear(w, m.weight), lambda w: F.linear(w, wa),
+                      lambda b: F.linear(b, m.weight, m.bias), lambda b: F.linear(b, wa))
+
     def backward(self, ctx, lA, uA, x: Interval):
         m: nn.Linear = self.module  # type: ignore[assignment]
 
@@ -201,6 +218,10 @@ class _MonotoneLinear(BoundOp):
 
     def ibp(self, ctx, x: Interval, *args, **kwargs) -> Interval:
         return Interval(self.apply(x.lower, *args, **kwargs), self.apply(x.upper, *args, **kwargs))
+
+    def lin(self, ctx, out, x: Lin, *args, **kwargs) -> Lin:
+        f = lambda z: self.apply(z, *args, **kwargs)  # noqa: E731
+        return x.map(lambda w: flat_apply(f, w), f)
 
     def backward(self, ctx, lA, uA, x: Interval, *args, **kwargs):
         shape = x.lower.shape

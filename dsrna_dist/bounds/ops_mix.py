@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..space.cells import weighted_sum
 from .base import BoundError, BoundOp, Interval, register_functions, spec_const, sum_spec, unbroadcast
+from .lin import Lin, add
 
 
 @register_functions((weighted_sum, "weighted_sum"))
@@ -39,6 +40,21 @@ class BoundWeightedSum(BoundOp):
         rads = torch.stack([b.rad if isinstance(b, Interval) else b.new_zeros(()).expand(shape)
                             for b in branches])
         return Interval.from_mid_rad(torch.tensordot(w, mids, 1), torch.tensordot(w.abs(), rads, 1))
+
+    def lin(self, ctx, out, weights: Tensor, index: Sequence[int], branches: List[object]):
+        w = weights[list(index)]
+        shape = tuple(out.ref.shape)
+        acc = None
+        const = 0.0
+        for wi, b in zip(w, branches):
+            if isinstance(b, Lin):
+                if tuple(b.lb.shape) != shape:
+                    return None  # a broadcast branch: the engine's box fallback
+                t = b.scale(wi)
+                acc = t if acc is None else add(acc, t)
+            else:
+                const = const + wi * b
+        return acc.shift(const)
 
     def backward(self, ctx, lA, uA, weights: Tensor, index: Sequence[int], branches: List[object]):
         w = weights[list(index)]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .base import (BoundError, BoundOp, Interval, neg, pos, register_functions, register_methods,
                    register_modules, sum_spec)
+from .lin import Lin
 
 RELU_LOWER = ("adaptive", "zero")
 MAX_POOL = ("cheap", "cnn-cert", "best")
@@ -67,6 +68,12 @@ class BoundReLU(BoundOp):
         bu = ru - su * u
         sl = ((u + l) > 0) if self.lower_mode == "adaptive" else (l >= 0)
         return sl.to(l.dtype).unsqueeze(1), su.unsqueeze(1), bu.unsqueeze(1)
+
+    def lin(self, ctx, out, x: Lin, *args, **kwargs) -> Lin:
+        """The backward pass's lines on the forward bounds: both slopes are >= 0, so the
+        lower line takes the lower bound and the upper line the upper bound."""
+        sl, su, bu = self.relaxation(x.box)
+        return Lin(x.lw * sl, x.lb * sl.squeeze(1), x.uw * su, x.ub * su.squeeze(1) + bu.squeeze(1))
 
     def backward(self, ctx, lA: Optional[Tensor], uA: Optional[Tensor], x: Interval, *args, **kwargs):
         sl, su, bu = self.relaxation(x)
@@ -178,6 +185,33 @@ class BoundMaxPool2d(BoundOp):
             new_u = back(uA)
             ub = sum_spec(pos(uA) * bu + neg(uA) * bl)
         return [(new_l, new_u)], lb, ub
+
+    def lin(self, ctx, out, x: Lin) -> Lin:
+        """Lower: the input with the largest lower bound (``y >= x_i*``); upper: the constant
+        ``max_i u_i``, or ``x_i*``'s own upper bound where ``i*`` is the window's only
+        candidate (then ``y = x_i*`` on the whole set)."""
+        box = x.box
+        _, idx = self._pool(box.lower, indices=True)  # [B, C, Ho, Wo] flat H*W index
+        upper = self._pool(box.upper)
+        B, D, C = x.lw.shape[:3]
+        oshape = tuple(idx.shape[1:])
+        ib = idx.flatten(2)
+        iw = ib.unsqueeze(1).expand(B, D, C, ib.shape[-1])
+
+        def gw(w: Tensor) -> Tensor:
+            return w.flatten(3).gather(3, iw).view((B, D) + oshape)
+
+        def gb(b: Tensor) -> Tensor:
+            return b.flatten(2).gather(2, ib).view((B,) + oshape)
+
+        lw, lb = gw(x.lw), gb(x.lb)
+        if self.module.ceil_mode:
+            return Lin(lw, lb, torch.zeros_like(lw), upper)
+        cand = self._windows(box)[3]
+        single = (cand.sum(2) == 1).view((B,) + oshape)
+        uw = gw(x.uw) * single.unsqueeze(1).to(lw.dtype)
+        ub = torch.where(single, gb(x.ub), upper)
+        return Lin(lw, lb, uw, ub)
 
     def backward(self, ctx, lA, uA, x: Interval):
         if self.relaxation == "cnn-cert" and not self.module.ceil_mode:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..space.ops import Zero
 from .base import (BoundError, BoundOp, Interval, maybe, register_functions, register_methods,
                    register_modules, spec_const, sum_spec, unbroadcast)
+from .lin import Lin, add
 
 
 def _pair(f, lA, uA):
@@ -55,6 +56,10 @@ class BoundReshape(BoundOp):
         return Interval(_call(self.node, self.module, x.lower, *args, **kwargs),
                         _call(self.node, self.module, x.upper, *args, **kwargs))
 
+    def lin(self, ctx, out, x: Lin, *args, **kwargs) -> Lin:
+        shape = tuple(out.ref.shape)
+        return x.map(lambda w: w.reshape(tuple(w.shape[:2]) + shape[1:]), lambda b: b.reshape(shape))
+
     def backward(self, ctx, lA, uA, x: Interval, *args, **kwargs):
         shape = tuple(x.lower.shape[1:])
         f = lambda A: A.reshape(tuple(A.shape[:2]) + shape)  # noqa: E731
@@ -86,6 +91,10 @@ class BoundTranspose(BoundOp):
         d = ctx["dims"]
         return Interval(x.lower.transpose(*d), x.upper.transpose(*d))
 
+    def lin(self, ctx, out, x: Lin, *args, **kwargs) -> Lin:
+        d0, d1 = ctx["dims"]
+        return x.map(lambda w: w.transpose(d0 + 1, d1 + 1), lambda b: b.transpose(d0, d1))
+
     def backward(self, ctx, lA, uA, x, *args, **kwargs):
         d0, d1 = ctx["dims"]
         return [_pair(lambda A: A.transpose(d0 + 1, d1 + 1), lA, uA)] + [None] * len(args), 0.0, 0.0
@@ -106,6 +115,11 @@ class BoundPermute(BoundOp):
 
     def ibp(self, ctx, x, *args, **kwargs):
         return Interval(x.lower.permute(*ctx["dims"]), x.upper.permute(*ctx["dims"]))
+
+    def lin(self, ctx, out, x: Lin, *args, **kwargs) -> Lin:
+        dims = ctx["dims"]
+        wperm = [0, 1] + [d + 1 for d in dims[1:]]
+        return x.map(lambda w: w.permute(*wperm), lambda b: b.permute(*dims))
 
     def backward(self, ctx, lA, uA, x, *args, **kwargs):
         dims = ctx["dims"]
@@ -141,6 +155,10 @@ class BoundGetItem(BoundOp):
     def ibp(self, ctx, x, idx):
         return Interval(x.lower[idx], x.upper[idx])
 
+    def lin(self, ctx, out, x: Lin, idx) -> Lin:
+        sidx = ctx["spec_index"]
+        return x.map(lambda w: w[sidx], lambda b: b[idx])
+
     def backward(self, ctx, lA, uA, x, idx):
         shape = tuple(x.lower.shape[1:])
         sidx = ctx["spec_index"]
@@ -174,6 +192,18 @@ class BoundCat(BoundOp):
         hi = [t.upper if isinstance(t, Interval) else t for t in tensors]
         return Interval(torch.cat(lo, ctx["dim"]), torch.cat(hi, ctx["dim"]))
 
+    def lin(self, ctx, out, tensors, *args, **kwargs) -> Lin:
+        d = ctx["dim"]
+        ref = next(t for t in tensors if isinstance(t, Lin))
+        B, D = ref.lw.shape[:2]
+        lins = [t if isinstance(t, Lin) else Lin.exact(
+            ref.lw.new_zeros((B, D) + tuple(t.shape[1:])), t.expand((B,) + tuple(t.shape[1:])))
+            for t in tensors]
+        if all(t.is_exact for t in lins):
+            return Lin.exact(torch.cat([t.lw for t in lins], d + 1), torch.cat([t.lb for t in lins], d))
+        return Lin(torch.cat([t.lw for t in lins], d + 1), torch.cat([t.lb for t in lins], d),
+                   torch.cat([t.uw for t in lins], d + 1), torch.cat([t.ub for t in lins], d))
+
     def backward(self, ctx, lA, uA, tensors, *args, **kwargs):
         sizes = [(t.lower if isinstance(t, Interval) else t).shape[ctx["dim"]] for t in tensors]
         d = ctx["dim"] + 1
@@ -193,6 +223,10 @@ class BoundZero(BoundOp):
     def ibp(self, ctx, x):
         z = torch.zeros_like(self.module(x.lower))
         return Interval(z, z)
+
+    def lin(self, ctx, out, x: Lin) -> Lin:
+        z = torch.zeros_like(out.lower)
+        return Lin.const(z, z, x.D)
 
     def backward(self, ctx, lA, uA, x):
         return [None], 0.0, 0.0
@@ -273,6 +307,29 @@ class BoundArith(BoundOp):
             return Interval.from_mid_rad(x.mid * c, x.rad * c_abs)
         c_abs = b.abs() if isinstance(b, Tensor) else abs(b)
         return Interval.from_mid_rad(a.mid / b, a.rad / c_abs)
+
+    def lin(self, ctx, out, a, b=None, **kwargs) -> Optional[Lin]:
+        """Exact for these affine ops; None (the engine's box fallback) where the perturbed
+        input is broadcast to a larger shape or a constant carries a batch axis > 1."""
+        k = self.kind
+        if k == "neg":
+            return a.neg()
+        la, lb_ = isinstance(a, Lin), isinstance(b, Lin)
+        if any(isinstance(t, Lin) and tuple(t.lb.shape) != tuple(out.ref.shape) for t in (a, b)):
+            return None
+        c = b if la else a
+        if isinstance(c, Tensor) and c.dim() == out.ref.dim() and c.shape[0] != 1:
+            return None
+        if k in ("add", "sub"):
+            sign = 1.0 if k == "add" else -1.0
+            if la and lb_:
+                return add(a, b, sign)
+            if la:
+                return a.shift(sign * b)
+            return (b if sign > 0 else b.neg()).shift(a)
+        if k == "mul":
+            return (a if la else b).scale(c)
+        return a.scale(1.0 / b)
 
     def backward(self, ctx, lA, uA, a, b=None, **kwargs):
         k = self.kind
