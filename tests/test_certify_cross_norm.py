@@ -22,13 +22,13 @@ def _radii(recs, norm, method, key="radius"):
 
 def test_radius_of_one_norm_bounds_the_other_and_stays_below_pgd():
     net, x, y = _trained_cnn(0)
-    x, y = x[:5], y[:5]
+    x, y = x[:3], y[:3]
     bm = BoundedModel(net)
     kw = dict(methods=METHODS, steps=30, eps_init=0.05, random_target=True, seed=0, num_classes=3, rel_tol=1e-2)
-    both = certify_batch(bm, x, y, list(range(5)), norms=["inf", "2"], **kw)
-    alone = certify_batch(bm, x, y, list(range(5)), norms=["2"], **kw)
-    rev = certify_batch(bm, x, y, list(range(5)), norms=["2", "inf"], **kw)
-    inf_alone = certify_batch(bm, x, y, list(range(5)), norms=["inf"], **kw)
+    both = certify_batch(bm, x, y, list(range(3)), norms=["inf", "2"], **kw)
+    alone = certify_batch(bm, x, y, list(range(3)), norms=["2"], **kw)
+    rev = certify_batch(bm, x, y, list(range(3)), norms=["2", "inf"], **kw)
+    inf_alone = certify_batch(bm, x, y, list(range(3)), norms=["inf"], **kw)
     adv2 = min_adversarial_eps(net, x, y, "2", eps_max=8.0, bisection_steps=14, steps=60)
     adv_inf = min_adversarial_eps(net, x, y, "inf", eps_max=1.0, bisection_steps=14, steps=60)
     d = x[0].numel()
