@@ -62,7 +62,7 @@ demo: install
 	METHOD=$(METHOD) PY=$(PY) bash launch/demo.sh
 
 test: install
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=40
 
 test-all: install
 	$(PY) -m pytest -q -m ""
