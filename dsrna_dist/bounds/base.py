@@ -210,6 +210,21 @@ def has_module_bound(cls: type) -> bool:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def concretize_rows(A: Tensor, sign: float, mid: Tensor, rad: Tensor, norm: str, eps: Tensor,
+                    ball_centre: Optional[Tensor] = None) -> Tensor:
+    """min (sign -1) or max (sign +1) of the linear rows ``A [B, S, N]`` over the input set: the
+    box (``mid``, ``rad``: [B, N]) and, for l_2, also the ball of radius ``eps`` [B] around
+    ``ball_centre`` (None: the origin of the coordinates), taking the tighter value (the set lies
+    in both). One implementation for CROWN's backward rows and the forward pre-pass's weights."""
+    val = torch.einsum("bsn,bn->bs", A, mid) + sign * torch.einsum("bsn,bn->bs", A.abs(), rad)
+    if norm == "2":
+        ball = sign * eps.view(-1, 1).to(A.dtype) * torch.linalg.vector_norm(A, dim=2)
+        if ball_centre is not None:
+            ball = ball + torch.einsum("bsn,bn->bs", A, ball_centre)
+        val = torch.maximum(val, ball) if sign < 0 else torch.minimum(val, ball)
+    return val
+
+
 def sum_spec(t: Tensor) -> Tensor:
     """Sum a ``[b, S, ...]`` tensor over everything but the first two dims -> ``[b, S]``."""
     return t.flatten(2).sum(-1) if t.dim() > 2 else t

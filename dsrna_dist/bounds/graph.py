@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import ops_linear, ops_mix, ops_nonlinear, ops_shape  # noqa: F401  (register the bound classes)
-from .base import (BOUND_OPS, BoundError, BoundOp, Interval, function_key, has_module_bound,
+from .base import (BOUND_OPS, BoundError, BoundOp, Interval, concretize_rows, function_key, has_module_bound,
                    method_key, module_key, sum_spec)
 from .ops_linear import BoundBatchNorm, BoundLinear, uses_batch_stats
 from .ops_nonlinear import MAX_POOL, RELU_LOWER, BoundMaxPool2d, BoundReLU
@@ -1011,12 +1011,6 @@ class _Run:
         eps = self.eps[bs]
 
         def one(A: Tensor, sign: float) -> Tensor:
-            Af = A.flatten(2)
-            centre = torch.einsum("bsn,bn->bs", Af, mid)
-            val = centre + sign * torch.einsum("bsn,bn->bs", Af.abs(), rad)
-            if self.norm == "2":
-                ball = torch.einsum("bsn,bn->bs", Af, x0) + sign * eps[:, None] * torch.linalg.vector_norm(Af, dim=2)
-                val = torch.maximum(val, ball) if sign < 0 else torch.minimum(val, ball)
-            return val
+            return concretize_rows(A.flatten(2), sign, mid, rad, self.norm, eps, ball_centre=x0)
 
         return (one(lA, -1.0) if lA is not None else None), (one(uA, 1.0) if uA is not None else None)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import Interval
+from .base import Interval, concretize_rows
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -141,18 +141,12 @@ def concretize(lin: Lin, x0: Tensor, box: Interval, eps: Tensor, norm: str) -> I
     ``lb - eps ||lw||_2``, and the tighter of the two (the set lies in both)."""
     B, D = lin.lw.shape[:2]
     shape = lin.lb.shape
-    d = (box.mid - x0).reshape(B, D, 1)
-    rad = box.rad.reshape(B, D, 1)
-
-    dT, radT = d.transpose(1, 2), rad.transpose(1, 2)  # [B, 1, D]
+    d = (box.mid - x0).reshape(B, D)  # coordinates relative to x0: the ball's centre is the origin
+    rad = box.rad.reshape(B, D)
 
     def one(w: Tensor, b: Tensor, sign: float) -> Tensor:
-        wf = w.reshape(B, D, -1)
-        v = b.reshape(B, -1) + torch.bmm(dT, wf).squeeze(1) + sign * torch.bmm(radT, wf.abs()).squeeze(1)
-        if norm == "2":
-            ball = b.reshape(B, -1) + sign * eps.view(B, 1).to(w.dtype) * torch.linalg.vector_norm(wf, dim=1)
-            v = torch.maximum(v, ball) if sign < 0 else torch.minimum(v, ball)
-        return v.view(shape)
+        rows = w.reshape(B, D, -1).transpose(1, 2)  # [B, N, D]: one row per output neuron
+        return (b.reshape(B, -1) + concretize_rows(rows, sign, d, rad, norm, eps)).view(shape)
 
     lo = one(lin.lw, lin.lb, -1.0)
     up = one(lin.uw, lin.ub, 1.0)
