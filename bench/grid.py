@@ -98,7 +98,8 @@ def launcher(nproc: int) -> List[str]:
     return [sys.executable, "-m"]
 
 
-def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int) -> List[Task]:
+def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int,
+          recipes: Sequence[str] = tuple(RECIPES)) -> List[Task]:
     """Every task whose inputs exist now, in priority order (later calls see more tasks)."""
     out: List[Task] = []
     launch = launcher(nproc)
@@ -121,7 +122,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                 if not gpath.exists() or method in SEARCH_ONLY:
                     continue
                 gh = genotype_hash(gpath)
-                for recipe in RECIPES:
+                for recipe in (r for r in RECIPES if r in recipes):
                     nets.setdefault((recipe, gh, seed), {"prio": (gi, seed, mi), "genotype": gpath,
                                                         "methods": []})["methods"].append(method)
     for (recipe, gh, seed), n in sorted(nets.items(), key=lambda kv: (kv[1]["prio"], kv[0][0])):
@@ -234,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                    help="retraining recipes whose networks to train, attack and certify")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per task (torchrun when > 1)")
     ap.add_argument("--max-tasks", type=int, default=0, help="stop after this many tasks (0: until none is left)")
     ap.add_argument("--retry-failed", action="store_true")
@@ -241,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.status:
-        status(tasks(args.methods, args.seeds, args.stages, args.nproc))
+        status(tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes))
         return 0
     if args.retry_failed:
         for f in (OUT / ".failed").glob("*"):
@@ -249,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
     ran = failed = 0
     while not args.max_tasks or ran < args.max_tasks:
-        todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc)
+        todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes)
                 if not t.done.exists() and not (OUT / ".failed" / t.key).exists()]
         task = lock = None
         for t in todo:

@@ -138,6 +138,51 @@ def test_tracker_counts_flips_inside_an_epoch_and_resumes():
     assert t2.changes == 2 and G.from_dict(geno(seq[0])) == G.from_dict(geno(seq[-1]))
 
 
+def test_genotype_key_is_the_architecture_not_the_listing_order():
+    """A node sums its two inputs, so swapping them (their strengths crossed) is the same cell;
+    reference: equality of the multisets of (node, op, input) per cell, over random genotypes."""
+    from dsrna_dist.strategies.convergence import genotype_key
+
+    rng = np.random.default_rng(0)
+    ops = PRIMS[1:3] + PRIMS[4:5]  # few ops and inputs, so equal architectures occur often
+
+    def cell():
+        return [[str(rng.choice(ops)), int(rng.integers(0, n + 2))] for n in (0, 0, 1, 1, 2, 2)]
+
+    def variant(g):
+        """g relisted (random swaps inside nodes) and, half of the time, one edge redrawn."""
+        h = json.loads(json.dumps(g))
+        for kind in ("normal", "reduce"):
+            for node in range(3):
+                if rng.random() < 0.5:
+                    e = h[kind]
+                    e[2 * node], e[2 * node + 1] = e[2 * node + 1], e[2 * node]
+        if rng.random() < 0.5:
+            kind, i = str(rng.choice(["normal", "reduce"])), int(rng.integers(0, 6))
+            h[kind][i] = [str(rng.choice(ops)), int(rng.integers(0, i // 2 + 2))]
+        return h
+
+    def multiset(g):
+        return {k: sorted((i // 2, op, src) for i, (op, src) in enumerate(g[k])) for k in ("normal", "reduce")}
+
+    same = diff = 0
+    for _ in range(300):
+        a = {"normal": cell(), "normal_concat": [2, 3, 4], "reduce": cell(), "reduce_concat": [2, 3, 4]}
+        b = variant(a)
+        equal = multiset(a) == multiset(b)
+        assert (genotype_key(a) == genotype_key(b)) == equal, (a, b)
+        assert genotype_key(G.from_dict(a)) == genotype_key(a)
+        same, diff = same + equal, diff + (not equal)
+    assert same > 50 and diff > 50
+    swapped = geno()
+    swapped["normal"][0], swapped["normal"][1] = swapped["normal"][1], swapped["normal"][0]
+    assert genotype_key(swapped) == genotype_key(geno()) and swapped != geno()
+    t = GenotypeTracker()
+    t.start(G.from_dict(geno()))
+    assert not t.observe(G.from_dict(swapped)) and t.changes == 0
+    assert t.observe(G.from_dict(geno("skip_connect"))) and t.changes == 1
+
+
 # --------------------------------------------------------------------------- naming, heatmap
 def test_one_node_naming():
     assert G.edge_names(3) == ["c_{k-2}->0", "c_{k-1}->0", "c_{k-2}->1", "c_{k-1}->1", "0->1",

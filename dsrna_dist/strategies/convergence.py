@@ -9,7 +9,8 @@ criterion used for the ``fmnist_small`` budget (issue #11):
   (0.25 by default; uniform over 8 ops is 0.125), on softmax(alpha) itself (PC-DARTS edge
   betas are not folded in: they rank edges, not ops);
 * stable: the derived genotype did not change during the last ``stable_fraction`` (a quarter)
-  of the arch steps, i.e. its last change happened at arch step <= T - ceil(T / 4).
+  of the arch steps, i.e. its last change happened at arch step <= T - ceil(T / 4). Genotypes
+  are compared as architectures (:func:`genotype_key`): the two inputs of a node are a set.
 
 :class:`GenotypeTracker` counts changes after every arch step (so a flip and a flip back
 inside one epoch are seen); :func:`convergence` reads a per-epoch ``alphas.jsonl`` history and
@@ -81,8 +82,17 @@ def record_genotype(rec: Mapping[str, Any]) -> Any:
 
 
 def genotype_key(g: Any) -> str:
-    """Canonical string of a genotype (a Genotype or its dict) for equality tests."""
-    d = g.to_dict() if hasattr(g, "to_dict") else g
+    """Canonical string of a genotype (a Genotype or its dict) for equality tests: two genotypes
+    get the same key iff they are the same architecture. A node sums its two incoming ops, so
+    the order in which the derivation lists them (by strength) is not part of the cell: a swap
+    of a node's two inputs whose strengths cross is not a genotype change."""
+    d = dict(g.to_dict() if hasattr(g, "to_dict") else g)
+    for kind in KINDS:
+        edges = d.get(kind)
+        if isinstance(edges, (list, tuple)) and len(edges) % 2 == 0:
+            pairs = [sorted([list(edges[i]), list(edges[i + 1])], key=lambda e: (e[1], str(e[0])))
+                     for i in range(0, len(edges), 2)]
+            d[kind] = [e for pair in pairs for e in pair]
     return json.dumps(d, sort_keys=True)
 
 
