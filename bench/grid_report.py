@@ -80,7 +80,11 @@ def late_quarter(path: Path) -> tuple:
     if not before:
         return late, None
     g0, g1 = before[-1]["genotype"], recs[-1]["genotype"]
-    diff = sum(a != b for k in ("normal", "reduce") for a, b in zip(g0.get(k, []), g1.get(k, [])))
+
+    def nodes(edges: list) -> list:  # a node's two inputs are a set (as genotype_key compares them)
+        return [sorted(map(tuple, edges[i:i + 2])) for i in range(0, len(edges), 2)]
+    diff = sum(len(set(a) - set(b)) for k in ("normal", "reduce")
+               for a, b in zip(nodes(g0.get(k, [])), nodes(g1.get(k, []))))
     return late, diff
 
 
