@@ -63,6 +63,14 @@ def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
     assert any(f"--checkpoint={train[0].done.parent / 'checkpoints' / 'best.pt'}" in t.argv for t in ev)
 
 
+def test_recipes_restrict_the_networks(out):
+    found(out, "darts", 0, CELL_B)
+    nat = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
+    both = grid.tasks(["darts"], [0], grid.STAGES, 1)
+    assert [t.info["recipe"] for t in nat if t.stage == "train"] == ["nat"]
+    assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "nat"]
+
+
 def test_lock_claim_and_dead_worker_takeover(out):
     t = grid.Task("search-x-s0", "search", (0,), out / "x", [], {})
     lock = grid.claim(t)
