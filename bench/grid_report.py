@@ -156,6 +156,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"{r['late_changes']} / {r['late_diff']} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
+    rates: Dict[str, List[bool]] = {}
+    for r in srows:
+        if r["converged"] is not None:
+            rates.setdefault(r["method"], []).append(bool(r["converged"]))
+    if rates:
+        lines += ["", "Converged per method: " + "; ".join(
+            f"{m} {sum(v)} of {len(v)}" for m, v in rates.items()) + "."]
     same = [(a["method"], b["method"], a["seed"]) for a in srows for b in srows
             if a["seed"] == b["seed"] and a["ghash"] == b["ghash"] and a["method"] < b["method"]]
     if same:

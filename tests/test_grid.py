@@ -95,6 +95,7 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert grid_report.main(["--out", str(out / "r.md")]) == 0
     text = (out / "r.md").read_text()
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
+    assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
     res = json.loads((out / "grid.json").read_text())
     t = [x for x in res["tests"] if x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
