@@ -94,11 +94,17 @@ def net_results(recipe: str, ghash: str, seed: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     tr = load(net / "train" / "summary.json")
     if tr:
+        out["params (k)"] = tr["params"] / 1000 if isinstance(tr.get("params"), (int, float)) else None
         out["val_top1"] = tr.get("best_top1")
+        # the last epoch's model on all 10k test images (best.pt, chosen on val, is what eval attacks)
+        out["test_top1 final (10k)"] = tr.get("test_top1")
     ev = load(net / "eval" / "summary.json")
     if ev:
         out["clean"] = ev.get("clean_acc")
         out.update({k: v for k, v in (ev.get("robust_acc") or {}).items()})
+        for sw in ev.get("eps_sweep") or []:  # the small radii, where naturally trained nets differ
+            if sw.get("norm") == "inf" and sw.get("eps") in (0.02, 0.05):
+                out[f"{sw['attack']} @{sw['eps']:g}"] = sw.get("robust_acc")
         out["masking_flagged"] = list((ev.get("masking") or {}).get("flagged") or [])
     aa = load(net / "autoattack" / "summary.json")
     if aa:
@@ -196,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             flags = sum(len(res.get("masking_flagged") or []) for res in rs)
             nc = sum(1 for res in rs if res["converged"] is False)
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
-        keys = [k for k in ("clean", "PGD-20", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
+        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
                                                                               and "target" not in c][:2]
         for d in DSRNA:
             for b in BASELINES:
