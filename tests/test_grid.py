@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import grid  # noqa: E402
 import grid_report  # noqa: E402
+import grid_rescore  # noqa: E402
 
 CELL_A = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
           "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]], "reduce_concat": [2]}
@@ -69,6 +70,33 @@ def test_recipes_restrict_the_networks(out):
     both = grid.tasks(["darts"], [0], grid.STAGES, 1)
     assert [t.info["recipe"] for t in nat if t.stage == "train"] == ["nat"]
     assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "nat"]
+
+
+def test_rescore_adopts_only_a_bit_identical_rerun(out, tmp_path):
+    def search(d: Path, alpha: float, changes: int, converged: bool) -> None:
+        d.mkdir(parents=True)
+        (d / "genotype.json").write_text(json.dumps(CELL_A))
+        (d / "alphas.jsonl").write_text(json.dumps({"epoch": 0, "alphas_normal": [[alpha, 0.0]],
+                                                    "alphas_reduce": [[0.0, alpha]]}) + "\n")
+        (d / "summary.json").write_text(json.dumps({"convergence": {
+            "genotype_changes": changes, "last_change_arch_step": changes, "converged": converged}}))
+        (d / "search.log").write_text(f"changes {changes}\n")
+
+    scratch = tmp_path / "scratch"
+    search(out / "search" / "pcdarts_s0", 0.5, 9, False)
+    search(scratch / "pcdarts_s0", 0.5, 4, True)       # same alphas, recounted
+    search(out / "search" / "darts_s1", 0.5, 9, False)
+    search(scratch / "darts_s1", 0.5000001, 4, True)   # not the same search: left alone
+    note = grid_rescore.rescore("pcdarts_s0", scratch)
+    assert note["before"]["converged"] is False and note["after"]["converged"] is True
+    assert json.loads((out / "search" / "pcdarts_s0" / "summary.json").read_text())["convergence"]["converged"]
+    assert json.loads((out / "search" / "pcdarts_s0" / "rescored.json").read_text())["after"]["genotype_changes"] == 4
+    before = (out / "search" / "darts_s1" / "summary.json").read_text()
+    assert grid_rescore.rescore("darts_s1", scratch) is None
+    assert (out / "search" / "darts_s1" / "summary.json").read_text() == before
+    assert not (out / "search" / "darts_s1" / "rescored.json").exists()
+    with pytest.raises(SystemExit):
+        grid_rescore.rescore("nosuch_s0", scratch)
 
 
 def test_lock_claim_and_dead_worker_takeover(out):
