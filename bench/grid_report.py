@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
+from dsrna_dist.strategies.convergence import decision_margin  # noqa: E402
 from grid import GROUPS, METHODS, OUT, genotype_hash  # noqa: E402
 
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
@@ -51,8 +52,9 @@ def searches() -> List[Dict[str, Any]]:
             c = {} if s.get("strategy") == "robnet" else (s.get("convergence") or {})
             le = s.get("last_epoch_means") or {}
             late_changes, late_diff = late_quarter(d / "alphas.jsonl")
+            margin = final_margin(d / "alphas.jsonl") if c else None
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
-                         "late_changes": late_changes, "late_diff": late_diff,
+                         "late_changes": late_changes, "late_diff": late_diff, "margin": margin,
                          "max_softmax": c.get("max_softmax"), "entropy": c.get("entropy"),
                          "changes": c.get("genotype_changes"), "last_change": c.get("last_change_arch_step"),
                          "arch_steps": c.get("arch_steps"), "converged": c.get("converged"),
@@ -60,6 +62,16 @@ def searches() -> List[Dict[str, Any]]:
                          "gap": le.get("metric/bound_gap"), "cpu_s": s.get("search_cpu_s"),
                          "stopped": s.get("stopped")})
     return rows
+
+
+def final_margin(path: Path) -> Optional[Dict[str, Any]]:
+    """The final cell's smallest decision margin (convergence.decision_margin), if recorded."""
+    try:
+        last = read_jsonl(path)[-1]
+        w = {k: last[f"weights_{k}"] for k in ("normal", "reduce")}
+        return decision_margin(w, last["primitives"])
+    except (ValueError, KeyError, IndexError, OSError):
+        return None
 
 
 def late_quarter(path: Path) -> tuple:
@@ -138,6 +150,12 @@ def sci(xs: List[float]) -> str:
     return f"{stats.mean(xs):.3g} ± {stats.std(xs):.2g} (n={len(xs)})"
 
 
+def margin_text(m: Optional[Dict[str, Any]]) -> str:
+    if not m or m.get("where") is None:
+        return "-"
+    return f"{m['margin']:.2g} ({m['where'].replace('normal', 'N').replace('reduce', 'R')})"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(OUT / "report.md"))
@@ -151,15 +169,18 @@ def main(argv: Optional[List[str]] = None) -> int:
               "Converged = mean max softmax(alpha) >= 0.25 and no genotype change in the last quarter of the arch "
               "steps (issue 11). 'Late' = genotype changes / genotype entries (of 12) that differ, from the last "
               "epoch boundary at or before the start of the last quarter to the end (epoch resolution, so it "
-              "can include a few steps before the quarter).", "",
+              "can include a few steps before the quarter). 'Smallest decision margin' = the final cell's "
+              "closest call, in derivation weights (softmax(alpha), times edge betas for PC-DARTS): a node's "
+              "second edge against its third, or a selected edge's op against its runner-up (N/R = normal/"
+              "reduction cell); noise below half of it cannot change the cell.", "",
               "| method | seed | converged | mean max softmax | entropy | genotype changes | last change / arch steps "
-              "| late | grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 13 + "|"]
+              "| late | smallest decision margin | grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 14 + "|"]
     for r in srows:
         f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
         g = (lambda v: "-" if v is None else f"{v:.2g}")
         lines.append(f"| {r['method']} | {r['seed']} | {'n/a' if r['converged'] is None else 'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
                      f"{f(r['entropy'])} | {r['changes']} | {r['last_change']} / {r['arch_steps']} | "
-                     f"{r['late_changes']} / {r['late_diff']} | "
+                     f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
     rates: Dict[str, List[bool]] = {}

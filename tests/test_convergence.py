@@ -183,6 +183,47 @@ def test_genotype_key_is_the_architecture_not_the_listing_order():
     assert t.observe(G.from_dict(geno("skip_connect"))) and t.changes == 1
 
 
+def test_decision_margin_is_the_smallest_change_that_changes_the_cell():
+    """Reference: the derivation itself. Noise of max-norm just under half the margin never
+    changes the derived cell; moving the two sides of the reported decision by just over half
+    the margin does."""
+    from dsrna_dist.space.supernet import derive_genotype
+    from dsrna_dist.strategies.convergence import decision_margin, genotype_key
+
+    rng = np.random.default_rng(1)
+
+    def cell(w):
+        t = {k: torch.tensor(v) for k, v in w.items()}
+        return genotype_key(derive_genotype(t["normal"], t["reduce"], PRIMS, 3))
+
+    for trial in range(30):
+        w = {k: rng.dirichlet(np.ones(len(PRIMS)), size=EDGES) for k in ("normal", "reduce")}
+        m = decision_margin(w, PRIMS)
+        assert 0 < m["margin"] < 1
+        for _ in range(20):
+            noisy = {k: v + rng.uniform(-0.49, 0.49, v.shape) * m["margin"] for k, v in w.items()}
+            assert cell(noisy) == cell(w)
+        kind, rest = m["where"].split(" node ")
+        node = int(rest.split(":")[0])
+        start = sum(2 + i for i in range(node))
+        rows = w[kind][start:start + 2 + node]
+        cand = list(range(1, len(PRIMS)))  # PRIMS[0] is none
+        strength = rows[:, cand].max(1)
+        order = np.argsort(-strength, kind="stable")
+        push = {k: v.copy() for k, v in w.items()}
+        d = 0.51 * m["margin"]
+        if rest.endswith("edges"):
+            lose, win = start + order[1], start + order[2]
+            push[kind][lose, 1 + np.argmax(rows[order[1], cand])] -= d
+            push[kind][win, 1 + np.argmax(rows[order[2], cand])] += d
+        else:
+            j = int(rest.split("input ")[1])
+            ops = np.argsort(-rows[j, cand], kind="stable")
+            push[kind][start + j, 1 + ops[0]] -= d
+            push[kind][start + j, 1 + ops[1]] += d
+        assert cell(push) != cell(w), (trial, m)
+
+
 # --------------------------------------------------------------------------- naming, heatmap
 def test_one_node_naming():
     assert G.edge_names(3) == ["c_{k-2}->0", "c_{k-1}->0", "c_{k-2}->1", "c_{k-1}->1", "0->1",

@@ -96,6 +96,42 @@ def genotype_key(g: Any) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def decision_margin(weights: Mapping[str, Any], primitives: Sequence[str]) -> Dict[str, Any]:
+    """How close the derived cell is to another one: the smallest gap, in the derivation's own
+    weights (softmax(alpha), times the normalised edge betas for PC-DARTS), between a choice the
+    derivation made and the best choice it rejected, over every decision of both cells: for each
+    node, its second-strongest incoming edge against its third; for each selected edge, its best
+    non-none op against the runner-up. A genotype that flips late in a search flips on its
+    smallest margins; adding noise below half the margin to every weight cannot change the cell.
+    ``weights``: ``{"normal": [[...]], "reduce": [[...]]}`` (rows in the supernet's edge order)."""
+    none = primitives.index("none") if "none" in primitives else -1
+    cand = [k for k in range(len(primitives)) if k != none]
+    best: Dict[str, Any] = {"margin": math.inf, "where": None}
+    for kind in KINDS:
+        if kind not in weights:
+            continue
+        w = np.asarray(weights[kind], dtype=np.float64)
+        nodes = nodes_of(int(w.shape[0]))
+        if nodes is None:
+            raise ValueError(f"decision_margin: {w.shape[0]} {kind} edges is no DARTS cell")
+        start = 0
+        for i in range(nodes):
+            rows = w[start:start + 2 + i][:, cand]
+            strength = rows.max(axis=1)
+            order = np.argsort(-strength, kind="stable")
+            gaps = []
+            if len(order) > 2:
+                gaps.append((strength[order[1]] - strength[order[2]], f"{kind} node {i}: edges"))
+            for j in order[:2]:
+                ops = np.sort(rows[j])[::-1]
+                gaps.append((ops[0] - ops[1], f"{kind} node {i}: ops of input {int(j)}"))
+            for g, where in gaps:
+                if g < best["margin"]:
+                    best = {"margin": float(g), "where": where}
+            start += 2 + i
+    return best
+
+
 class GenotypeTracker:
     """Counts derived-genotype changes per arch step; its state goes into the checkpoint so a
     resumed search continues the count exactly."""
@@ -179,6 +215,10 @@ def convergence(history: Sequence[Mapping[str, Any]], *, min_max_softmax: float 
     out.update(arch_steps=total, genotype_changes=changes, last_change_arch_step=last_change,
                stable_window=window, moved=bool(moved), stable=bool(stable),
                converged=bool(moved and stable))
+    weights = {k: last[f"weights_{k}"] for k in KINDS if isinstance(last.get(f"weights_{k}"), list)}
+    if weights and last.get("primitives"):
+        m = decision_margin(weights, last["primitives"])
+        out.update(decision_margin=m["margin"], decision_margin_at=m["where"])
     return out
 
 
@@ -197,7 +237,8 @@ def run_convergence(run_dir: str, **kw: Any) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m dsrna_dist.strategies.convergence RUN_DIR...``: one line per search run
-    (criterion, entropy, mean max softmax(alpha), genotype changes); exit 1 if any run did
+    (criterion, entropy, mean max softmax(alpha), genotype changes, the final cell's smallest
+    decision margin); exit 1 if any run did
     not converge, 2 if a directory has no alpha history."""
     import sys
 
@@ -216,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{d}: converged={c['converged']} (moved={c['moved']}, stable={c['stable']}) "
               f"entropy={c.get('entropy', float('nan')):.4f} max_softmax={c.get('max_softmax', float('nan')):.4f} "
               f"genotype_changes={c['genotype_changes']} last_change={c['last_change_arch_step']}/"
-              f"{c['arch_steps']} arch steps")
+              f"{c['arch_steps']} arch steps" + (f" smallest_decision_margin={c['decision_margin']:.3g} "
+                                                 f"({c['decision_margin_at']})" if "decision_margin" in c else ""))
     return 1 if bad else 0
 
 
