@@ -53,7 +53,10 @@ def searches() -> List[Dict[str, Any]]:
             le = s.get("last_epoch_means") or {}
             late_changes, late_diff = late_quarter(d / "alphas.jsonl")
             margin = final_margin(d / "alphas.jsonl") if c else None
+            geno = load(d / "genotype.json") or {}
+            free = [sum(op in PARAM_FREE for op, _ in geno.get(k, [])) for k in ("normal", "reduce")]
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
+                         "param_free": free,
                          "late_changes": late_changes, "late_diff": late_diff, "margin": margin,
                          "max_softmax": c.get("max_softmax"), "entropy": c.get("entropy"),
                          "changes": c.get("genotype_changes"), "last_change": c.get("last_change_arch_step"),
@@ -62,6 +65,10 @@ def searches() -> List[Dict[str, Any]]:
                          "gap": le.get("metric/bound_gap"), "cpu_s": s.get("search_cpu_s"),
                          "stopped": s.get("stopped")})
     return rows
+
+
+#: ops without weights: what a loose bound or a flat Jacobian can favour without learning anything
+PARAM_FREE = frozenset(("max_pool_3x3", "avg_pool_3x3", "skip_connect", "none"))
 
 
 def final_margin(path: Path) -> Optional[Dict[str, Any]]:
@@ -150,6 +157,21 @@ def sci(xs: List[float]) -> str:
     return f"{stats.mean(xs):.3g} ± {stats.std(xs):.2g} (n={len(xs)})"
 
 
+def pair_test(recipe: str, d: str, b: str, metric: str, a: Dict[int, float],
+              bb: Dict[int, float]) -> Optional[Dict[str, Any]]:
+    """Welch's t-test over all seeds and the paired t-test over the seeds both have (None if
+    neither is defined: fewer than 2 values a side)."""
+    w = stats.welch(list(a.values()), list(bb.values()))
+    common = sorted(set(a) & set(bb))
+    pt = stats.paired([a[s] for s in common], [bb[s] for s in common]) if len(common) >= 2 else None
+    if not (w or pt):
+        return None
+    return {"recipe": recipe, "dsrna": d, "baseline": b, "metric": metric, "diff": (w or pt).diff,
+            "welch_p": w.p if w else None, "paired_p": pt.p if pt else None,
+            "no_spread": bool((w and math.isinf(w.t)) or (pt and math.isinf(pt.t))), "n": [len(a), len(bb)],
+            "pairs": len(common)}
+
+
 def margin_text(m: Optional[Dict[str, Any]]) -> str:
     if not m or m.get("where") is None:
         return "-"
@@ -183,6 +205,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
+    free: Dict[str, List[List[int]]] = {}
+    for r in srows:
+        free.setdefault(r["method"], []).append(r["param_free"])
+    lines += ["", "Parameter-free ops (pools, skip) in the found cells, normal / reduction cell (of 6 each), "
+              "mean ± std over seeds: " + "; ".join(
+                  f"{m} {fmt([float(v[0]) for v in vs], 1)} / {fmt([float(v[1]) for v in vs], 1)}"
+                  for m, vs in free.items()) + "."]
     rates: Dict[str, List[bool]] = {}
     for r in srows:
         if r["converged"] is not None:
@@ -205,6 +234,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     {"seed": r["seed"], "converged": r["converged"], **res})
     names = {"nat": "natural training", "adv": "PGD adversarial training (l_inf 0.1)"}
     tests: List[Dict[str, Any]] = []
+    search_metric = {r["method"]: {} for r in srows}
+    for r in srows:
+        search_metric[r["method"]][r["seed"]] = float(sum(r["param_free"]))
+    for d in DSRNA:
+        for b in BASELINES:
+            if search_metric.get(d) and search_metric.get(b):
+                tests.append(pair_test("search", d, b, "param-free ops (of 12)", search_metric[d], search_metric[b]))
     for recipe, per in data.items():
         cols: List[str] = []
         for rs in per.values():
@@ -232,23 +268,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for k in keys:
                     a = {res["seed"]: float(res[k]) for res in per[d] if isinstance(res.get(k), (int, float))}
                     bb = {res["seed"]: float(res[k]) for res in per[b] if isinstance(res.get(k), (int, float))}
-                    w = stats.welch(list(a.values()), list(bb.values()))
-                    common = sorted(set(a) & set(bb))
-                    pt = stats.paired([a[s] for s in common], [bb[s] for s in common]) if len(common) >= 2 else None
-                    if w or pt:
-                        tests.append({"recipe": recipe, "dsrna": d, "baseline": b, "metric": k,
-                                      "diff": (w or pt).diff, "welch_p": w.p if w else None,
-                                      "paired_p": pt.p if pt else None, "n": [len(a), len(bb)],
-                                      "pairs": len(common)})
+                    tests.append(pair_test(recipe, d, b, k, a, bb))
+    tests = [t for t in tests if t is not None]
     if tests:
         lines += ["", "## DSRNA against each baseline", "",
                   "Difference of means (DSRNA - baseline); Welch's t-test and the paired t-test over seeds "
                   "(pairs share the seed: data order and retrain seed). Two-sided p; with n = 3 a difference "
                   "needs to be large and consistent to reach p < 0.05, and no correction for the number of "
-                  "tests is applied (read p < 0.05 here as 'worth a look', not as a finding).", "",
+                  "tests is applied (read p < 0.05 here as 'worth a look', not as a finding). 0* = every difference "
+                  "the same (zero spread, t infinite): a p-value of 0 by convention, not evidence of anything "
+                  "beyond those n values.", "",
                   "| recipe | DSRNA | baseline | metric | diff | Welch p | paired p | n |", "|---" * 8 + "|"]
         for t in tests:
-            p = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}")
+            p = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v))
+                 else "0*" if v == 0 and t.get("no_spread") else f"{v:.3g}")
             lines.append(f"| {t['recipe']} | {t['dsrna']} | {t['baseline']} | {t['metric']} | {t['diff']:+.3g} | "
                          f"{p(t['welch_p'])} | {p(t['paired_p'])} | {t['n'][0]} vs {t['n'][1]} |")
     # ---- cost per stage
