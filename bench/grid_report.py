@@ -107,9 +107,10 @@ def late_quarter(path: Path) -> tuple:
     return late, diff
 
 
-def net_results(recipe: str, ghash: str, seed: int) -> Dict[str, Any]:
-    """Clean/robust accuracies, AutoAttack and certified radii of one retrained network."""
-    net = OUT / "net" / recipe / f"{ghash}_s{seed}"
+def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) -> Dict[str, Any]:
+    """Clean/robust accuracies, AutoAttack and certified radii of one retrained network (the
+    grid's, or the one in ``net``)."""
+    net = net or OUT / "net" / recipe / f"{ghash}_s{seed}"
     out: Dict[str, Any] = {}
     tr = load(net / "train" / "summary.json")
     if tr:
@@ -284,6 +285,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                  else "0*" if v == 0 and t.get("no_spread") else f"{v:.3g}")
             lines.append(f"| {t['recipe']} | {t['dsrna']} | {t['baseline']} | {t['metric']} | {t['diff']:+.3g} | "
                          f"{p(t['welch_p'])} | {p(t['paired_p'])} | {t['n'][0]} vs {t['n'][1]} |")
+    # ---- controls (bench/capacity_control.sh): a found cell retrained narrower
+    controls = sorted(d for d in (OUT / "control").glob("*_c*") if (d / "train" / "summary.json").exists()) \
+        if (OUT / "control").exists() else []
+    if controls:
+        rows = [(d.name, net_results("nat", "", 0, net=d)) for d in controls]
+        cols = [k for k in next(iter(r for _, r in rows)) if k != "masking_flagged"]
+        for _, r in rows[1:]:
+            cols += [k for k in r if k not in cols and k != "masking_flagged"]
+        lines += ["", "## Capacity controls (natural training, `bench/capacity_control.sh`)", "",
+                  "A found cell retrained at a narrower width (`<search run>_c<init channels>`), same recipe, "
+                  "seed and evaluation as the grid's natural networks; one run each.", "",
+                  "| control | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, r in rows:
+            lines.append(f"| {name} | " + " | ".join(
+                "-" if not isinstance(r.get(c), (int, float)) else f"{r[c]:.2f}" for c in cols) + " |")
     # ---- cost per stage
     log = OUT / "grid_log.jsonl"
     if log.exists():

@@ -120,9 +120,15 @@ def test_report_tables_and_tests_from_finished_cells(out):
         ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
         ev.mkdir(parents=True)
         (ev / "summary.json").write_text(json.dumps({"clean_acc": a, "robust_acc": {"PGD-20": a - 50}}))
+    ctl = out / "control" / "pcdarts_s0_c4"
+    (ctl / "train").mkdir(parents=True)
+    (ctl / "train" / "summary.json").write_text(json.dumps({"params": 11318, "best_top1": 77.0, "test_top1": 76.5}))
+    (ctl / "eval").mkdir()
+    (ctl / "eval" / "summary.json").write_text(json.dumps({"clean_acc": 77.25, "robust_acc": {"PGD-20": 1.5}}))
     assert grid_report.main(["--out", str(out / "r.md")]) == 0
     text = (out / "r.md").read_text()
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
+    assert "| pcdarts_s0_c4 | 11.32 | 77.00 | 76.50 | 77.25 | 1.50 |" in text
     assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
     res = json.loads((out / "grid.json").read_text())
     t = [x for x in res["tests"] if x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
