@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
-from dsrna_dist.strategies.convergence import decision_margin  # noqa: E402
+from dsrna_dist.strategies.convergence import run_convergence  # noqa: E402
 from grid import GROUPS, METHODS, OUT, genotype_hash  # noqa: E402
 
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
@@ -52,7 +52,7 @@ def searches() -> List[Dict[str, Any]]:
             c = {} if s.get("strategy") == "robnet" else (s.get("convergence") or {})
             le = s.get("last_epoch_means") or {}
             late_changes, late_diff = late_quarter(d / "alphas.jsonl")
-            margin = final_margin(d / "alphas.jsonl") if c else None
+            margin = final_margin(d) if c else None
             geno = load(d / "genotype.json") or {}
             free = [sum(op in PARAM_FREE for op, _ in geno.get(k, [])) for k in ("normal", "reduce")]
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
@@ -71,14 +71,13 @@ def searches() -> List[Dict[str, Any]]:
 PARAM_FREE = frozenset(("max_pool_3x3", "avg_pool_3x3", "skip_connect", "none"))
 
 
-def final_margin(path: Path) -> Optional[Dict[str, Any]]:
-    """The final cell's smallest decision margin (convergence.decision_margin), if recorded."""
+def final_margin(run: Path) -> Optional[Dict[str, Any]]:
+    """The final cell's smallest decision margin, as convergence() reports it, if recorded."""
     try:
-        last = read_jsonl(path)[-1]
-        w = {k: last[f"weights_{k}"] for k in ("normal", "reduce")}
-        return decision_margin(w, last["primitives"])
-    except (ValueError, KeyError, IndexError, OSError):
+        c = run_convergence(str(run))
+    except (ValueError, KeyError, OSError):
         return None
+    return {"margin": c["decision_margin"], "where": c["decision_margin_at"]} if "decision_margin" in c else None
 
 
 def late_quarter(path: Path) -> tuple:

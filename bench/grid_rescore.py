@@ -20,10 +20,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
+from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 
 ALPHA_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 VERDICT = ("genotype_changes", "last_change_arch_step", "converged")
@@ -31,13 +32,9 @@ VERDICT = ("genotype_changes", "last_change_arch_step", "converged")
 
 def identical(first: Path, second: Path) -> bool:
     """Same alphas/betas in every epoch record and the same genotype file, bit for bit."""
-    a, b = grid_records(first), grid_records(second)
+    a, b = read_jsonl(first / "alphas.jsonl"), read_jsonl(second / "alphas.jsonl")
     return (len(a) == len(b) and all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in ALPHA_KEYS)
             and (first / "genotype.json").read_text() == (second / "genotype.json").read_text())
-
-
-def grid_records(run: Path) -> List[dict]:
-    return [json.loads(line) for line in (run / "alphas.jsonl").read_text().splitlines() if line.strip()]
 
 
 def rescore(name: str, scratch: Path) -> Optional[dict]:
