@@ -141,6 +141,81 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
     return out
 
 
+def sweep_of(recipe: str, ghash: str, seed: int) -> Dict[float, float]:
+    """PGD-20 l_inf robust accuracy per eps of the eval stage's sweep (eps 0 = clean)."""
+    ev = load(OUT / "net" / recipe / f"{ghash}_s{seed}" / "eval" / "summary.json") or {}
+    return {float(sw["eps"]): float(sw["robust_acc"]) for sw in ev.get("eps_sweep") or []
+            if sw.get("norm") == "inf" and isinstance(sw.get("robust_acc"), (int, float))}
+
+
+def sweep_series(recipe: str, rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
+    """Per method: (eps grid, mean, std) of PGD-20 robust accuracy over the seeds whose eval has a
+    sweep, on the eps values every one of them has; the label carries n."""
+    per: Dict[str, List[Dict[float, float]]] = {}
+    for r in rows:
+        sw = sweep_of(recipe, r["ghash"], r["seed"])
+        if sw:
+            per.setdefault(r["method"], []).append(sw)
+    series = {}
+    for method, sws in per.items():
+        grid = sorted(set.intersection(*(set(s) for s in sws)))
+        if grid:
+            vals = [[s[e] for s in sws] for e in grid]
+            series[f"{method} (n={len(sws)})"] = (grid, [stats.mean(v) for v in vals],
+                                                  [stats.std(v) if len(v) > 1 else 0.0 for v in vals])
+    return series
+
+
+def max_softmax_series(rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
+    """Per method: (epochs, mean, std over seeds) of the mean over edges (normal and reduction
+    cells) of max softmax(alpha) at each search epoch's end: the convergence criterion's first
+    clause over time. Searches without alpha (RobNet) are left out."""
+    from dsrna_dist.plots import softmax_rows
+
+    per: Dict[str, List[List[float]]] = {}
+    for r in rows:
+        f = OUT / "search" / f"{r['method']}_s{r['seed']}" / "alphas.jsonl"
+        if r["converged"] is None or not f.exists():
+            continue
+        curve = []
+        for rec in read_jsonl(f):
+            sm = [softmax_rows(rec[k]).max(axis=1) for k in ("alphas_normal", "alphas_reduce") if k in rec]
+            curve.append(float(sum(float(m.sum()) for m in sm) / sum(len(m) for m in sm)))
+        per.setdefault(r["method"], []).append(curve)
+    out = {}
+    for method, curves in per.items():
+        n = min(len(c) for c in curves)
+        cols = [[c[i] for c in curves] for i in range(n)]
+        out[f"{method} (n={len(curves)})"] = (list(range(1, n + 1)), [stats.mean(v) for v in cols],
+                                             [stats.std(v) if len(v) > 1 else 0.0 for v in cols])
+    return out
+
+
+def plots(rows: List[Dict[str, Any]], recipes: List[str]) -> Dict[str, str]:
+    """The report's figures (file names under results/grid/), for whatever has finished."""
+    from dsrna_dist.plots import _plt, _save, eps_sweep
+
+    made = {}
+    ms = max_softmax_series(rows)
+    if ms:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+        for name, (x, m, sd) in ms.items():
+            ax.errorbar(x, m, yerr=sd, marker="o", ms=3, capsize=2, label=name)
+        ax.axhline(0.25, color="k", ls="--", lw=0.8, label="criterion 0.25")
+        ax.axhline(0.125, color="gray", ls=":", lw=0.8, label="uniform")
+        ax.set(xlabel="search epoch", ylabel="mean max softmax(alpha)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        made["search"] = _save(fig, OUT / "max_softmax.png").name
+    for recipe in recipes:
+        series = sweep_series(recipe, rows)
+        if series:
+            made[recipe] = eps_sweep(series, f"PGD-20 l_inf, {recipe} retraining, first 2000 test images",
+                                     "eps", OUT / f"eps_sweep_{recipe}.png").name
+    return made
+
+
 def fmt(xs: List[float], digits: int = 2) -> str:
     if not xs:
         return "-"
@@ -205,6 +280,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
+    figs = plots(srows, ["nat", "adv"])
+    if "search" in figs:
+        lines += ["", f"![mean max softmax(alpha) per epoch]({figs['search']})"]
     free: Dict[str, List[List[int]]] = {}
     for r in srows:
         free.setdefault(r["method"], []).append(r["param_free"])
@@ -259,6 +337,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             flags = sum(len(res.get("masking_flagged") or []) for res in rs)
             nc = sum(1 for res in rs if res["converged"] is False)
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
+        if recipe in figs:
+            lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
         keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
                                                                               and "target" not in c][:2]
         for d in DSRNA:

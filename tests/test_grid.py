@@ -136,3 +136,38 @@ def test_report_tables_and_tests_from_finished_cells(out):
     from scipy import stats as st
     assert t["welch_p"] == pytest.approx(st.ttest_ind([85, 88], [80, 82], equal_var=False).pvalue)
     assert t["paired_p"] == pytest.approx(st.ttest_rel([85, 88], [80, 82]).pvalue)
+
+
+def test_report_figures_average_over_seeds_on_common_points(out):
+    """The eps-sweep and max-softmax figures: mean and sample std over seeds, only on the eps
+    values every seed has, curves cut to the shortest search, RobNet-like runs (no criterion)
+    left out; the files are written and linked from the report."""
+    import math
+
+    import numpy as np
+
+    found(out, "pcdarts", 0, CELL_A)
+    found(out, "pcdarts", 1, CELL_A)
+    sweeps = {0: {0.0: 90.0, 0.02: 40.0, 0.05: 4.0}, 1: {0.0: 92.0, 0.02: 30.0}}
+    for s, sw in sweeps.items():
+        gh = grid.genotype_hash(out / "search" / f"pcdarts_s{s}" / "genotype.json")
+        ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
+        ev.mkdir(parents=True)
+        (ev / "summary.json").write_text(json.dumps({"clean_acc": sw[0.0], "eps_sweep": [
+            {"attack": "PGD-20", "eps": e, "norm": "inf", "robust_acc": a} for e, a in sw.items()]}))
+    a0 = {0: [[0.0] * 8] * 2, 1: [[2.0] + [0.0] * 7] * 2}  # epoch-1 alphas per seed (2 edges)
+    for s in (0, 1):
+        recs = [{"epoch": e, "alphas_normal": a0[s], "alphas_reduce": a0[s]} for e in range(3 - s)]
+        (out / "search" / f"pcdarts_s{s}" / "alphas.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = grid_report.searches()
+    eps, mean, std = grid_report.sweep_series("nat", rows)["pcdarts (n=2)"]
+    assert eps == [0.0, 0.02] and mean == pytest.approx([91.0, 35.0])
+    assert std == pytest.approx([np.std([90, 92], ddof=1), np.std([40, 30], ddof=1)])
+    x, m, sd = grid_report.max_softmax_series(rows)["pcdarts (n=2)"]
+    top = math.exp(2) / (math.exp(2) + 7)
+    assert x == [1, 2] and m == pytest.approx([(0.125 + top) / 2] * 2)
+    assert sd[0] == pytest.approx(np.std([0.125, top], ddof=1))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    assert "(max_softmax.png)" in text and "(eps_sweep_nat.png)" in text and "eps_sweep_adv" not in text
+    assert (out / "max_softmax.png").stat().st_size > 0 and (out / "eps_sweep_nat.png").exists()
