@@ -130,6 +130,9 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
     assert "| pcdarts_s0_c4 | 11.32 | 77.00 | 76.50 | 77.25 | 1.50 |" in text
     assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
+    # the paper's forms: Table 2 (search cost 60 CPU-s = 1.0 min; no test top-1 in these summaries)
+    assert "| dsrna_cb | - | - | 1.0 ± 0.0 (n=2) | gradient |" in text
+    assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | - |" in text  # Tables 1 / 4 form
     res = json.loads((out / "grid.json").read_text())
     t = [x for x in res["tests"] if x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
