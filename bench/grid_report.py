@@ -381,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
         if recipe in figs:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
-        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
+        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
                                                                               and "target" not in c][:2]
         for d in DSRNA:
             for b in BASELINES:
