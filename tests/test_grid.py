@@ -174,3 +174,23 @@ def test_report_figures_average_over_seeds_on_common_points(out):
     text = (out / "r.md").read_text()
     assert "(max_softmax.png)" in text and "(eps_sweep_nat.png)" in text and "eps_sweep_adv" not in text
     assert (out / "max_softmax.png").stat().st_size > 0 and (out / "eps_sweep_nat.png").exists()
+
+
+def test_certified_vs_pgd_check_counts_violations(tmp_path):
+    """bench/check_certified_vs_pgd.py: certified = radius >= eps (l_inf only), a violation = a
+    certified example the attack broke; exit 1 on any violation."""
+    import check_certified_vs_pgd as chk
+
+    att = [{"index": i, "attack": "PGD-20", "correct": c} for i, c in enumerate([True, True, False, False])]
+    cert = [{"index": 0, "method": "ibp", "norm": "inf", "radius": 0.06},
+            {"index": 1, "method": "ibp", "norm": "inf", "radius": 0.01},
+            {"index": 2, "method": "ibp", "norm": "2", "radius": 0.9},      # l_2: not counted
+            {"index": 0, "method": "crown-ibp", "norm": "inf", "radius": 0.05},
+            {"index": 3, "method": "crown-ibp", "norm": "inf", "radius": 0.05}]
+    (tmp_path / "attacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in att))
+    (tmp_path / "certify.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cert))
+    res = chk.check(tmp_path, 0.05)
+    assert res["ibp"] == {"records": 2, "certified": 1, "violations": 0, "attacked": 4}
+    assert res["crown-ibp"] == {"records": 2, "certified": 2, "violations": 1, "attacked": 4}
+    assert chk.main([str(tmp_path), "0.05"]) == 1
+    assert chk.main([str(tmp_path), "0.06"]) == 0
