@@ -23,6 +23,10 @@ that reproduces the PC-DARTS cell is not trained twice. Search seed s is retrain
 A search that fails the convergence criterion (mean max softmax(alpha) >= 0.25, genotype stable
 over the last quarter) is still retrained, and flagged as not converged in every table.
 
+Recipes: nat (natural) and adv (PGD-AT) by default; ibp (certified training with
+configs/train/fmnist_small_ibp_long.yaml, ~95 CPU-min per net, then verified accuracy at l_inf 0.05
+of last.pt) with --recipes ibp: claim (3) where this scale can show it.
+
 Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<seed>/{train,eval,
 certify,crown,autoattack}/; light files are committed (checkpoints, tb/ and attacks.jsonl are git-ignored);
 grid_log.jsonl has one record per finished task: rc, wall and CPU seconds, code version.
@@ -66,7 +70,15 @@ GROUPS = (("darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"),
           ("dartsplus", "darts_2nd", "sdarts_rs"))
 # searched for the convergence record (issue #11: every method's config must converge), not retrained
 SEARCH_ONLY = frozenset(("dartsplus", "darts_2nd", "sdarts_rs"))
-RECIPES = {"nat": "configs/train/fmnist_small.yaml", "adv": "configs/train/fmnist_small_pgd_at.yaml"}
+RECIPES = {"nat": "configs/train/fmnist_small.yaml", "adv": "configs/train/fmnist_small_pgd_at.yaml",
+           "ibp": "configs/train/fmnist_small_ibp_long.yaml"}
+#: run unless --recipes says otherwise; "ibp" (certified training, ~95 CPU-min per net) is opt-in:
+#: claim (3) where this scale can show it (verified accuracy at l_inf 0.05 of every found cell)
+DEFAULT_RECIPES = ("nat", "adv")
+#: a certifiably trained net is judged by its verified accuracy (IBP / CROWN-IBP at 0.05 on 1000
+#: test images, PGD-20 as the sanity bound) on last.pt: best.pt, chosen on clean validation
+#: accuracy, is the natural warm-up's epoch
+IBP_EVAL_CFG = "configs/eval/fmnist_small_ibp.yaml"
 EVAL_CFG = "configs/eval/fmnist_small_grid.yaml"
 CERT_CFG = "configs/eval/fmnist_small_grid_certify.yaml"
 CROWN_CFG = "configs/eval/fmnist_small_grid_crown.yaml"
@@ -99,7 +111,7 @@ def launcher(nproc: int) -> List[str]:
 
 
 def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int,
-          recipes: Sequence[str] = tuple(RECIPES)) -> List[Task]:
+          recipes: Sequence[str] = DEFAULT_RECIPES) -> List[Task]:
     """Every task whose inputs exist now, in priority order (later calls see more tasks)."""
     out: List[Task] = []
     launch = launcher(nproc)
@@ -130,8 +142,8 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
         net = OUT / "net" / recipe / f"{gh}_s{seed}"
         common = [f"--run.out_dir={net}", f"--run.seed={seed}", "--run.progress=false"]
         info = {"recipe": recipe, "genotype_hash": gh, "seed": seed, "methods": n["methods"]}
-        best = net / "train" / "checkpoints" / "best.pt"
-        rk = 0 if recipe == "nat" else 1
+        best = net / "train" / "checkpoints" / ("last.pt" if recipe == "ibp" else "best.pt")
+        rk = list(RECIPES).index(recipe)
         if "train" in stages:
             out.append(Task(f"train-{recipe}-{gh}-s{seed}", "train", (1 + gi, 0, seed, rk, mi),
                             net / "train" / "summary.json",
@@ -139,7 +151,9 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                                       f"--model.genotype={n['genotype']}", *common], info))
         if not (net / "train" / "summary.json").exists():
             continue
-        for stage, cfg in (("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG)):
+        evals = (("eval", IBP_EVAL_CFG),) if recipe == "ibp" else (
+            ("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG))
+        for stage, cfg in evals:
             if stage in stages and (ROOT / cfg).exists():
                 prio = (1 + gi, STAGES.index(stage), seed, rk, mi) if stage not in LATE else (
                     9 + LATE.index(stage), gi, seed, rk, mi)
@@ -235,8 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
-                    help="retraining recipes whose networks to train, attack and certify")
+    ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES),
+                    help="retraining recipes whose networks to train, attack and certify (ibp: "
+                    "certified training, opt-in, ~95 CPU-min per net)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per task (torchrun when > 1)")
     ap.add_argument("--max-tasks", type=int, default=0, help="stop after this many tasks (0: until none is left)")
     ap.add_argument("--retry-failed", action="store_true")

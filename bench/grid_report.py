@@ -125,6 +125,10 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
             if sw.get("norm") == "inf" and sw.get("eps") in (0.02, 0.05):
                 out[f"{sw['attack']} @{sw['eps']:g}"] = sw.get("robust_acc")
         out["masking_flagged"] = list((ev.get("masking") or {}).get("flagged") or [])
+        # certified accuracy at fixed eps (the certifiably trained recipe's eval: IBP / CROWN-IBP at 0.05)
+        for meth, norms in (ev["certified"] if isinstance(ev.get("certified"), dict) else {}).items():
+            for eps, acc in ((norms.get("inf") or {}).get("certified_acc") or {}).items():
+                out[f"verified {meth} @{float(eps):g}"] = acc
     aa = load(net / "autoattack" / "summary.json")
     if aa:
         out.update({k: v for k, v in (aa.get("robust_acc") or {}).items()})
@@ -346,13 +350,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "; ".join(f"{a} = {b} (seed {s})" for a, b, s in same) + "."]
     # ---- per recipe tables
     data: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
-    for recipe in ("nat", "adv"):
+    for recipe in ("nat", "adv", "ibp"):
         for r in srows:
             res = net_results(recipe, r["ghash"], r["seed"])
             if res:
                 data.setdefault(recipe, {}).setdefault(r["method"], []).append(
                     {"seed": r["seed"], "converged": r["converged"], **res})
-    names = {"nat": "natural training", "adv": "PGD adversarial training (l_inf 0.1)"}
+    names = {"nat": "natural training", "adv": "PGD adversarial training (l_inf 0.1)",
+             "ibp": "certified (IBP) training (l_inf 0.05; last.pt, first 1000 test images)"}
     tests: List[Dict[str, Any]] = []
     search_metric = {r["method"]: {} for r in srows}
     for r in srows:
@@ -381,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
         if recipe in figs:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
-        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack") if k in cols] + [c for c in cols if c.startswith("radius")
+        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack", "verified ibp @0.05") if k in cols] + [c for c in cols if c.startswith("radius")
                                                                               and "target" not in c][:2]
         for d in DSRNA:
             for b in BASELINES:

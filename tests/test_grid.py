@@ -69,7 +69,17 @@ def test_recipes_restrict_the_networks(out):
     nat = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
     both = grid.tasks(["darts"], [0], grid.STAGES, 1)
     assert [t.info["recipe"] for t in nat if t.stage == "train"] == ["nat"]
-    assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "nat"]
+    assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "nat"]  # ibp: opt-in
+    # certified training: its own config, then one eval (verified accuracy) of last.pt, nothing else
+    ibp = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["ibp"])
+    tr = [t for t in ibp if t.stage == "train"]
+    assert len(tr) == 1 and f"--config={grid.RECIPES['ibp']}" in tr[0].argv
+    tr[0].done.parent.mkdir(parents=True)
+    tr[0].done.write_text("{}")
+    ev = [t for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["ibp"]) if t.stage != "search" and t.stage != "train"]
+    assert [t.stage for t in ev] == ["eval"] and f"--config={grid.IBP_EVAL_CFG}" in ev[0].argv
+    assert f"--checkpoint={tr[0].done.parent / 'checkpoints' / 'last.pt'}" in ev[0].argv
+    assert (ROOT / grid.RECIPES["ibp"]).exists() and (ROOT / grid.IBP_EVAL_CFG).exists()
 
 
 def test_rescore_adopts_only_a_bit_identical_rerun(out, tmp_path):
@@ -120,6 +130,12 @@ def test_report_tables_and_tests_from_finished_cells(out):
         ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
         ev.mkdir(parents=True)
         (ev / "summary.json").write_text(json.dumps({"clean_acc": a, "robust_acc": {"PGD-20": a - 50}}))
+    for (m, s), v in {("pcdarts", 0): 40.0, ("pcdarts", 1): 44.0, ("dsrna_cb", 0): 60.0, ("dsrna_cb", 1): 66.0}.items():
+        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+        ev = out / "net" / "ibp" / f"{gh}_s{s}" / "eval"
+        ev.mkdir(parents=True)
+        (ev / "summary.json").write_text(json.dumps({"clean_acc": v + 5, "robust_acc": {"PGD-20": v + 1}, "certified": {
+            "ibp": {"inf": {"n": 9, "mean_radius": 0.05, "certified_acc": {"0.05": v}}}}}))
     ctl = out / "control" / "pcdarts_s0_c4"
     (ctl / "train").mkdir(parents=True)
     (ctl / "train" / "summary.json").write_text(json.dumps({"params": 11318, "best_top1": 77.0, "test_top1": 76.5}))
@@ -130,11 +146,15 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
     assert "| pcdarts_s0_c4 | 11.32 | 77.00 | 76.50 | 77.25 | 1.50 |" in text
     assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
+    assert "## Retrained with certified (IBP) training" in text
+    assert "| dsrna_cb (1 not converged) | 68.00 ± 4.24 (n=2) | 64.00 ± 4.24 (n=2) | 63.00 ± 4.24 (n=2) |" in text
     # the paper's forms: Table 2 (search cost 60 CPU-s = 1.0 min; no test top-1 in these summaries)
     assert "| dsrna_cb | - | - | 1.0 ± 0.0 (n=2) | gradient |" in text
     assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | - |" in text  # Tables 1 / 4 form
     res = json.loads((out / "grid.json").read_text())
-    t = [x for x in res["tests"] if x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
+    v = [x for x in res["tests"] if x["recipe"] == "ibp" and x["metric"] == "verified ibp @0.05"][0]
+    assert v["diff"] == pytest.approx(21.0) and v["pairs"] == 2
+    t = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
     from scipy import stats as st
     assert t["welch_p"] == pytest.approx(st.ttest_ind([85, 88], [80, 82], equal_var=False).pvalue)
