@@ -83,6 +83,10 @@ EVAL_CFG = "configs/eval/fmnist_small_grid.yaml"
 CERT_CFG = "configs/eval/fmnist_small_grid_certify.yaml"
 CROWN_CFG = "configs/eval/fmnist_small_grid_crown.yaml"
 AA_CFG = "configs/eval/fmnist_small_grid_aa.yaml"
+#: per recipe: the evaluation stages of its networks (stage, config) and the checkpoint they read
+FULL_EVALS = (("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG))
+RECIPE_EVALS = {"nat": FULL_EVALS, "adv": FULL_EVALS, "ibp": (("eval", IBP_EVAL_CFG),)}
+RECIPE_CHECKPOINT = {"nat": "best.pt", "adv": "best.pt", "ibp": "last.pt"}
 STAGES = ("search", "train", "eval", "certify", "crown", "autoattack")
 LATE = ("crown", "autoattack")  # hours per network on a CPU core: after everything else
 
@@ -142,7 +146,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
         net = OUT / "net" / recipe / f"{gh}_s{seed}"
         common = [f"--run.out_dir={net}", f"--run.seed={seed}", "--run.progress=false"]
         info = {"recipe": recipe, "genotype_hash": gh, "seed": seed, "methods": n["methods"]}
-        best = net / "train" / "checkpoints" / ("last.pt" if recipe == "ibp" else "best.pt")
+        best = net / "train" / "checkpoints" / RECIPE_CHECKPOINT[recipe]
         rk = list(RECIPES).index(recipe)
         if "train" in stages:
             out.append(Task(f"train-{recipe}-{gh}-s{seed}", "train", (1 + gi, 0, seed, rk, mi),
@@ -151,9 +155,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                                       f"--model.genotype={n['genotype']}", *common], info))
         if not (net / "train" / "summary.json").exists():
             continue
-        evals = (("eval", IBP_EVAL_CFG),) if recipe == "ibp" else (
-            ("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG))
-        for stage, cfg in evals:
+        for stage, cfg in RECIPE_EVALS[recipe]:
             if stage in stages and (ROOT / cfg).exists():
                 prio = (1 + gi, STAGES.index(stage), seed, rk, mi) if stage not in LATE else (
                     9 + LATE.index(stage), gi, seed, rk, mi)

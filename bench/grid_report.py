@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
-from dsrna_dist.strategies.convergence import run_convergence  # noqa: E402
-from grid import GROUPS, METHODS, OUT, genotype_hash  # noqa: E402
+from dsrna_dist.strategies.convergence import alpha_stats, record_alphas, run_convergence  # noqa: E402
+from grid import GROUPS, METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
 
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
 BASELINES = [m for m in METHODS if not m.startswith("dsrna")]
@@ -152,6 +152,11 @@ def sweep_of(recipe: str, ghash: str, seed: int) -> Dict[float, float]:
             if sw.get("norm") == "inf" and isinstance(sw.get("robust_acc"), (int, float))}
 
 
+def band(cols: List[List[float]]) -> tuple:
+    """Mean and sample std (0 for a single value) of each column: one point of a figure's line."""
+    return [stats.mean(v) for v in cols], [stats.std(v) if len(v) > 1 else 0.0 for v in cols]
+
+
 def sweep_series(recipe: str, rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
     """Per method: (eps grid, mean, std) of PGD-20 robust accuracy over the seeds whose eval has a
     sweep, on the eps values every one of them has; the label carries n."""
@@ -164,54 +169,40 @@ def sweep_series(recipe: str, rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
     for method, sws in per.items():
         grid = sorted(set.intersection(*(set(s) for s in sws)))
         if grid:
-            vals = [[s[e] for s in sws] for e in grid]
-            series[f"{method} (n={len(sws)})"] = (grid, [stats.mean(v) for v in vals],
-                                                  [stats.std(v) if len(v) > 1 else 0.0 for v in vals])
+            series[f"{method} (n={len(sws)})"] = (grid, *band([[s[e] for s in sws] for e in grid]))
     return series
 
 
 def max_softmax_series(rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
     """Per method: (epochs, mean, std over seeds) of the mean over edges (normal and reduction
     cells) of max softmax(alpha) at each search epoch's end: the convergence criterion's first
-    clause over time. Searches without alpha (RobNet) are left out."""
-    from dsrna_dist.plots import softmax_rows
-
+    clause over time (the value the search recorded, or recomputed from the record's alphas).
+    Searches without alpha (RobNet) are left out."""
     per: Dict[str, List[List[float]]] = {}
     for r in rows:
         f = OUT / "search" / f"{r['method']}_s{r['seed']}" / "alphas.jsonl"
         if r["converged"] is None or not f.exists():
             continue
-        curve = []
-        for rec in read_jsonl(f):
-            sm = [softmax_rows(rec[k]).max(axis=1) for k in ("alphas_normal", "alphas_reduce") if k in rec]
-            curve.append(float(sum(float(m.sum()) for m in sm) / sum(len(m) for m in sm)))
+        curve = [float(rec["max_softmax"]) if "max_softmax" in rec else alpha_stats(record_alphas(rec))["max_softmax"]
+                 for rec in read_jsonl(f)]
         per.setdefault(r["method"], []).append(curve)
     out = {}
     for method, curves in per.items():
         n = min(len(c) for c in curves)
-        cols = [[c[i] for c in curves] for i in range(n)]
-        out[f"{method} (n={len(curves)})"] = (list(range(1, n + 1)), [stats.mean(v) for v in cols],
-                                             [stats.std(v) if len(v) > 1 else 0.0 for v in cols])
+        out[f"{method} (n={len(curves)})"] = (list(range(1, n + 1)), *band([[c[i] for c in curves] for i in range(n)]))
     return out
 
 
 def plots(rows: List[Dict[str, Any]], recipes: List[str]) -> Dict[str, str]:
     """The report's figures (file names under results/grid/), for whatever has finished."""
-    from dsrna_dist.plots import _plt, _save, eps_sweep
+    from dsrna_dist.plots import eps_sweep, series_plot
 
     made = {}
     ms = max_softmax_series(rows)
     if ms:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
-        for name, (x, m, sd) in ms.items():
-            ax.errorbar(x, m, yerr=sd, marker="o", ms=3, capsize=2, label=name)
-        ax.axhline(0.25, color="k", ls="--", lw=0.8, label="criterion 0.25")
-        ax.axhline(0.125, color="gray", ls=":", lw=0.8, label="uniform")
-        ax.set(xlabel="search epoch", ylabel="mean max softmax(alpha)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        made["search"] = _save(fig, OUT / "max_softmax.png").name
+        made["search"] = series_plot(ms, "convergence: mean over edges of max softmax(alpha)", "search epoch",
+                                     "mean max softmax(alpha)", OUT / "max_softmax.png",
+                                     hlines=((0.25, "criterion 0.25", "--"), (0.125, "uniform", ":"))).name
     for recipe in recipes:
         series = sweep_series(recipe, rows)
         if series:
@@ -326,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
                      f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
-    figs = plots(srows, ["nat", "adv"])
+    figs = plots(srows, list(RECIPES))
     if "search" in figs:
         lines += ["", f"![mean max softmax(alpha) per epoch]({figs['search']})"]
     free: Dict[str, List[List[int]]] = {}
@@ -350,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "; ".join(f"{a} = {b} (seed {s})" for a, b, s in same) + "."]
     # ---- per recipe tables
     data: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
-    for recipe in ("nat", "adv", "ibp"):
+    for recipe in RECIPES:
         for r in srows:
             res = net_results(recipe, r["ghash"], r["seed"])
             if res:

@@ -189,20 +189,32 @@ def cell_diagram(g: Genotype, cell: str, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def eps_sweep(series: Mapping[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
-              title: str, xlabel: str, path: Path) -> Path:
-    """Robust accuracy vs eps: one line (mean, error bar = std over seeds) per method."""
+def series_plot(series: Mapping[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                title: str, xlabel: str, ylabel: str, path: Path,
+                ylim: Optional[Tuple[float, float]] = None,
+                hlines: Sequence[Tuple[float, str, str]] = ()) -> Path:
+    """One line per series (x, mean, error bar = std over seeds); ``hlines``: (y, label, style)
+    reference lines, e.g. a criterion's threshold."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
-    for name, (eps, mean, std) in series.items():
-        ax.errorbar(eps, mean, yerr=std, marker="o", ms=4, capsize=3, label=name)
+    for name, (x, mean, std) in series.items():
+        ax.errorbar(x, mean, yerr=std, marker="o", ms=4, capsize=3, label=name)
+    for y, label, style in hlines:
+        ax.axhline(y, color="gray", ls=style, lw=0.8, label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def eps_sweep(series: Mapping[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+              title: str, xlabel: str, path: Path) -> Path:
+    """Robust accuracy vs eps: one line (mean, error bar = std over seeds) per method."""
+    return series_plot(series, title, xlabel, "robust accuracy (%)", path, ylim=(0, 100))
 
 
 def radius_bins(data: Mapping[str, Sequence[float]], bins: int = 20) -> np.ndarray:
