@@ -1,7 +1,7 @@
 """Soundness check of an evaluate run, per example: an example certified at eps (radius >= eps,
 l_inf) must not be broken by the run's PGD attack at that eps. Prints, per bound method, how many
 examples are certified at eps and how many of them PGD broke (violations; must be 0); exit 1 if
-any.
+any, 2 if the run has no such records (missing file, no record of the attack or no l_inf radius).
 
     python bench/check_certified_vs_pgd.py RUN_DIR 0.05 [--attack PGD-20]
 """
@@ -19,13 +19,17 @@ from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 
 
 def check(run: Path, eps: float, attack: str = "PGD-20") -> Dict[str, Dict[str, int]]:
-    """Per bound method: examples certified at ``eps`` and violations (PGD broke them)."""
-    att = [r for r in read_jsonl(run / "attacks.jsonl") if "index" in r]
-    pgd = {r["index"]: bool(r["correct"]) for r in att if r["attack"] == attack}
+    """Per bound method: examples certified at ``eps`` and violations (PGD broke them).
+    Raises ValueError (naming the file) when there is nothing to check."""
+    try:
+        att, cert = (read_jsonl(run / f, missing_ok=False) for f in ("attacks.jsonl", "certify.jsonl"))
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename}: no such file (is {run} an evaluate run directory?)") from None
+    pgd = {r["index"]: bool(r["correct"]) for r in att if "index" in r and r.get("attack") == attack}
     if not pgd:
-        raise SystemExit(f"{run / 'attacks.jsonl'}: no records of attack {attack!r}")
+        raise ValueError(f"{run / 'attacks.jsonl'}: no records of attack {attack!r}")
     out: Dict[str, Dict[str, int]] = {}
-    for r in read_jsonl(run / "certify.jsonl"):
+    for r in cert:
         if r.get("norm") != "inf" or "radius" not in r:
             continue
         o = out.setdefault(r["method"], {"records": 0, "certified": 0, "violations": 0, "attacked": len(pgd)})
@@ -33,6 +37,8 @@ def check(run: Path, eps: float, attack: str = "PGD-20") -> Dict[str, Dict[str, 
         if r["radius"] >= eps:
             o["certified"] += 1
             o["violations"] += int(not pgd.get(r["index"], True))
+    if not out:
+        raise ValueError(f"{run / 'certify.jsonl'}: no l_inf radius records")
     return out
 
 
@@ -42,7 +48,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("eps", type=float)
     ap.add_argument("--attack", default="PGD-20", help="attack label in attacks.jsonl")
     a = ap.parse_args(argv)
-    res = check(a.run, a.eps, a.attack)
+    try:
+        res = check(a.run, a.eps, a.attack)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for m, o in sorted(res.items()):
         print(f"{m}: certified at {a.eps:g}: {o['certified']} of {o['attacked']} attacked "
               f"({100 * o['certified'] / o['attacked']:.1f}%), violations (certified but {a.attack} broke it): "

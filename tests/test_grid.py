@@ -214,3 +214,8 @@ def test_certified_vs_pgd_check_counts_violations(tmp_path):
     assert res["crown-ibp"] == {"records": 2, "certified": 2, "violations": 1, "attacked": 4}
     assert chk.main([str(tmp_path), "0.05"]) == 1
     assert chk.main([str(tmp_path), "0.06"]) == 0
+    # nothing to check is an error (exit 2), not a pass
+    assert chk.main([str(tmp_path), "0.05", "--attack", "PGD-100"]) == 2
+    assert chk.main([str(tmp_path / "missing"), "0.05"]) == 2
+    (tmp_path / "certify.jsonl").write_text(json.dumps(cert[2]) + "\n")  # l_2 only
+    assert chk.main([str(tmp_path), "0.05"]) == 2
