@@ -393,12 +393,14 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
 
 
 def run_eval(rt: Any, plan: Plan) -> int:
-    from .engine import gather_objects
+    from .engine import gather_objects, memory_format
     from .engine.io import atomic_write_json, atomic_write_text
     from .space.network import count_parameters
 
     cfg = plan.cfg
-    model = plan.model.to(rt.device).eval()
+    # attacks in the configured layout (channels_last: ~2x faster on CPU, BENCHMARKS "CPU
+    # layout"); certification in the contiguous one every certified radius so far was computed in
+    model = plan.model.to(rt.device, memory_format=memory_format(cfg.dist)).eval()
     data = plan.data if plan.data is not None else TestSet(cfg.data)
     n = len(data)
     run_dir: Path = rt.run_dir
@@ -480,6 +482,7 @@ def run_eval(rt: Any, plan: Plan) -> int:
         from .bounds import BoundedModel
         from .bounds.evaluation import certify_batch
 
+        model = model.to(memory_format=torch.contiguous_format)
         bm = BoundedModel(model, crown_forward=cfg.certify.crown_forward)
         num_classes = _num_classes(model, data, rt.device) if n else 2
         t0 = time.perf_counter()

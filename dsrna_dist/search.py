@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import ConfigError, SearchConfig, parse_cli
 from .engine import (Runtime, all_reduce_mean_, assert_identical_across_ranks, broadcast_parameters,
-                     capture_rng, restore_training_state, run_checked, training_state)
+                     capture_rng, memory_format, restore_training_state, run_checked, training_state)
 from .engine.schedule import arch_lr_at, lr_at
 from .search_artifacts import (alpha_record, genotype_markdown, heatmap_figure, read_alpha_history,
                                save_genotypes, write_alpha_history)
@@ -47,10 +47,6 @@ def build_metric(cfg: SearchConfig):
     from .robustness import build_metric as _build
 
     return _build(cfg.robustness)
-
-
-def memory_format(cfg: SearchConfig) -> torch.memory_format:
-    return torch.channels_last if cfg.dist.channels_last else torch.contiguous_format
 
 
 def build_optimizers(cfg: SearchConfig, model: Supernet) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -142,7 +138,7 @@ def setup_supernet(rt: Runtime, cfg: SearchConfig, info: Any, metric: Any,
     start, on resume, and whenever a strategy says the supernet changes (P-DARTS stages).
     ``broadcast``: make rank 0's fresh init everyone's (skipped when a checkpoint is loaded next)."""
     model = Supernet(model_cfg if model_cfg is not None else cfg.model, info, op_mask)
-    model = model.to(rt.device, memory_format=memory_format(cfg))
+    model = model.to(rt.device, memory_format=memory_format(cfg.dist))
     w_optim, a_optim = build_optimizers(cfg, model)
     if broadcast:
         broadcast_parameters(model.parameters())  # one architecture and one init everywhere
@@ -181,7 +177,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
     cfg: SearchConfig = rt.cfg
     check_config(cfg)
     info, train_loader, val_loader, steps = build_loaders(cfg, rt, arrays)
-    fmt = memory_format(cfg)
+    fmt = memory_format(cfg.dist)
     loaders = (train_loader, val_loader, steps)
     # same order of random draws as before the lifecycle hooks: supernet init, then the metric
     ctx = setup_supernet(rt, cfg, info, None, loaders=loaders, broadcast=False)

@@ -49,7 +49,7 @@ from torch import nn
 from . import genotype as G
 from .config import ConfigError, TrainConfig, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
-                     restore_rng, run_checked, seed_everything, seed_rank_streams,
+                     memory_format, restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
 from .engine.io import atomic_write_text, read_jsonl
 from .engine.schedule import lr_at
@@ -180,7 +180,8 @@ class Trainer:
         cfg, dev = plan.cfg, rt.device
         self.cuda = dev.type == "cuda"
         self.bf16 = self.cuda and cfg.dist.mixed_precision == "bf16"
-        self.channels_last = self.cuda and cfg.dist.channels_last
+        # DeepSpeed broadcasts parameters viewed as bytes, which needs the contiguous layout
+        self.channels_last = memory_format(cfg.dist) == torch.channels_last and cfg.engine != "deepspeed"
         net = plan.model
         if plan.resume is not None:  # weights first: DDP and ZeRO build their buffers from them
             try:

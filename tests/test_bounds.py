@@ -14,7 +14,7 @@ from torch import nn
 from dsrna_dist.bounds import (BOUND_OPS, BoundedModel, BoundError, certified_radius, has_module_bound,
                                margin_lower_bound)
 from dsrna_dist.bounds.graph import _Tracer
-from dsrna_dist.space.layers import Normalize
+from dsrna_dist.space.layers import Normalize, SubsampledConv2d
 from dsrna_dist.space.ops import OPS, FactorizedReduce, Zero, build_op
 
 torch.set_num_threads(1)
@@ -263,6 +263,8 @@ def test_each_op_exact_at_zero_and_sound(name, affine, stride):
 
 TRAPS = {
     "depthwise_dilated_strided": lambda: nn.Conv2d(3, 3, 3, stride=2, padding=2, dilation=2, groups=3),
+    "subsampled_dilated_strided": lambda: SubsampledConv2d(3, 3, 3, stride=2, padding=2, dilation=2, groups=3),
+    "subsampled_5x5_bias": lambda: SubsampledConv2d(3, 3, 5, stride=2, padding=4, dilation=2, groups=3),
     "grouped_conv_bias": lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), groups=2),
     "dilated_5x5_pad4": lambda: nn.Conv2d(3, 3, 5, padding=4, dilation=2, groups=3, bias=False),
     "avgpool_no_pad_count": lambda: nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),

@@ -180,3 +180,45 @@ def test_search_cell_edge_count_and_concat():
     assert len(cell.edges) == 2 + 3 + 4
     out = cell(torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8), torch.softmax(torch.randn(9, 8), -1))
     assert out.shape == (2, 3 * 4, 4, 4)
+
+
+@pytest.mark.parametrize("k,p", [(3, 2), (5, 4)])
+@pytest.mark.parametrize("size", [7, 8, 28])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_subsampled_conv_equals_native_strided_dilated_conv(k, p, size, layout):
+    """The rewrite of the stride-2 dil_conv: same output (bit-identical in the contiguous layout,
+    to rounding in channels_last, whose kernels differ), same gradients (to float summation
+    order), same state-dict, on odd and even maps."""
+    from torch import nn
+
+    from dsrna_dist.space.layers import SubsampledConv2d
+    torch.manual_seed(0)
+    ref = nn.Conv2d(6, 6, k, stride=2, padding=p, dilation=2, groups=6, bias=True)
+    sub = SubsampledConv2d(6, 6, k, stride=2, padding=p, dilation=2, groups=6, bias=True)
+    sub.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 6, size, size).contiguous(memory_format=layout)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ref(xa), sub(xb)
+    assert ya.shape == yb.shape
+    if layout == torch.contiguous_format:
+        assert torch.equal(ya, yb)
+    torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sub.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_subsampled_conv_is_used_only_where_exact():
+    from torch import nn
+
+    from dsrna_dist.space.layers import SubsampledConv2d
+    convs = lambda op: [type(m) for m in op.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
+    assert SubsampledConv2d in convs(build_op("dil_conv_3x3", 4, 2, True))
+    assert SubsampledConv2d in convs(build_op("dil_conv_5x5", 4, 2, False))
+    assert SubsampledConv2d not in convs(build_op("dil_conv_3x3", 4, 1, True))  # stride 1: native
+    assert SubsampledConv2d not in convs(build_op("sep_conv_3x3", 4, 2, True))  # dilation 1: not exact
+    with pytest.raises(ValueError, match="SubsampledConv2d"):
+        SubsampledConv2d(2, 2, 3, stride=2, padding=1, dilation=2)  # not "same" padding: output size differs

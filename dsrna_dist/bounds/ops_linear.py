@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..space.layers import Normalize
+from ..space.layers import Normalize, SubsampledConv2d
 from .base import (BoundError, BoundOp, Interval, linear_vjp, maybe, register_functions,
                    register_methods, register_modules, sum_spec)
 from .lin import Lin, affine, flat_apply
@@ -114,7 +114,7 @@ def _conv_output_padding(in_hw, out_hw, k, s, p, d) -> Tuple[int, ...]:
                  for i, o, kk, st, pd, dl in zip(in_hw, out_hw, k, s, p, d))
 
 
-@register_modules(nn.Conv2d)
+@register_modules(nn.Conv2d, SubsampledConv2d)
 class BoundConv2d(BoundOp):
     """Conv2d with any groups (depthwise), dilation, stride, padding."""
 
@@ -149,17 +149,27 @@ class BoundConv2d(BoundOp):
             return linear_vjp(lambda z: m._conv_forward(z, m.weight, None), A, in_shape)
         A2 = A.reshape((b * S,) + tuple(A.shape[2:]))
         k, d, p = m.kernel_size, m.dilation, m.padding
-        pad_t = tuple(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p))
-        if m.stride == (1, 1) and min(pad_t) >= 0:
-            # stride 1: the transposed conv is a plain conv with the flipped, channel-swapped
-            # kernel (CPU kernels for conv2d are much faster than for conv_transpose2d)
-            g_, co, ci = m.groups, m.out_channels, m.in_channels
-            w = m.weight.view(g_, co // g_, ci // g_, *k).transpose(1, 2).reshape(ci, co // g_, *k)
-            g = F.conv2d(A2, w.flip(-1, -2), None, 1, pad_t, d, g_)
+        if isinstance(m, SubsampledConv2d):
+            # the transpose of subsample-then-stride-1: the stride-1 transpose, zero-stuffed
+            s = m.stride[0]
+            small = (in_shape[0], in_shape[1], -(-in_shape[2] // s), -(-in_shape[3] // s))
+            g = A2.new_zeros((b * S,) + tuple(in_shape[1:]))
+            g[:, :, ::s, ::s] = self._back_stride1(A2, small, k, tuple(x // s for x in p), tuple(x // s for x in d))
             return g.view((b, S) + tuple(in_shape[1:]))
+        if m.stride == (1, 1) and min(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p)) >= 0:
+            return self._back_stride1(A2, in_shape, k, p, d).view((b, S) + tuple(in_shape[1:]))
         op = _conv_output_padding(in_shape[2:], A.shape[3:], k, m.stride, p, d)
         g = F.conv_transpose2d(A2, m.weight, None, m.stride, p, op, m.groups, d)
         return g.view((b, S) + tuple(in_shape[1:]))
+
+    def _back_stride1(self, A2: Tensor, in_shape, k, p, d) -> Tensor:
+        """Transpose of the stride-1 conv with this weight: a plain conv with the flipped,
+        channel-swapped kernel (CPU kernels for conv2d are much faster than for conv_transpose2d)."""
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        pad_t = tuple(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p))
+        g_, co, ci = m.groups, m.out_channels, m.in_channels
+        w = m.weight.view(g_, co // g_, ci // g_, *k).transpose(1, 2).reshape(ci, co // g_, *k)
+        return F.conv2d(A2, w.flip(-1, -2), None, 1, pad_t, d, g_)
 
     def _bias(self, A: Tensor):
         m = self.module

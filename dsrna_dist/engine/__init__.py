@@ -22,7 +22,7 @@ _WHERE = {
                    "load_checkpoint", "restore_rng", "restore_training_state", "training_state"),
     "errors": ("CheckpointError",),
     "gather": ("gather_objects", "shard_indices"),
-    "runtime": ("Runtime", "build_accelerator", "report_error", "run_checked", "run_stage", "setup_runtime",
+    "runtime": ("Runtime", "build_accelerator", "memory_format", "report_error", "run_checked", "run_stage", "setup_runtime",
                 "teardown"),
     "seeding": ("derive_seed", "rank_generator", "seed_everything", "seed_rank_streams", "set_deterministic"),
     "sync": ("all_reduce_mean_", "assert_identical_across_ranks", "broadcast_parameters"),

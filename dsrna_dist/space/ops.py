@@ -2,7 +2,8 @@
 
 Every op is built only from standard torch modules (ReLU, Conv2d, BatchNorm2d, AvgPool2d,
 MaxPool2d, Identity) plus the two small custom modules here (:class:`Zero`,
-:class:`FactorizedReduce`), so the bound engine needs one bound class per module type and
+:class:`FactorizedReduce`) and ``layers.SubsampledConv2d`` (a Conv2d with a faster CPU kernel
+for the strided dilated convs), so the bound engine needs one bound class per module type and
 nothing else. Search ops use affine-free BatchNorm (``affine=False``); derived networks use
 affine BN. Factories take ``(C, stride, affine)`` as in the DARTS reference code.
 """
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
+from .layers import SubsampledConv2d
 
 OpFactory = Callable[[int, int, bool], nn.Module]
 OPS: Registry[OpFactory] = Registry("op")
@@ -36,10 +38,10 @@ class DilConv(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int,
                  dilation: int, affine: bool = True) -> None:
+        conv = SubsampledConv2d if SubsampledConv2d.applies(kernel, stride, padding, dilation) else nn.Conv2d
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel, stride=stride, padding=padding, dilation=dilation,
-                      groups=c_in, bias=False),
+            conv(c_in, c_in, kernel, stride=stride, padding=padding, dilation=dilation, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_out, 1, bias=False),
             nn.BatchNorm2d(c_out, affine=affine),
         )
