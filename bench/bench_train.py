@@ -92,8 +92,9 @@ def single(args) -> dict:
     return out
 
 
-def regimes(args) -> dict:
-    """CPU seconds per step for natural / PGD-k AT / TRADES-k, interleaved, best of repeats."""
+def regimes(args, fmt: torch.memory_format = torch.contiguous_format) -> dict:
+    """CPU seconds per step for natural / PGD-k AT / TRADES-k, interleaved, best of repeats,
+    with the network and batch in memory layout ``fmt``."""
     from dataclasses import replace
 
     from dsrna_dist.config import RegimeConfig, TrainConfig
@@ -102,8 +103,8 @@ def regimes(args) -> dict:
     torch.manual_seed(0)
     ncfg = NetworkConfig(genotype=args.genotype, init_channels=args.c, layers=args.layers, auxiliary=False,
                          drop_path=0.0)
-    m = build_network(ncfg, None, INFOS["fashion_mnist"]).train()
-    x = torch.rand(args.batch, 1, 28, 28)
+    m = build_network(ncfg, None, INFOS["fashion_mnist"]).train().to(memory_format=fmt)
+    x = torch.rand(args.batch, 1, 28, 28).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,))
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4)
     crit = torch.nn.CrossEntropyLoss()
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=7, help="--regimes: PGD steps of the training attack")
     ap.add_argument("--certified", action="store_true", help="--regimes: natural and certified regimes only")
     ap.add_argument("--genotype", default="DARTS_V2", help="--regimes: cell (zoo name or genotype.json)")
+    ap.add_argument("--layout", default="channels_last", choices=("contiguous", "channels_last", "both"),
+                    help="--regimes: memory layout(s) to time (both: side by side, with the ratio)")
     args = ap.parse_args()
     q = args.quick
     args.c = args.c or (8 if q else 36)
@@ -217,10 +220,15 @@ def main() -> None:
         print(f"training regimes, derived {args.genotype} C={args.c}, {args.layers} cells, no aux head, Fashion-MNIST "
               f"batch {args.batch}, eps 0.1 l_inf, 1 thread, process CPU time, best of {args.repeats} interleaved "
               f"rounds of {args.steps} steps")
-        res = regimes(args)
-        nat = res["natural"]
-        for n, sec in res.items():
-            print(f"  {n:24s} {sec * 1e3:8.0f} ms/step  ratio to natural {sec / nat:5.2f}")
+        fmts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+        res = {name: regimes(args, fmt) for name, fmt in fmts.items() if args.layout in (name, "both")}
+        for name, r in res.items():
+            print(f" {name}:")
+            for n, sec in r.items():
+                print(f"  {n:24s} {sec * 1e3:8.0f} ms/step  ratio to natural {sec / r['natural']:5.2f}")
+        if len(res) == 2:
+            print(" contiguous / channels_last step time: " + ", ".join(
+                f"{n} {res['contiguous'][n] / res['channels_last'][n]:.2f}x" for n in res["contiguous"]))
         return
     print(f"derived DARTS_V2 networks, C={args.c}, {args.layers} cells, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
