@@ -1,7 +1,8 @@
 """Distributed runtime: accelerator setup, logging, checkpoints, sharded evaluation.
 
 Public API (see each module's docstring for the *why*):
-- ``setup_runtime(cfg, stage) -> Runtime``, ``teardown(rt, code)``, ``run_stage(main, cfg, stage)``
+- ``setup_runtime(cfg, stage) -> Runtime``, ``teardown(rt, code)``, ``run_stage(main, cfg, stage)``,
+  ``memory_format(cfg.dist)`` (the one layout every stage puts its model and batches in)
 - ``CheckpointManager``, ``capture_rng`` (collective), ``restore_rng``, ``training_state``,
   ``restore_training_state``, ``CheckpointError``
 - ``shard_indices``, ``gather_objects`` (collective)
@@ -22,8 +23,8 @@ _WHERE = {
                    "load_checkpoint", "restore_rng", "restore_training_state", "training_state"),
     "errors": ("CheckpointError",),
     "gather": ("gather_objects", "shard_indices"),
-    "runtime": ("Runtime", "build_accelerator", "memory_format", "report_error", "run_checked", "run_stage", "setup_runtime",
-                "teardown"),
+    "runtime": ("Runtime", "build_accelerator", "memory_format", "report_error", "run_checked", "run_stage",
+                "setup_runtime", "teardown"),
     "seeding": ("derive_seed", "rank_generator", "seed_everything", "seed_rank_streams", "set_deterministic"),
     "sync": ("all_reduce_mean_", "assert_identical_across_ranks", "broadcast_parameters"),
     "tb": ("TBWriter",),

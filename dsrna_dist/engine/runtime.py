@@ -106,8 +106,8 @@ def memory_format(dist_cfg: Any) -> torch.memory_format:
     """The layout of every model and batch: channels_last unless ``dist.channels_last`` is off.
 
     On every device: measured on this project's CPU nets, channels_last (with the strided
-    dil_conv as ``SubsampledConv2d``) makes an attack step 1.6-2x and a train step 1.7-2.1x
-    faster than the contiguous layout (BENCHMARKS.md "CPU layout").
+    dil_conv as ``SubsampledConv2d``) makes an attack step 1.4-2.2x and a train step 1.7-2.3x
+    cheaper than the contiguous layout (BENCHMARKS.md "CPU layout").
     """
     return torch.channels_last if dist_cfg.channels_last else torch.contiguous_format
 
