@@ -168,7 +168,9 @@ def preflight(cfg: EvalConfig) -> Plan:
     fp = {"checkpoint_sha256": _sha256(cfg.checkpoint), "data": to_dict(cfg.data),
           "attacks": [{"label": lab, **meta, **({"config": to_dict(a.cfg)} if a is not None else {})}
                       for lab, a, meta in attacks],
-          "certify": to_dict(cfg.certify), "seed": cfg.run.seed}
+          "certify": to_dict(cfg.certify), "seed": cfg.run.seed,
+          # the attacks' layout changes their float rounding: a resume must not mix layouts
+          "attack_layout": "channels_last" if cfg.dist.channels_last else "contiguous"}
     for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
         fp["data"].pop(k, None)  # do not change any result
     check_eval_dir(cfg, fp)
@@ -398,8 +400,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
     from .space.network import count_parameters
 
     cfg = plan.cfg
-    # attacks in the configured layout (channels_last: ~2x faster on CPU, BENCHMARKS "CPU
-    # layout"); certification in the contiguous one every certified radius so far was computed in
+    # the model's layout for the attacks is the configured one (channels_last: ~2x cheaper on
+    # CPU, BENCHMARKS "CPU layout"); certification runs contiguous, the layout of the radii before
     model = plan.model.to(rt.device, memory_format=memory_format(cfg.dist)).eval()
     data = plan.data if plan.data is not None else TestSet(cfg.data)
     n = len(data)

@@ -202,7 +202,7 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     assert [e.value for e in acc] == pytest.approx([p["robust_acc"] for p in s["eps_sweep"]])
 
 
-def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckpt):
+def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckpt, capsys):
     cfg = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8)
     path = write_yaml(tmp_path, cfg)
     r = run_cli("--config", path, extra_env={"DSRNA_EVAL_STOP_AFTER_CHUNKS": "2"})
@@ -228,6 +228,11 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckp
     with pytest.raises(SystemExit) as e:
         evaluate(other)
     assert e.value.code == 2
+    # so is the same evaluation in the other memory layout (its attacks round differently)
+    other = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8, dist={"channels_last": False})
+    with pytest.raises(SystemExit) as e:
+        evaluate(other)
+    assert e.value.code == 2 and "attack_layout" in capsys.readouterr().err
 
 
 def test_bad_checkpoint_is_refused_before_anything_is_written(tmp_path, ckpt, capsys):
