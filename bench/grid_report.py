@@ -139,6 +139,8 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
             if meth in cert:
                 for norm, v in cert[meth].items():
                     out[f"radius {meth} l_{norm} (n={v.get('n')})"] = v.get("mean_radius")
+                    if v.get("median_bracket"):  # the bound's radius lies within this factor above
+                        out[f"radius {meth} l_{norm} bracket (median)"] = v["median_bracket"]
                     if v.get("mean_radius_target") is not None:
                         out[f"radius {meth} l_{norm} random target (n={v.get('n')})"] = v.get("mean_radius_target")
                 break

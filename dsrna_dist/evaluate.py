@@ -345,6 +345,17 @@ def certified_accuracy(cert_recs: Sequence[Dict[str, Any]], attack_recs: Sequenc
     return out, prefix
 
 
+def _resolution(rs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """How finely the searches resolved the bound's radii: the median over certified examples of
+    ``failed_at / radius`` (the bound's radius lies in that bracket), and how many certified
+    examples have no failure above them (a lower end of unknown resolution: records written
+    before ``failed_at`` existed count here too)."""
+    ratios = sorted(r["failed_at"] / r["radius"] for r in rs if r["radius"] > 0 and r.get("failed_at"))
+    k = len(ratios)
+    med = None if not k else (ratios[k // 2] if k % 2 else (ratios[k // 2 - 1] + ratios[k // 2]) / 2)
+    return {"median_bracket": med, "n_unbracketed": sum(1 for r in rs if r["radius"] > 0 and not r.get("failed_at"))}
+
+
 def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[str, Any]],
               attacks: Sequence[Tuple[str, Any, Dict[str, Any]]], sweep_label: str,
               masking: Optional[Any] = None, cert_eps: Optional[Dict[str, Sequence[float]]] = None) -> Dict[str, Any]:
@@ -372,7 +383,7 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
         cert.setdefault(meth, {})[norm] = {
             "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
             "mean_radius_target": sum(tg) / len(tg) if tg else None,
-            "n_certified": sum(1 for r in rs if r["radius"] > 0)}
+            "n_certified": sum(1 for r in rs if r["radius"] > 0), **_resolution(rs)}
     n = len({r["index"] for r in attack_recs})
     if cert_recs:
         default = {nm: sorted({m["eps"] for lab, _, m in attacks if lab in robust and m["eps"] > 0
@@ -562,6 +573,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
             rt.print(f"certified ({meth}): " + ", ".join(
                 f"l_{nm} {v['mean_radius']:.5f}" + (f" / target {v['mean_radius_target']:.5f}"
                                                      if v["mean_radius_target"] is not None else "")
+                + (f" (bracket x{v['median_bracket']:.3f} median" if v.get("median_bracket") else " (")
+                + f"; {v.get('n_unbracketed', 0)} of {v['n']} never failed above)"
                 for nm, v in per.items()))
         for w in (s["masking"] or {}).get("warnings", []):
             rt.print(f"WARNING (gradient masking check): {w}")

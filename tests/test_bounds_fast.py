@@ -166,3 +166,36 @@ def test_fast_crown_radius_without_warm_start_from_a_far_eps():
     assert (_margin(bm, x, y, r, "inf", "crown") > 0).all()
     adv = min_adversarial_eps(net, x, y, "inf", eps_max=1.0, bisection_steps=12, steps=40, restarts=2)
     assert (r <= adv).all()
+
+
+def test_fast_crown_passes_placed_by_the_margins_reach_near_the_exact_radius():
+    """Two full passes from an eps_init 5x below the radii, no warm start: the second pass is
+    placed by the margins the first one and the clean point measured, so the radius is most of
+    the exact CROWN radius (a fixed 1.5x step would stop at 1.5 x eps_init, ~30% of it), is
+    certified by a fresh full pass and is never above the exact search's radius."""
+    net, x, y = _trained_cnn(0)
+    bm = BoundedModel(net)
+    exact = certified_radius(bm, x, y, "inf", "crown", steps=30, rel_tol=1e-3)
+    init = float(exact.min()) / 5
+    fast = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-3, crown_passes=2, eps_init=init)
+    assert (fast <= exact * (1 + 2e-3)).all()
+    assert (_margin(bm, x, y, fast, "inf", "crown") > 0).all()
+    assert (fast >= 0.5 * exact).all(), (fast / exact)
+    assert (fast > 1.5 * init * 1.01).all(), "the second pass went no further than a fixed 1.5x step"
+
+
+@pytest.mark.parametrize("passes", [0, 2])
+def test_radius_bracket_reports_where_the_bound_failed(passes):
+    """``bracket=True``: the bound certifies at the radius and a fresh evaluation of the same
+    bound fails at the reported failure eps, which lies above the radius (for the fast path:
+    the smallest failed full pass; its probes are looser and do not count)."""
+    net, x, y = _trained_cnn(0)
+    x, y = x[:4], y[:4]
+    bm = BoundedModel(net)
+    r, failed = certified_radius(bm, x, y, "inf", "crown", steps=12, rel_tol=1e-2, crown_passes=passes,
+                                 eps_init=0.2, bracket=True)
+    assert torch.isfinite(failed).all() and (failed > r).all() and (r > 0).all()
+    assert (_margin(bm, x, y, r, "inf", "crown") > 0).all()
+    assert (_margin(bm, x, y, failed, "inf", "crown") <= 0).all()
+    assert torch.equal(r, certified_radius(bm, x, y, "inf", "crown", steps=12, rel_tol=1e-2, crown_passes=passes,
+                                           eps_init=0.2))

@@ -2,6 +2,7 @@
 interrupted runs resume, bad checkpoints are refused before anything is written, 2 ranks give
 the same records as 1, and certified radii never exceed what an attack finds."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -184,6 +185,14 @@ def test_summary_aggregates_the_records(full_run, ckpt):
         rs = [r["radius"] for r in cert if r["method"] == m]
         assert s["certified"][m]["inf"]["mean_radius"] == pytest.approx(sum(rs) / len(rs))
     assert s["certified"]["crown-ibp"]["inf"]["mean_radius"] >= s["certified"]["ibp"]["inf"]["mean_radius"] - 1e-9
+    for m in ("ibp", "crown-ibp"):  # the search's resolution, from the records' failed ends
+        rs = [r for r in cert if r["method"] == m]
+        ratios = sorted(r["failed_at"] / r["radius"] for r in rs if r["radius"] > 0 and r["failed_at"])
+        v = s["certified"][m]["inf"]
+        assert v["n_unbracketed"] == sum(1 for r in rs if r["radius"] > 0 and r["failed_at"] is None)
+        assert (v["median_bracket"] is None) == (not ratios)
+        if ratios:
+            assert ratios[0] <= v["median_bracket"] <= ratios[-1] and ratios[0] > 1
     assert s["train_run_dir"] == str(Path(ckpt).resolve().parent.parent)
     assert s["params"] > 0 and s["genotype"]["normal"]
     assert s["timing"]["attack_examples_per_s"] > 0 and s["timing"]["peak_memory_mb"] > 0
@@ -303,6 +312,18 @@ def test_certified_radius_never_exceeds_the_smallest_adversarial_eps(norm, ckpt)
         assert torch.isfinite(adv).all()
         for r in recs:
             assert 0 <= r["radius"] <= adv[r["index"]].item() + 1e-7, (r, adv)
+            for key, rad in (("failed_at", r["radius"]), ("failed_at_target", r["radius_target"])):
+                assert r[key] is None or r[key] > rad, r  # the bracket's failed end is above its radius
+        # a method's failed end is where a fresh evaluation of that bound does not certify
+        from dsrna_dist.bounds import BoundedModel
+        bm = BoundedModel(model)
+        assert any(r["failed_at"] for r in recs)
+        for r in recs:
+            if r["failed_at"] is not None and r["method"] != "crown":
+                i = r["index"]
+                with torch.no_grad():
+                    m = bm.margin_lower_bound(x[i:i + 1], y[i:i + 1], r["failed_at"], norm, r["method"])
+                assert float(m.scatter(1, y[i:i + 1].view(-1, 1), math.inf).min()) <= 0, r
         best = [r["radius"] for r in recs if r["method"] == methods[-1]]
         assert min(best) > 0, "certification should be non-trivial on these nets"
 

@@ -14,7 +14,7 @@ eps); a sound certificate can never exceed it.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,9 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
                   methods: Sequence[str], norms: Sequence[str], steps: int, eps_init: float,
                   random_target: bool, seed: int, num_classes: int, rel_tol: float = 0.0,
                   eps_min: float = 1e-7, crown_passes: int = 0) -> List[Dict]:
-    """certify.jsonl records (index, label, method, norm, radius, radius_target, target).
+    """certify.jsonl records (index, label, method, norm, radius, radius_target, target,
+    failed_at, failed_at_target: the smallest eps at which the method's bound was evaluated and
+    did not certify, None where it never failed, so each radius states its own resolution).
 
     Methods run cheapest first (IBP, CROWN-IBP, CROWN) and each search starts from the radius
     the previous one certified (a sound certificate whichever bound proved it): the easy part
@@ -84,24 +86,33 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
             for method in sorted(set(methods), key=METHOD_ORDER.index):
                 prev, prev_t = up(prev, implied(norm, method, 0)), up(prev_t, implied(norm, method, 1))
                 mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
-                r = certified_radius(bm, x, y, norm, method, lower=prev, **mkw)
-                rt = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, **mkw) \
-                    if tgt is not None else None
+                r, fr = certified_radius(bm, x, y, norm, method, lower=prev, bracket=True, **mkw)
+                rt, ft = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, bracket=True, **mkw) \
+                    if tgt is not None else (None, None)
                 if prev is not None:  # the warm start keeps the cheaper certificate
                     r = torch.maximum(r, prev)
                     rt = torch.maximum(rt, prev_t) if rt is not None else None
                 prev, prev_t = r, rt
-                radii[method] = (r, rt)
-            done[norm] = radii
+                radii[method] = (r, rt, fr, ft)
+            done[norm] = {m: v[:2] for m, v in radii.items()}
             for method in methods:
-                r, rt = radii[method]
+                r, rt, fr, ft = radii[method]
                 for k, i in enumerate(indices):
                     out.append({"index": int(i), "label": int(y[k]), "method": method, "norm": norm,
                                 "radius": float(r[k]),
                                 "radius_target": float(rt[k]) if rt is not None else None,
-                                "target": int(tgt[k]) if tgt is not None else None})
+                                "target": int(tgt[k]) if tgt is not None else None,
+                                "failed_at": _failed(fr[k], r[k]),
+                                "failed_at_target": _failed(ft[k], rt[k]) if rt is not None else None})
     out.sort(key=lambda d: (methods.index(d["method"]), list(norms).index(d["norm"]), d["index"]))
     return out
+
+
+def _failed(failed: torch.Tensor, radius: torch.Tensor) -> Optional[float]:
+    """The record's ``failed_at``: where the method's bound was evaluated and failed, above the
+    radius (None: nowhere, i.e. the radius is a lower end of unknown resolution)."""
+    f = float(failed)
+    return f if math.isfinite(f) and f > float(radius) else None
 
 
 def min_adversarial_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "inf", *,
