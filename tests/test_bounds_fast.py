@@ -182,6 +182,12 @@ def test_fast_crown_passes_placed_by_the_margins_reach_near_the_exact_radius():
     assert (_margin(bm, x, y, fast, "inf", "crown") > 0).all()
     assert (fast >= 0.5 * exact).all(), (fast / exact)
     assert (fast > 1.5 * init * 1.01).all(), "the second pass went no further than a fixed 1.5x step"
+    # a cheaper bound's tiny radius as the warm start (CROWN-IBP on a naturally trained DARTS net)
+    # must not make the passes crawl up from it: the first pass still goes to eps_init
+    warm = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-3, crown_passes=2, eps_init=init,
+                            lower=exact * 1e-3)
+    assert (warm >= 0.5 * exact).all(), (warm / exact)
+    assert (warm <= exact * (1 + 2e-3)).all()
 
 
 @pytest.mark.parametrize("passes", [0, 2])

@@ -111,9 +111,15 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
     both = torch.isfinite(lo) & torch.isfinite(hi)
     grow = math.log(1.5)
     init = torch.full_like(lo, log_init)
-    ref = torch.where(both, (lo + hi) / 2,
-                      torch.where(torch.isfinite(hi), torch.minimum(hi - 1.0, init),
-                                  torch.where(torch.isfinite(lo), lo + grow, init)))
+    # a warm start more than 10x below eps_init (a cheaper bound's tiny radius, e.g. CROWN-IBP's
+    # 2e-7 on the grid's natural net, CROWN radius ~3e-4) says little: the first pass goes to
+    # eps_init (if inside the bracket) instead of crawling up from it -- the margin's slope at so
+    # small an eps is no guide either (there: 563 per unit eps at 3e-7, 11k-19k near the radius)
+    weak = torch.isfinite(lo) & (lo < init - math.log(10.0)) & (init < hi)
+    ref = torch.where(weak, init,
+                      torch.where(both, (lo + hi) / 2,
+                                  torch.where(torch.isfinite(hi), torch.minimum(hi - 1.0, init),
+                                              torch.where(torch.isfinite(lo), lo + grow, init))))
     dt = lo.dtype
     # full-pass points per example (eps, margin), eps 0 being the clean margin (exact)
     m0 = _margin(bm, x, y, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device), norm, target,
