@@ -573,8 +573,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
             rt.print(f"certified ({meth}): " + ", ".join(
                 f"l_{nm} {v['mean_radius']:.5f}" + (f" / target {v['mean_radius_target']:.5f}"
                                                      if v["mean_radius_target"] is not None else "")
-                + (f" (bracket x{v['median_bracket']:.3f} median" if v.get("median_bracket") else " (")
-                + f"; {v.get('n_unbracketed', 0)} of {v['n']} never failed above)"
+                + (f" (bracket x{v['median_bracket']:.3f} median; " if v.get("median_bracket") else " (")
+                + f"{v.get('n_unbracketed', 0)} of {v['n']} never failed above)"
                 for nm, v in per.items()))
         for w in (s["masking"] or {}).get("warnings", []):
             rt.print(f"WARNING (gradient masking check): {w}")

@@ -180,8 +180,7 @@ def test_fast_crown_passes_placed_by_the_margins_reach_near_the_exact_radius():
     fast = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-3, crown_passes=2, eps_init=init)
     assert (fast <= exact * (1 + 2e-3)).all()
     assert (_margin(bm, x, y, fast, "inf", "crown") > 0).all()
-    assert (fast >= 0.5 * exact).all(), (fast / exact)
-    assert (fast > 1.5 * init * 1.01).all(), "the second pass went no further than a fixed 1.5x step"
+    assert (fast >= 0.5 * exact).all(), (fast / exact)  # a fixed 1.5x step: 1.5 * init = 0.3 * exact at most
     # a cheaper bound's tiny radius as the warm start (CROWN-IBP on a naturally trained DARTS net)
     # must not make the passes crawl up from it: the first pass still goes to eps_init
     warm = certified_radius(bm, x, y, "inf", "crown", steps=20, rel_tol=1e-3, crown_passes=2, eps_init=init,

@@ -185,10 +185,13 @@ def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor
     """[B] certified radii (pixel units) of ``model`` at ``x`` with labels ``y``.
 
     ``bracket``: return ``(radius, failed)`` instead, ``failed`` being the smallest eps at which
-    this method's bound was evaluated and did not certify (inf where none did): the bound's own
-    radius lies in ``[radius, failed)``, so ``failed / radius`` is the search's resolution per
-    example (an attack's ``upper`` is not a failure of the bound and is not reported; with
-    ``crown_passes`` only failed *full* passes count, the probes below them being looser).
+    the search evaluated this method's bound and it did not certify (inf where none did), so
+    ``failed / radius`` is the search's resolution per example. An attack's ``upper`` is not a
+    failure of the bound and is not reported; with ``crown_passes`` only failed *full* passes
+    count (fresh evaluations; the probes below them are looser). Probes of the plain search
+    intersect boxes from a larger eps: a fresh IBP evaluation fails wherever such a probe did
+    (IBP is monotone in its boxes); CROWN-IBP's and CROWN's adaptive relaxations are not, so for
+    them ``failed`` is where the search's evaluation failed, not a proof about a fresh one.
 
     ``model``: a module (traced here) or a :class:`BoundedModel` (reuse it across batches).
     ``target``: [B] class per example for the CNN-Cert random-target radius; None: untargeted.
