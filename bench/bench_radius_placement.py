@@ -4,31 +4,51 @@ first n correctly classified test images of a trained net. One JSON line per ima
 
     OMP_NUM_THREADS=1 python bench/bench_radius_placement.py 5 inf [checkpoint]
 """
-import json, math, sys, time, torch
-torch.set_num_threads(1); torch.set_grad_enabled(False)
-import dsrna_dist.bounds.certify as C
-from dsrna_dist.bounds import BoundedModel, certified_radius
-from dsrna_dist.config import DataConfig
-from dsrna_dist.data.base import load_arrays
-from dsrna_dist.space.network import load_trained
-ck = sys.argv[3] if len(sys.argv) > 3 else "results/grid/net/nat/97c7ea0e8a_s0/train/checkpoints/best.pt"
-model, tcfg, _ = load_trained(ck, "cpu")
-arr = load_arrays(DataConfig(name=tcfg.data.name), "test")
-n = int(sys.argv[1]); norm = sys.argv[2] if len(sys.argv) > 2 else "inf"
-new_rule = C._next_pass
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+
+GRID_NET = "results/grid/net/nat/97c7ea0e8a_s0/train/checkpoints/best.pt"
+
+
 def old_rule(lo, hi, ce, cm, pe, pm, fe, fm, tol):
+    """The placement before the tenth session: bisect a bracket, else step up 1.5x (or e^2 down)."""
     both = torch.isfinite(lo) & torch.isfinite(hi)
     return torch.where(both, (lo + hi) / 2, torch.where(torch.isfinite(lo), lo + math.log(1.5), hi - 2.0))
-x = arr.images[:50].float() / 255.0; y = arr.labels[:50]
-ok = model(x).argmax(1) == y
-idx = ok.nonzero().flatten()[:n].tolist()
-init = 1e-4 if norm == "inf" else 28e-4
-for i in idx:
-    for name, rule, passes in (("old", old_rule, 2), ("new", new_rule, 2), ("new", new_rule, 3)):
-        C._next_pass = rule
-        bm = BoundedModel(model)
-        t0 = time.process_time()
-        r, f = certified_radius(bm, x[i:i+1], y[i:i+1], norm, "crown", steps=15, rel_tol=1e-2, crown_passes=passes,
-                                eps_init=init, bracket=True)
-        print(json.dumps({"index": i, "rule": name, "passes": passes, "norm": norm, "radius": float(r[0]),
-                          "failed_at": float(f[0]), "cpu_s": round(time.process_time() - t0, 1)}), flush=True)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    import dsrna_dist.bounds.certify as C
+    from dsrna_dist.bounds import BoundedModel, certified_radius
+    from dsrna_dist.config import DataConfig
+    from dsrna_dist.data.base import load_arrays
+    from dsrna_dist.space.network import load_trained
+
+    n = int(sys.argv[1])
+    norm = sys.argv[2] if len(sys.argv) > 2 else "inf"
+    model, tcfg, _ = load_trained(sys.argv[3] if len(sys.argv) > 3 else GRID_NET, "cpu")
+    arr = load_arrays(DataConfig(name=tcfg.data.name), "test")
+    x, y = arr.images[:50].float() / 255.0, arr.labels[:50]
+    idx = (model(x).argmax(1) == y).nonzero().flatten()[:n].tolist()
+    init = 1e-4 if norm == "inf" else 28e-4
+    new_rule = C._next_pass
+    for i in idx:
+        for name, rule, passes in (("old", old_rule, 2), ("new", new_rule, 2), ("new", new_rule, 3)):
+            C._next_pass = rule  # the search looks the rule up at call time
+            t0 = time.process_time()
+            r, f = certified_radius(BoundedModel(model), x[i:i + 1], y[i:i + 1], norm, "crown", steps=15,
+                                    rel_tol=1e-2, crown_passes=passes, eps_init=init, bracket=True)
+            print(json.dumps({"index": i, "rule": name, "passes": passes, "norm": norm, "radius": float(r[0]),
+                              "failed_at": float(f[0]), "cpu_s": round(time.process_time() - t0, 1)}), flush=True)
+    C._next_pass = new_rule
+
+
+if __name__ == "__main__":
+    main()

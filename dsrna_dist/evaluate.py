@@ -31,6 +31,7 @@ import hashlib  # noqa: E402  (the heavy imports below come after the --help fas
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import zlib
@@ -350,10 +351,9 @@ def _resolution(rs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     ``failed_at / radius`` (the bound's radius lies in that bracket), and how many certified
     examples have no failure above them (a lower end of unknown resolution: records written
     before ``failed_at`` existed count here too)."""
-    ratios = sorted(r["failed_at"] / r["radius"] for r in rs if r["radius"] > 0 and r.get("failed_at"))
-    k = len(ratios)
-    med = None if not k else (ratios[k // 2] if k % 2 else (ratios[k // 2 - 1] + ratios[k // 2]) / 2)
-    return {"median_bracket": med, "n_unbracketed": sum(1 for r in rs if r["radius"] > 0 and not r.get("failed_at"))}
+    ratios = [r["failed_at"] / r["radius"] for r in rs if r["radius"] > 0 and r.get("failed_at")]
+    return {"median_bracket": statistics.median(ratios) if ratios else None,
+            "n_unbracketed": sum(1 for r in rs if r["radius"] > 0 and not r.get("failed_at"))}
 
 
 def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[str, Any]],

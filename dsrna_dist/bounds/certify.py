@@ -260,10 +260,11 @@ def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor
         else:
             ok = m > 0
         # record the eps value actually checked (the float32 one), so the radius is certified
-        lo[act] = torch.where(ok, torch.maximum(l, eps.to(dt).log()), l)
+        le = eps.to(dt).log()
+        lo[act] = torch.where(ok, torch.maximum(l, le), l)
         new_hi = ~ok & (log_eps < h)
         hi[act] = torch.where(new_hi, log_eps, h)
-        fail[act] = torch.where(~ok, torch.minimum(fail[act], eps.to(dt).log()), fail[act])
+        fail[act] = torch.where(~ok, torch.minimum(fail[act], le), fail[act])
         probes[act] += 1
         if reuse and keep and new_hi.any():
             if boxes is None:
