@@ -32,7 +32,9 @@ it is looser than a fresh full-CROWN pass would be (the relaxations are eps_p's)
 is at most full CROWN's (up to the search resolution). Those probes keep the failed pass's
 relaxation slack, so on deep nets they certify little below a pass that failed far above the
 radius: the passes are therefore placed by the margins they measure (:func:`_next_pass`: regula
-falsi once a pass failed, a damped extrapolation of the margin's chord while all certified), and
+falsi once a pass failed, a damped extrapolation of the margin's chord while all certified, the
+first such step capped at 2x while the margin has hardly fallen, since one point cannot tell a
+cliff from a slow slope), and
 the search reports, with ``bracket=True``, the smallest eps at which a full pass failed, i.e.
 the resolution each radius actually has.
 """
@@ -58,6 +60,12 @@ def _take_lin(lin: Dict, idx: Tensor) -> Dict:
 
 #: fraction of the way to the extrapolated root that a pass after certified ones goes
 _AIM = 0.6
+#: while the margin has fallen less than this fraction of its clean value, a pass after certified
+#: ones goes at most _SMALL_STEP times further
+_FALL = 0.25
+_SMALL_STEP = 2.0
+#: after a failure the next pass goes at least this fraction (log-eps) into the bracket
+_FLOOR = 0.1
 
 
 def _margin(bm: BoundedModel, x: Tensor, y: Tensor, eps: Tensor, norm: str, tg: Optional[Tensor],
@@ -74,7 +82,7 @@ def _certified(bm: BoundedModel, x: Tensor, y: Tensor, eps: Tensor, norm: str, t
     return _margin(bm, x, y, eps, norm, tg, x_min, x_max, **kw) > 0
 
 
-def _next_pass(lo: Tensor, hi: Tensor, ce: Tensor, cm: Tensor, pe: Tensor, pm: Tensor, fe: Tensor,
+def _next_pass(lo: Tensor, hi: Tensor, m0: Tensor, ce: Tensor, cm: Tensor, pe: Tensor, pm: Tensor, fe: Tensor,
                fm: Tensor, tol: float) -> Tensor:
     """Log-eps of the next full pass, placed by the margins the passes measured (a guess: soundness
     never depends on it). A full-CROWN margin m(eps) falls ever faster as eps grows (more neurons
@@ -96,8 +104,18 @@ def _next_pass(lo: Tensor, hi: Tensor, ce: Tensor, cm: Tensor, pe: Tensor, pm: T
     root = torch.where(failed, root_f, root_c)
     ok = torch.isfinite(root) & (root > 0) & (failed | (ce > 0))
     lr = root.clamp(min=1e-300).log()
-    # inside the bracket, clear of its ends by the resolution; at most e^2 above the certified end
-    lr = torch.minimum(lr, torch.where(torch.isfinite(lo), lo + 2.0, torch.full_like(lo, math.inf)))
+    # one certified pass whose margin fell less than _FALL of the clean one says nothing about the
+    # curvature beyond: the curve may be a cliff (the grid's natural PC-DARTS net: 6.91 clean,
+    # 6.49 at 1e-4, 3.63 at 2e-4, -20.7 at 3e-4; the chord from the clean point overshot ~5x) or
+    # near-linear (the tests' CNN: the same 6% fall with the radius 12x further), so that step
+    # is capped at _SMALL_STEP; the chord through two certified passes has seen the curvature
+    # and only e^2 caps it
+    blind = ~failed & (pe <= 0) & ((m0 - cm) < _FALL * m0)
+    cap = torch.where(blind, torch.full_like(lo, math.log(_SMALL_STEP)), torch.full_like(lo, 2.0))
+    lr = torch.minimum(lr, torch.where(torch.isfinite(lo), lo + cap, torch.full_like(lo, math.inf)))
+    # regula falsi from a failure far below zero hugs the certified end: keep a tenth of the bracket
+    lr = torch.where(failed & both, torch.maximum(lr, lo + _FLOOR * (hi - lo)), lr)
+    # inside the bracket, clear of its ends by the resolution
     inside = (lr > lo + tol) & (lr < hi - tol)
     return torch.where(ok & inside, lr, mid)
 
@@ -170,7 +188,7 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
                 ilo[sub] = torch.where(okp, torch.maximum(ilo[sub], le2), ilo[sub])
                 ihi[sub] = torch.where(okp, ihi[sub], torch.minimum(ihi[sub], le2))
             lo[rows] = torch.maximum(lo[rows], ilo)
-        ref = _next_pass(lo, hi, ce, cm, pe, pm, fe, fm, tol)
+        ref = _next_pass(lo, hi, m0.to(lo.dtype), ce, cm, pe, pm, fe, fm, tol)
     return lo, torch.where(torch.isfinite(fe), fe.clamp(min=1e-300).log(), torch.full_like(fe, math.inf))
 
 
