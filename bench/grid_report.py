@@ -413,9 +413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cols = [k for k in next(iter(r for _, r in rows)) if k != "masking_flagged"]
         for _, r in rows[1:]:
             cols += [k for k in r if k not in cols and k != "masking_flagged"]
-        lines += ["", "## Capacity controls (natural training, `bench/capacity_control.sh`)", "",
-                  "A found cell retrained at a narrower width (`<search run>_c<init channels>`), same recipe, "
-                  "seed and evaluation as the grid's natural networks; one run each.", "",
+        lines += ["", "## Capacity controls (`bench/capacity_control.sh`)", "",
+                  "A found cell retrained at a narrower width (`<search run>_c<init channels>`; `_adv`: "
+                  "PGD adversarial training, else natural), same recipe, seed and evaluation as the grid's "
+                  "networks of that recipe; one run each.", "",
                   "| control | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, r in rows:
             lines.append(f"| {name} | " + " | ".join(
