@@ -1,8 +1,9 @@
 """Full-CROWN radius search placement, side by side in one process, on the first n correctly
 classified test images of a trained net; one JSON line per image and variant. Variants:
 ``old`` the fixed 1.5x step of the ninth session; ``chord`` the margin-guided placement of the
-tenth (no safeguards); ``safe`` the current one (first step capped 2x while the margin fell
-< 25%, a failure's regula-falsi point at least a tenth into the bracket); each with 2 or 3 passes.
+tenth (no safeguards); ``safe`` the current one (steps capped 2x while the margin has fallen
+< 25%, a failure's regula-falsi point at least a tenth into the bracket); the digit after each
+name is the number of full passes.
 
     OMP_NUM_THREADS=1 python bench/bench_radius_placement.py 5 inf [checkpoint] [variants, e.g. chord3,safe3]
 """

@@ -32,8 +32,8 @@ it is looser than a fresh full-CROWN pass would be (the relaxations are eps_p's)
 is at most full CROWN's (up to the search resolution). Those probes keep the failed pass's
 relaxation slack, so on deep nets they certify little below a pass that failed far above the
 radius: the passes are therefore placed by the margins they measure (:func:`_next_pass`: regula
-falsi once a pass failed, a damped extrapolation of the margin's chord while all certified, the
-first such step capped at 2x while the margin has hardly fallen, since one point cannot tell a
+falsi once a pass failed, a damped extrapolation of the margin's chord while all certified, each
+such step capped at 2x while the margin has hardly fallen, since a flat stretch cannot tell a
 cliff from a slow slope), and
 the search reports, with ``bracket=True``, the smallest eps at which a full pass failed, i.e.
 the resolution each radius actually has.
@@ -189,7 +189,7 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
                 ilo[sub] = torch.where(okp, torch.maximum(ilo[sub], le2), ilo[sub])
                 ihi[sub] = torch.where(okp, ihi[sub], torch.minimum(ihi[sub], le2))
             lo[rows] = torch.maximum(lo[rows], ilo)
-        ref = _next_pass(lo, hi, m0.to(lo.dtype), ce, cm, pe, pm, fe, fm, tol)
+        ref = _next_pass(lo, hi, m0, ce, cm, pe, pm, fe, fm, tol)
     return lo, torch.where(torch.isfinite(fe), fe.clamp(min=1e-300).log(), torch.full_like(fe, math.inf))
 
 
