@@ -233,3 +233,13 @@ def test_pass_placement_on_measured_margin_curves():
     assert 2.5e-4 < darts2 <= 2.88e-4, darts2
     pc_fail = _place(6.91, [(1e-4, 6.49)], fail=(3e-4, -20.7))
     assert 1.2e-4 < pc_fail <= 2e-4, pc_fail
+
+
+def test_pass_placement_after_a_flat_stretch():
+    """The natural DSRNA-Jacobian seed-0 net, first test image (measured: 5.852 clean, 5.801 at
+    1e-4, 5.731 at 2e-4, 5.475 at 4e-4, -2141 at 1.48e-3): after two certified passes the margin
+    has fallen 2%, and the chord through them aims far past the cliff (the rule that trusted any
+    two-pass chord sent the third pass to the e^2 cap, 1.48e-3, which failed). The third pass
+    must stay where the curve certifies and still move up."""
+    flat = _place(5.852, [(1e-4, 5.801), (2e-4, 5.731)])
+    assert 2e-4 < flat <= 4e-4 * 1.001, flat
