@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import grid  # noqa: E402
 import grid_report  # noqa: E402
 import grid_rescore  # noqa: E402
+import rebuild_checkpoint  # noqa: E402
 
 CELL_A = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
           "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]], "reduce_concat": [2]}
@@ -55,8 +56,9 @@ def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
     assert [t.key for t in ts][:7] == ["search-darts-s0", "search-pcdarts-s0", "search-dsrna_cb-s0"] + [
         t.key for t in train]
     assert all(t.stage == "search" for t in ts[7:]) and not any(t.stage == "eval" for t in ts)
-    (Path(train[0].done).parent).mkdir(parents=True)
+    (Path(train[0].done).parent / "checkpoints").mkdir(parents=True)
     train[0].done.write_text("{}")
+    (train[0].done.parent / "checkpoints" / "best.pt").write_text("")
     ts = grid.tasks(["darts", "pcdarts", "dsrna_cb"], [0, 1], grid.STAGES, 1)
     ev = [t for t in ts if t.stage in ("eval", "autoattack")]
     assert ev and all(t.info["genotype_hash"] == train[0].info["genotype_hash"] for t in ev)
@@ -74,8 +76,9 @@ def test_recipes_restrict_the_networks(out):
     ibp = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["ibp"])
     tr = [t for t in ibp if t.stage == "train"]
     assert len(tr) == 1 and f"--config={grid.RECIPES['ibp']}" in tr[0].argv
-    tr[0].done.parent.mkdir(parents=True)
+    (tr[0].done.parent / "checkpoints").mkdir(parents=True)
     tr[0].done.write_text("{}")
+    (tr[0].done.parent / "checkpoints" / "last.pt").write_text("")
     ev = [t for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["ibp"]) if t.stage != "search" and t.stage != "train"]
     assert [t.stage for t in ev] == ["eval"] and f"--config={grid.IBP_EVAL_CFG}" in ev[0].argv
     assert f"--checkpoint={tr[0].done.parent / 'checkpoints' / 'last.pt'}" in ev[0].argv
@@ -107,6 +110,49 @@ def test_rescore_adopts_only_a_bit_identical_rerun(out, tmp_path):
     assert not (out / "search" / "darts_s1" / "rescored.json").exists()
     with pytest.raises(SystemExit):
         grid_rescore.rescore("nosuch_s0", scratch)
+
+
+#: a stand-in for `python -m dsrna_dist.train ... --run.name=rebuild`: writes the run's record and
+#: its checkpoint the way train does (what is tested is the comparison and the hand-over)
+FAKE_TRAIN = """
+import json, pathlib, sys
+d = pathlib.Path(sys.argv[1]); (d / 'checkpoints').mkdir(parents=True, exist_ok=True)
+(d / 'checkpoints' / 'best.pt').write_text('weights')
+rows = [{'epoch': 0, 'train_loss': 0.5, 'val_top1': 80.0, 'img_per_s': 99.0},
+        {'epoch': 1, 'train_loss': float(sys.argv[2]), 'val_top1': 85.0, 'img_per_s': 12.0}]
+(d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + chr(10) for r in rows))
+"""
+
+
+def test_lost_checkpoint_is_rebuilt_and_kept_only_if_identical(out):
+    found(out, "darts", 0, CELL_B)
+    tr = [t for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"]) if t.stage == "train"][0]
+    net = tr.done.parent.parent
+    tr.done.parent.mkdir(parents=True)
+    tr.done.write_text("{}")
+    ref = [{"epoch": 0, "train_loss": 0.5, "val_top1": 80.0, "img_per_s": 61.0},
+           {"epoch": 1, "train_loss": 0.25, "val_top1": 85.0, "img_per_s": 100.0}]
+    (net / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ref))
+    # summary committed, weights gone: one rebuild task instead of the evaluations, in their place
+    ts = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
+    rb = [t for t in ts if t.stage == "rebuild"]
+    assert len(rb) == 1 and not any(t.stage in ("eval", "crown") for t in ts)
+    assert rb[0].done == net / "train" / "checkpoints" / "best.pt" and "--run.name=rebuild" in rb[0].argv
+    assert rb[0].info["for_stage"] == "eval"
+    crown_only = grid.tasks(["darts"], [0], ["crown"], 1, recipes=["nat"])
+    assert [grid.tier(t) for t in crown_only] == [2]  # rebuilt when the late stage's turn comes
+    fake = [sys.executable, "-c", FAKE_TRAIN, str(net / "rebuild")]
+    # a rebuilt run that differs in one loss leaves train/ as it was
+    assert rebuild_checkpoint.rebuild(net, fake + ["0.2500001"]) == 3
+    assert not (net / "train" / "checkpoints").exists() and (net / "rebuild" / "metrics.jsonl").exists()
+    # identical except timing: checkpoints handed over, the check recorded, the scratch run gone
+    (net / "rebuild" / "checkpoints" / "best.pt").unlink()
+    assert rebuild_checkpoint.rebuild(net, fake + ["0.25"]) == 0
+    assert (net / "train" / "checkpoints" / "best.pt").read_text() == "weights"
+    rec = json.loads((net / "train" / "rebuilt.json").read_text())
+    assert rec["identical"] and rec["epochs_compared"] == 2 and not (net / "rebuild").exists()
+    assert [t.stage for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
+            if t.stage not in ("search", "train")][:1] == ["eval"]
 
 
 def test_lock_claim_and_dead_worker_takeover(out):
