@@ -112,6 +112,22 @@ def genotype_hash(path: Path) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def train_code(key: str) -> Optional[str]:
+    """The code version a training task ran with: its last successful record in grid_log.jsonl,
+    else results/grid/train_code.json (versions inferred for tasks that left no record, each with
+    its reason); "+dirty" stripped (the rebuild's bit-for-bit comparison says whether it mattered)."""
+    code = None
+    log = OUT / "grid_log.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("task") == key and rec.get("rc") == 0:
+                code = rec.get("code")
+    if code is None and (OUT / "train_code.json").exists():
+        code = json.loads((OUT / "train_code.json").read_text()).get(key, {}).get("code")
+    return None if code in (None, "unknown") else str(code).split("+")[0]
+
+
 def launcher(nproc: int) -> List[str]:
     if nproc > 1:
         return [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m"]
@@ -170,9 +186,11 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
             # trained here before, weights git-ignored and gone: train again, check identical
             train_argv = launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=rebuild",
                                    f"--model.genotype={n['genotype']}", *common]
+            code = train_code(f"train-{recipe}-{gh}-s{seed}")
             out.append(Task(f"rebuild-{recipe}-{gh}-s{seed}", "rebuild", pending[0][2], best,
-                            [sys.executable, str(ROOT / "bench" / "rebuild_checkpoint.py"), str(net), "--",
-                             *train_argv], {**info, "for_stage": pending[0][0]}))
+                            [sys.executable, str(ROOT / "bench" / "rebuild_checkpoint.py"), str(net),
+                             *(["--code", code] if code else []), "--", *train_argv],
+                            {**info, "for_stage": pending[0][0]}))
             continue
         for stage, cfg, prio in evals:
             out.append(Task(f"{stage}-{recipe}-{gh}-s{seed}", stage, prio,

@@ -155,6 +155,22 @@ def test_lost_checkpoint_is_rebuilt_and_kept_only_if_identical(out):
             if t.stage not in ("search", "train")][:1] == ["eval"]
 
 
+def test_rebuild_runs_the_recorded_code_version(out):
+    key = "train-nat-97c7ea0e8a-s0"
+    assert grid.train_code(key) is None
+    (out / "train_code.json").write_text(json.dumps({key: {"code": "9f4a0da", "why": "inferred"}}))
+    assert grid.train_code(key) == "9f4a0da"
+    recs = [{"task": key, "rc": 1, "code": "aaaaaaa"}, {"task": key, "rc": 0, "code": "bbbbbbb+dirty"},
+            {"task": "train-nat-other-s0", "rc": 0, "code": "ccccccc"}]
+    (out / "grid_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert grid.train_code(key) == "bbbbbbb"  # the log's successful record wins over the inferred one
+    (out / "train").mkdir()
+    (out / "train" / "metrics.jsonl").write_text(json.dumps({"epoch": 0}) + "\n")
+    ran = out / "ran"
+    argv = [str(out), "--code", "no-such-rev-xyz", "--", sys.executable, "-c", f"open({str(ran)!r}, 'w')"]
+    assert rebuild_checkpoint.main(argv) == 2 and not ran.exists()  # unknown version: nothing trained
+
+
 def test_lock_claim_and_dead_worker_takeover(out):
     t = grid.Task("search-x-s0", "search", (0,), out / "x", [], {})
     lock = grid.claim(t)
