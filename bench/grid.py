@@ -88,10 +88,14 @@ FULL_EVALS = (("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), (
 RECIPE_EVALS = {"nat": FULL_EVALS, "adv": FULL_EVALS, "ibp": (("eval", IBP_EVAL_CFG),)}
 RECIPE_CHECKPOINT = {"nat": "best.pt", "adv": "best.pt", "ibp": "last.pt"}
 STAGES = ("search", "train", "eval", "certify", "crown", "autoattack")
-#: not a stage one selects: a network whose summary.json is committed but whose git-ignored
-#: checkpoint is missing (a fresh clone) gets a `rebuild` task before any pending evaluation:
-#: bench/rebuild_checkpoint.py trains it again and keeps the weights only if every epoch's
-#: record is bit-identical to the committed one
+#: not a stage one selects: a network whose summary.json is committed but whose checkpoint is
+#: missing (trained before checkpoints were committed, on a machine since reset) gets a `rebuild`
+#: task before any pending evaluation (bench/rebuild_checkpoint.py). --rebuild exact: train again
+#: with the logged code version, keep the weights only if every epoch's record is bit-identical
+#: (else fail); adopt: train with the current code and, unless identical, make the new run the
+#: network and delete its evaluation stages so they all run again on it (a new CPU does not
+#: reproduce an old one's floats: measured, bench/rebuild_checkpoint.py)
+REBUILD_MODES = ("exact", "adopt")
 LATE = ("crown", "autoattack")  # hours per network on a CPU core: after everything else
 
 
@@ -135,8 +139,9 @@ def launcher(nproc: int) -> List[str]:
 
 
 def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int,
-          recipes: Sequence[str] = DEFAULT_RECIPES) -> List[Task]:
-    """Every task whose inputs exist now, in priority order (later calls see more tasks)."""
+          recipes: Sequence[str] = DEFAULT_RECIPES, rebuild: str = "exact") -> List[Task]:
+    """Every task whose inputs exist now, in priority order (later calls see more tasks).
+    ``rebuild``: how a net whose checkpoint is missing comes back (see REBUILD_MODES)."""
     out: List[Task] = []
     launch = launcher(nproc)
     nets: Dict[tuple, Dict[str, object]] = {}
@@ -186,10 +191,11 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
             # trained here before, weights git-ignored and gone: train again, check identical
             train_argv = launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=rebuild",
                                    f"--model.genotype={n['genotype']}", *common]
-            code = train_code(f"train-{recipe}-{gh}-s{seed}")
+            code = train_code(f"train-{recipe}-{gh}-s{seed}") if rebuild == "exact" else None
+            how = ["--adopt", *(st for st, _ in RECIPE_EVALS[recipe])] if rebuild == "adopt" else []
             out.append(Task(f"rebuild-{recipe}-{gh}-s{seed}", "rebuild", pending[0][2], best,
                             [sys.executable, str(ROOT / "bench" / "rebuild_checkpoint.py"), str(net),
-                             *(["--code", code] if code else []), "--", *train_argv],
+                             *(["--code", code] if code else []), *how, "--", *train_argv],
                             {**info, "for_stage": pending[0][0]}))
             continue
         for stage, cfg, prio in evals:
@@ -289,13 +295,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="retraining recipes whose networks to train, attack and certify (ibp: "
                     "certified training, opt-in, ~95 CPU-min per net)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks per task (torchrun when > 1)")
+    ap.add_argument("--rebuild", choices=REBUILD_MODES, default="exact",
+                    help="a net whose checkpoint is missing: retrain with the logged code and require a "
+                    "bit-identical record (exact), or retrain with the current code and re-run its "
+                    "evaluations unless identical (adopt)")
     ap.add_argument("--max-tasks", type=int, default=0, help="stop after this many tasks (0: until none is left)")
     ap.add_argument("--retry-failed", action="store_true")
     ap.add_argument("--status", action="store_true", help="list the visible tasks and their state, run nothing")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.status:
-        status(tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes))
+        status(tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes, args.rebuild))
         return 0
     if args.retry_failed:
         for f in (OUT / ".failed").glob("*"):
@@ -303,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
     ran = failed = 0
     while not args.max_tasks or ran < args.max_tasks:
-        todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes)
+        todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes, args.rebuild)
                 if not t.done.exists() and not (OUT / ".failed" / t.key).exists()]
         task = lock = None
         for t in todo:

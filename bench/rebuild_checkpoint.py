@@ -14,13 +14,22 @@ field of every epoch (losses and accuracies to the last bit, steps) with the com
 `train/checkpoints/` and records the check in `train/rebuilt.json`. A mismatch exits non-zero
 naming the first differing epoch and field, and leaves `train/` untouched (the new run stays in
 `rebuild/` for inspection), so an evaluation never silently reads a different network than the
-one its committed training record describes.
+one its committed training record describes. With `--adopt STAGE...` a mismatch instead makes the
+rebuilt run the network: `train/` is replaced by it (`rebuilt.json` says so, with the first
+difference and the old test accuracy) and those evaluation stages are deleted to run again.
+
+Measured 2026-11-30 (twelfth session, a new machine: AMD EPYC, AVX2): the recorded code version
+does not reproduce the earlier machine's runs bit for bit (DSRNA-CB s0 natural, code 8eb490d:
+epoch-0 train loss 0.565962 against 0.565986 committed), so float results differ across CPUs;
+since then the grid commits the checkpoint its evaluations read (.gitignore), and nets trained
+before are retrained with `bench/grid.py --rebuild adopt`.
 
     python bench/rebuild_checkpoint.py results/grid/net/nat/97c7ea0e8a_s0 [--code REV] -- \\
         python -m dsrna_dist.train --config=... --run.name=rebuild ...   # bench/grid.py writes this
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -60,8 +69,43 @@ def worktree(rev: str) -> Path:
     return path
 
 
-def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None) -> int:
+def adopt(net: Path, diff: str, stages: Sequence[str], code: Optional[str]) -> None:
+    """The rebuilt run becomes the network: train/ is replaced by it, and the evaluation stages
+    that measured the old weights are deleted so they run again on the new ones (the old records
+    stay in git history). A crash midway is finished by the next call (see `rebuild`)."""
+    train, work, old = net / "train", net / "rebuild", net / "train.superseded"
+    before = json.loads((train / "summary.json").read_text()) if (train / "summary.json").exists() else {}
+    record = {"rebuilt": time.strftime("%Y-%m-%dT%H:%M:%S"), "identical": False, "first_difference": diff,
+              "code": code or "current tree", "superseded": {"test_top1": before.get("test_top1"),
+                                                            "stages_deleted": [s for s in stages if (net / s).exists()]},
+              "why": "the committed run's weights were lost and a bit-identical rebuild was not possible "
+                     "here; this is a new network of the same recipe and seed"}
+    atomic_json(work / "rebuilt.json", record)
+    train.rename(old)
+    work.rename(train)
+    finish_adopt(net, stages)
+
+
+def finish_adopt(net: Path, stages: Sequence[str]) -> None:
+    for stage in stages:
+        shutil.rmtree(net / stage, ignore_errors=True)
+    shutil.rmtree(net / "train.superseded", ignore_errors=True)
+
+
+def atomic_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None,
+            adopt_stages: Optional[Sequence[str]] = None) -> int:
+    """Train again into <net>/rebuild/; keep it if identical, else fail (exit 3) or, with
+    ``adopt_stages``, adopt it as a new network and delete those evaluation stages."""
     train, work = net / "train", net / "rebuild"
+    if (net / "train.superseded").exists() and train.exists() and adopt_stages is not None:
+        finish_adopt(net, adopt_stages)  # a previous adopt was killed after its renames
+        return 0
     ref_path = train / "metrics.jsonl"
     if not ref_path.exists():
         print(f"rebuild: {ref_path} missing: nothing to compare a rebuilt network with", file=sys.stderr)
@@ -84,16 +128,19 @@ def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None) ->
         return rc
     ref, new = read_jsonl(ref_path), read_jsonl(work / "metrics.jsonl")
     diff = first_difference(ref, new)
+    if diff is not None and adopt_stages is not None:
+        adopt(net, diff, adopt_stages, code)
+        print(f"rebuild: {net}: not identical ({diff}); adopted as a new network, stages "
+              f"{', '.join(adopt_stages)} to run again")
+        return 0
     if diff is not None:
         print(f"rebuild: {net}: the rebuilt training differs from the committed record ({diff}); "
               f"train/ left as it was, the new run is in {work}", file=sys.stderr)
         return 3
     (work / "checkpoints").rename(train / "checkpoints")  # same filesystem: atomic
-    record = {"rebuilt": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs_compared": len(ref),
-              "identical": True, "code": code or "current tree", "volatile_fields_ignored": sorted(VOLATILE), "argv": list(train_argv)}
-    tmp = train / "rebuilt.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(train / "rebuilt.json")
+    atomic_json(train / "rebuilt.json", {
+        "rebuilt": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs_compared": len(ref), "identical": True,
+        "code": code or "current tree", "volatile_fields_ignored": sorted(VOLATILE), "argv": list(train_argv)})
     shutil.rmtree(work)
     print(f"rebuild: {net}: {len(ref)} epochs identical to the committed record; checkpoints restored")
     return 0
@@ -101,14 +148,20 @@ def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None) ->
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    code = None
-    if len(argv) > 2 and argv[1] == "--code":
-        code = argv[2]
-        argv = argv[:1] + argv[3:]
-    if len(argv) < 3 or argv[1] != "--":
+    if "--" not in argv:
         print(__doc__, file=sys.stderr)
         return 2
-    return rebuild(Path(argv[0]), argv[2:], code)
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser(description="rebuild a grid network's checkpoints (see the module docstring)")
+    ap.add_argument("net", type=Path)
+    ap.add_argument("--code", help="git revision to train with (a worktree of it); default: the current tree")
+    ap.add_argument("--adopt", nargs="+", metavar="STAGE",
+                    help="on a mismatch adopt the rebuilt run as the network and delete these stage dirs")
+    args = ap.parse_args(argv[:cut])
+    if not argv[cut + 1:]:
+        print("rebuild: no training command after --", file=sys.stderr)
+        return 2
+    return rebuild(args.net, argv[cut + 1:], args.code, args.adopt)
 
 
 if __name__ == "__main__":

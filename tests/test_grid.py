@@ -121,6 +121,7 @@ d = pathlib.Path(sys.argv[1]); (d / 'checkpoints').mkdir(parents=True, exist_ok=
 rows = [{'epoch': 0, 'train_loss': 0.5, 'val_top1': 80.0, 'img_per_s': 99.0},
         {'epoch': 1, 'train_loss': float(sys.argv[2]), 'val_top1': 85.0, 'img_per_s': 12.0}]
 (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + chr(10) for r in rows))
+(d / 'summary.json').write_text('{}')
 """
 
 
@@ -153,6 +154,34 @@ def test_lost_checkpoint_is_rebuilt_and_kept_only_if_identical(out):
     assert rec["identical"] and rec["epochs_compared"] == 2 and not (net / "rebuild").exists()
     assert [t.stage for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
             if t.stage not in ("search", "train")][:1] == ["eval"]
+
+
+def test_adopt_makes_a_differing_rebuild_the_network(out):
+    found(out, "darts", 0, CELL_B)
+    tr = [t for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"]) if t.stage == "train"][0]
+    net = tr.done.parent.parent
+    tr.done.parent.mkdir(parents=True)
+    tr.done.write_text(json.dumps({"test_top1": 90.4}))
+    (net / "train" / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 0.5}) + "\n")
+    for stage in ("eval", "autoattack"):
+        (net / stage).mkdir()
+        (net / stage / "summary.json").write_text("{}")
+    rb = [t for t in grid.tasks(["darts"], [0], ["crown"], 1, recipes=["nat"], rebuild="adopt")
+          if t.stage == "rebuild"][0]
+    cut = rb.argv.index("--")
+    assert "--code" not in rb.argv[:cut]  # adopt trains with the current code
+    stages = rb.argv[rb.argv.index("--adopt") + 1:cut]
+    assert stages == [st for st, _ in grid.RECIPE_EVALS["nat"]]
+    fake = [sys.executable, "-c", FAKE_TRAIN, str(net / "rebuild"), "0.3"]
+    assert rebuild_checkpoint.rebuild(net, fake, None, stages) == 0
+    rec = json.loads((net / "train" / "rebuilt.json").read_text())
+    assert rec["identical"] is False and rec["first_difference"].startswith("2 epochs rebuilt")
+    assert rec["superseded"] == {"test_top1": 90.4, "stages_deleted": ["eval", "autoattack"]}
+    assert (net / "train" / "checkpoints" / "best.pt").read_text() == "weights"
+    assert not any((net / d).exists() for d in ("eval", "autoattack", "rebuild", "train.superseded"))
+    assert len((net / "train" / "metrics.jsonl").read_text().splitlines()) == 2  # the new run's record
+    # the old evaluations are gone, so every stage of the new network is pending again
+    assert {t.stage for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])} >= {"eval", "crown"}
 
 
 def test_rebuild_runs_the_recorded_code_version(out):
