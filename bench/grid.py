@@ -28,7 +28,9 @@ configs/train/fmnist_small_ibp_long.yaml, ~95 CPU-min per net, then verified acc
 of last.pt) with --recipes ibp: claim (3) where this scale can show it.
 
 Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<seed>/{train,eval,
-certify,crown,autoattack}/; light files are committed (checkpoints, tb/ and attacks.jsonl are git-ignored);
+certify,crown,autoattack}/; light files are committed, and so is the one checkpoint a net's evaluations
+read (best.pt; last.pt for ibp; ~0.2-0.3 MB), since a machine reset once lost them (tb/, attacks.jsonl
+and the other checkpoints are git-ignored; a net whose checkpoint is missing is rebuilt: --rebuild);
 grid_log.jsonl has one record per finished task: rc, wall and CPU seconds, code version.
 """
 from __future__ import annotations
@@ -188,7 +190,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                 evals.append((stage, cfg, prio))
         pending = [e for e in evals if not (net / e[0] / "summary.json").exists()]
         if pending and not best.exists():
-            # trained here before, weights git-ignored and gone: train again, check identical
+            # trained before checkpoints were committed, weights gone: train again (--rebuild)
             train_argv = launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=rebuild",
                                    f"--model.genotype={n['genotype']}", *common]
             code = train_code(f"train-{recipe}-{gh}-s{seed}") if rebuild == "exact" else None
