@@ -103,8 +103,10 @@ def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None,
     """Train again into <net>/rebuild/; keep it if identical, else fail (exit 3) or, with
     ``adopt_stages``, adopt it as a new network and delete those evaluation stages."""
     train, work = net / "train", net / "rebuild"
-    if (net / "train.superseded").exists() and train.exists() and adopt_stages is not None:
-        finish_adopt(net, adopt_stages)  # a previous adopt was killed after its renames
+    if (net / "train.superseded").exists() and adopt_stages is not None:  # an adopt was killed midway
+        if not train.exists():
+            work.rename(train)
+        finish_adopt(net, adopt_stages)
         return 0
     ref_path = train / "metrics.jsonl"
     if not ref_path.exists():
