@@ -265,6 +265,7 @@ TRAPS = {
     "depthwise_dilated_strided": lambda: nn.Conv2d(3, 3, 3, stride=2, padding=2, dilation=2, groups=3),
     "subsampled_dilated_strided": lambda: SubsampledConv2d(3, 3, 3, stride=2, padding=2, dilation=2, groups=3),
     "subsampled_5x5_bias": lambda: SubsampledConv2d(3, 3, 5, stride=2, padding=4, dilation=2, groups=3),
+    "subsampled_1x1": lambda: SubsampledConv2d(3, 2, 1, stride=2, bias=True),
     "grouped_conv_bias": lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), groups=2),
     "dilated_5x5_pad4": lambda: nn.Conv2d(3, 3, 5, padding=4, dilation=2, groups=3, bias=False),
     "avgpool_no_pad_count": lambda: nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),

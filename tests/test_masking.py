@@ -205,3 +205,24 @@ def test_checks_compare_on_common_examples_and_respect_tolerance():
     assert out["flagged"] == ["effort"]
     out = run_checks(recs(worse), attacks, tolerance=1.0, tolerance_examples=1)   # 1 of 10 = 10 pp allowed
     assert out["flagged"] == []
+
+
+def test_effort_compares_only_attacks_that_reach_as_far():
+    """More steps with a much smaller step size walk less far (PGD-20 at eps/4: 5 eps; PGD-50 at
+    2.5 eps/50: 2.5 eps): such a pair is not evidence of masking and is not compared; the same
+    accuracies with an equal or longer reach still flag (measured: on one CPU the normal test
+    net's PGD-20 at eps/4 beat the check's PGD-50 by 5 pp)."""
+    from dsrna_dist.attacks.masking import run_checks
+
+    def meta(ss50):
+        return {"clean": {"name": "clean", "eps": 0.0, "norm": "inf", "sweep": False},
+                "PGD-20": {"name": "pgd", "eps": 0.1, "norm": "inf", "sweep": False, "steps": 20, "restarts": 1,
+                           "step_size": 0.025},
+                "mask/PGD-50": {"name": "pgd", "eps": 0.1, "norm": "inf", "sweep": False, "steps": 50,
+                                "restarts": 1, "step_size": ss50, "role": "effort"}}
+    correct = {"clean": [True] * 20, "PGD-20": [False] * 10 + [True] * 10, "mask/PGD-50": [False] * 8 + [True] * 12}
+    recs = [{"index": i, "attack": lab, "correct": c} for lab, cs in correct.items() for i, c in enumerate(cs)]
+    short = run_checks(recs, [(k, None, m) for k, m in meta(0.005).items()], tolerance=1.0, tolerance_examples=0)
+    assert short["flagged"] == [] and next(c for c in short["checks"] if c["check"] == "effort")["status"] == "skipped"
+    far = run_checks(recs, [(k, None, m) for k, m in meta(0.01).items()], tolerance=1.0, tolerance_examples=0)
+    assert far["flagged"] == ["effort"]  # 50 x 0.01 = 5 eps, as far as PGD-20: a real wrong-way pair

@@ -211,6 +211,32 @@ def test_subsampled_conv_equals_native_strided_dilated_conv(k, p, size, layout):
     torch.testing.assert_close(sub.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cin,cout", [(2, 1), (4, 2), (8, 4)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_subsampled_1x1_conv_equals_native_stride2(cin, cout, layout):
+    """FactorizedReduce's 1x1 stride-2 convs as subsample-then-1x1: same output and gradients as
+    the native conv (reference in the contiguous layout: in channels_last its backward corrupts
+    the heap on an AVX2 CPU with few channels, torch 2.14.1), on the offset slice it reads."""
+    from torch import nn
+
+    from dsrna_dist.space.layers import SubsampledConv2d
+    torch.manual_seed(0)
+    ref = nn.Conv2d(cin, cout, 1, stride=2, bias=False)
+    sub = SubsampledConv2d(cin, cout, 1, stride=2, bias=False).to(memory_format=layout)
+    sub.load_state_dict(ref.state_dict())
+    for _ in range(5):  # repeated: the native kernel's corruption showed after a few calls
+        x = torch.randn(8, cin, 8, 8)
+        xa = x.clone().requires_grad_(True)
+        xb = x.clone().contiguous(memory_format=layout).requires_grad_(True)
+        ya, yb = ref(xa[:, :, 1:, 1:]), sub(xb[:, :, 1:, 1:])
+        torch.testing.assert_close(yb, ya, rtol=1e-6, atol=1e-6)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sub.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_subsampled_conv_is_used_only_where_exact():
     from torch import nn
 
@@ -220,5 +246,7 @@ def test_subsampled_conv_is_used_only_where_exact():
     assert SubsampledConv2d in convs(build_op("dil_conv_5x5", 4, 2, False))
     assert SubsampledConv2d not in convs(build_op("dil_conv_3x3", 4, 1, True))  # stride 1: native
     assert SubsampledConv2d not in convs(build_op("sep_conv_3x3", 4, 2, True))  # dilation 1: not exact
+    assert set(convs(build_op("skip_connect", 4, 2, True))) == {SubsampledConv2d}  # FactorizedReduce: 1x1
+    assert not SubsampledConv2d.applies(1, 2, 1, 1)  # a padded 1x1 reads the border: not rewritten
     with pytest.raises(ValueError, match="SubsampledConv2d"):
         SubsampledConv2d(2, 2, 3, stride=2, padding=1, dilation=2)  # not "same" padding: output size differs

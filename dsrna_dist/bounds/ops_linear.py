@@ -154,7 +154,8 @@ class BoundConv2d(BoundOp):
             s = m.stride[0]
             small = (in_shape[0], in_shape[1], -(-in_shape[2] // s), -(-in_shape[3] // s))
             g = A2.new_zeros((b * S,) + tuple(in_shape[1:]))
-            g[:, :, ::s, ::s] = self._back_stride1(A2, small, k, tuple(x // s for x in p), tuple(x // s for x in d))
+            ps, ds = m.subsampled()
+            g[:, :, ::s, ::s] = self._back_stride1(A2, small, k, (ps, ps), (ds, ds))
             return g.view((b, S) + tuple(in_shape[1:]))
         if m.stride == (1, 1) and min(di * (ki - 1) - pi for ki, di, pi in zip(k, d, p)) >= 0:
             return self._back_stride1(A2, in_shape, k, p, d).view((b, S) + tuple(in_shape[1:]))

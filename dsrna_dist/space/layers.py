@@ -37,6 +37,11 @@ class SubsampledConv2d(nn.Conv2d):
     contiguous layout on CPU (tested), the rest equal up to float summation order. Why: CPU
     kernels for strided dilated depthwise convs are slow (DARTS' stride-2 ``dil_conv`` at
     28x28 is 2-4x faster this way, up to 9x in channels_last: BENCHMARKS.md "CPU layout").
+    A 1x1 kernel without padding reads ``x[s*i]`` whatever the dilation, so it is rewritten too
+    (FactorizedReduce's stride-2 convs): on an AVX2 CPU, torch 2.14.1's backward of a
+    channels_last 1x1 stride-2 conv with few (< 8) input channels corrupts the heap (measured
+    in isolation: 2 -> 1 channels at 8x8 aborts with "corrupted double-linked list"), while
+    subsample-then-stride-1 runs clean.
     Same parameters and state-dict keys as ``nn.Conv2d``, so every checkpoint loads. No device
     branch, so torch.fx traces it (not timed on CUDA yet: bench/gpu_check.sh).
     """
@@ -44,8 +49,15 @@ class SubsampledConv2d(nn.Conv2d):
     @staticmethod
     def applies(kernel: int, stride: int, padding: int, dilation: int) -> bool:
         """Whether the rewrite is exact for these (square) settings, output size included."""
+        if stride > 1 and kernel == 1:
+            return padding == 0
         return (stride > 1 and dilation % stride == 0 and padding % stride == 0
                 and 2 * padding == dilation * (kernel - 1))
+
+    def subsampled(self) -> "tuple[int, int]":
+        """(padding, dilation) of the stride-1 conv on the subsampled input."""
+        s = self.stride[0]
+        return self.padding[0] // s, (self.dilation[0] // s if self.kernel_size[0] > 1 else 1)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,5 +69,5 @@ class SubsampledConv2d(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
         s = self.stride[0]
-        return nn.functional.conv2d(x[:, :, ::s, ::s], weight, bias, 1, self.padding[0] // s,
-                                    self.dilation[0] // s, self.groups)
+        p, d = self.subsampled()
+        return nn.functional.conv2d(x[:, :, ::s, ::s], weight, bias, 1, p, d, self.groups)

@@ -79,8 +79,10 @@ class FactorizedReduce(nn.Module):
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even C_out, got {c_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        # subsample-then-1x1: the same products; also avoids a heap-corrupting CPU kernel
+        # (layers.SubsampledConv2d)
+        self.conv_1 = SubsampledConv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = SubsampledConv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
