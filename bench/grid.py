@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 OUT = ROOT / "results" / "grid"
 
 # method -> (search config, extra search args). Group A is the paper's core comparison.
@@ -123,12 +125,9 @@ def train_code(key: str) -> Optional[str]:
     else results/grid/train_code.json (versions inferred for tasks that left no record, each with
     its reason); "+dirty" stripped (the rebuild's bit-for-bit comparison says whether it mattered)."""
     code = None
-    log = OUT / "grid_log.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("task") == key and rec.get("rc") == 0:
-                code = rec.get("code")
+    for rec in read_jsonl(OUT / "grid_log.jsonl"):
+        if rec.get("task") == key and rec.get("rc") == 0:
+            code = rec.get("code")
     if code is None and (OUT / "train_code.json").exists():
         code = json.loads((OUT / "train_code.json").read_text()).get(key, {}).get("code")
     return None if code in (None, "unknown") else str(code).split("+")[0]

@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dsrna_dist.engine.io import atomic_write_json, read_jsonl  # noqa: E402  (the project's one reader/writer)
 #: fields that depend on timing, memory or the host, not on the weights
 VOLATILE = frozenset(("img_per_s", "train_time_s", "epoch_time_s", "max_rss_mb", "eval_time_s"))
-
-
-def read_jsonl(path: Path) -> List[Dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def first_difference(ref: List[Dict[str, object]], new: List[Dict[str, object]]) -> Optional[str]:
@@ -80,7 +78,7 @@ def adopt(net: Path, diff: str, stages: Sequence[str], code: Optional[str]) -> N
                                                             "stages_deleted": [s for s in stages if (net / s).exists()]},
               "why": "the committed run's weights were lost and a bit-identical rebuild was not possible "
                      "here; this is a new network of the same recipe and seed"}
-    atomic_json(work / "rebuilt.json", record)
+    atomic_write_json(str(work / "rebuilt.json"), record)
     train.rename(old)
     work.rename(train)
     finish_adopt(net, stages)
@@ -90,12 +88,6 @@ def finish_adopt(net: Path, stages: Sequence[str]) -> None:
     for stage in stages:
         shutil.rmtree(net / stage, ignore_errors=True)
     shutil.rmtree(net / "train.superseded", ignore_errors=True)
-
-
-def atomic_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None,
@@ -140,7 +132,7 @@ def rebuild(net: Path, train_argv: Sequence[str], code: Optional[str] = None,
               f"train/ left as it was, the new run is in {work}", file=sys.stderr)
         return 3
     (work / "checkpoints").rename(train / "checkpoints")  # same filesystem: atomic
-    atomic_json(train / "rebuilt.json", {
+    atomic_write_json(str(train / "rebuilt.json"), {
         "rebuilt": time.strftime("%Y-%m-%dT%H:%M:%S"), "epochs_compared": len(ref), "identical": True,
         "code": code or "current tree", "volatile_fields_ignored": sorted(VOLATILE), "argv": list(train_argv)})
     shutil.rmtree(work)
