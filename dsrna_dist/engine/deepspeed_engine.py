@@ -46,9 +46,10 @@ def ds_config(*, micro_batch: int, world_size: int, zero_stage: int, grad_clip: 
         "steps_per_print": 2 ** 31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # a plain torch optimizer under ZeRO
+        # always explicit: DeepSpeed's default when the key is absent is 1.0 (0.19.x), so
+        # leaving it out for "off" silently clipped every step at norm 1
+        "gradient_clipping": float(grad_clip),
     }
-    if grad_clip > 0:
-        cfg["gradient_clipping"] = float(grad_clip)
     if bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
