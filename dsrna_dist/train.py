@@ -51,6 +51,7 @@ from .config import ConfigError, TrainConfig, parse_cli
 from .engine import (CheckpointError, Runtime, broadcast_parameters, capture_rng, load_checkpoint,
                      memory_format, restore_rng, run_checked, seed_everything, seed_rank_streams,
                      training_state)
+from .engine.checkpoint import load_optimizer_state
 from .engine.io import atomic_write_text, read_jsonl
 from .engine.schedule import lr_at
 from .space.network import (Network, build_network, count_parameters, drop_prob_at, info_dict,
@@ -211,7 +212,7 @@ class Trainer:
         else:
             if plan.resume is not None:
                 try:
-                    opt.load_state_dict(plan.resume["optimizers"]["model"])
+                    load_optimizer_state(opt, plan.resume["optimizers"]["model"])
                 except (KeyError, ValueError) as e:
                     raise CheckpointError(f"checkpoint {plan.resume_path}: optimizer state does not fit: {e}") from None
             if cfg.dist.compile and self.cuda:

@@ -336,3 +336,27 @@ def test_deepspeed_resume_after_kill(tmp_path):
     got = load(b / "runs" / "tiny" / "checkpoints" / "last.pt")
     for k in ref["model"]:
         assert torch.equal(got["model"][k], ref["model"][k]), k
+
+
+def test_resumed_optimizer_keeps_the_configs_settings_and_the_saved_state():
+    """torch's load_state_dict would bring back the checkpoint's momentum / weight decay /
+    nesterov / betas, while the resume check logs those keys as changed to the new values."""
+    from dsrna_dist.engine.checkpoint import load_optimizer_state
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    old = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=3e-4)
+    w.grad = torch.randn(5)
+    old.step()
+    adam_old = torch.optim.Adam([w], lr=0.1, betas=(0.5, 0.999), weight_decay=1e-3)
+    adam_old.step()
+    new = torch.optim.SGD([w], lr=0.2, momentum=0.5, weight_decay=5e-4, nesterov=True)
+    load_optimizer_state(new, old.state_dict())
+    g = new.param_groups[0]
+    assert (g["momentum"], g["weight_decay"], g["nesterov"], g["lr"]) == (0.5, 5e-4, True, 0.2)
+    assert torch.equal(new.state[w]["momentum_buffer"], old.state[w]["momentum_buffer"])
+    adam_new = torch.optim.Adam([w], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    load_optimizer_state(adam_new, adam_old.state_dict())
+    assert adam_new.param_groups[0]["betas"] == (0.9, 0.99) and adam_new.param_groups[0]["weight_decay"] == 0.0
+    assert torch.equal(adam_new.state[w]["exp_avg"], adam_old.state[w]["exp_avg"])
+    assert float(adam_new.state[w]["step"]) == 1.0

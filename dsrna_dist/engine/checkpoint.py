@@ -184,6 +184,19 @@ def training_state(*, models: Mapping[str, nn.Module], optimizers: Optional[Mapp
     return state
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """``opt.load_state_dict(saved)``, keeping this run's param-group settings.
+
+    Why: torch restores the *saved* groups' momentum, weight decay, betas, nesterov..., so a key
+    changed on resume (which the config check logs as changed) would silently keep its old
+    value. The state (momentum buffers, Adam moments, step counts) comes from the checkpoint,
+    the settings from the config: the lr is set by the schedule every step anyway."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, settings in zip(opt.param_groups, fresh):
+        group.update(settings)
+
+
 def restore_training_state(state: Mapping[str, Any], *, models: Mapping[str, nn.Module],
                            optimizers: Optional[Mapping[str, Any]] = None,
                            schedulers: Optional[Mapping[str, Any]] = None,
@@ -203,7 +216,10 @@ def restore_training_state(state: Mapping[str, Any], *, models: Mapping[str, nn.
             if name not in saved:
                 raise CheckpointError(f"{source}: no {group[:-1]} state {name!r}")
             try:
-                obj.load_state_dict(saved[name])
+                if isinstance(obj, torch.optim.Optimizer):
+                    load_optimizer_state(obj, saved[name])
+                else:
+                    obj.load_state_dict(saved[name])
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"{source}: {group[:-1]} {name!r} does not fit: {e}") from None
     if rng and "rng" in state:

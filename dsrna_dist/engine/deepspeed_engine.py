@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import load_optimizer_state
 from .errors import CheckpointError
 
 
@@ -98,7 +99,7 @@ def load_optimizer_state(engine: Any, states: List[Mapping[str, Any]], source: s
         raise CheckpointError(f"{source}: DeepSpeed optimizer state was saved by {len(states)} ranks, "
                               f"this run has {world}; ZeRO partitions need the same world size")
     try:
-        base_optimizer(engine).load_state_dict(dict(states[rank]))
+        load_optimizer_state(base_optimizer(engine), dict(states[rank]))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{source}: DeepSpeed optimizer state does not fit: {e}") from None
 
