@@ -61,6 +61,7 @@ from .training import (NonFiniteError, Regime, SplitRecord, all_finite, any_rank
 from .training.split import check_resume
 
 CRASH_ENV = "DSRNA_TEST_CRASH"  # "<rank>:<global step>": that rank os._exit(3)s after that step
+NAN_GRAD_ENV = "DSRNA_TEST_NAN_GRAD"  # "<rank>:<global step>": a NaN gradient (finite loss) there
 DUMP_ENV = "DSRNA_TEST_DUMP_DIR"  # every rank saves its final weights there (tests compare ranks)
 
 
@@ -165,12 +166,18 @@ def _memory_mb(device: torch.device) -> Tuple[str, float]:
     return "max_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _crash_step(rank: int) -> int:
-    spec = os.environ.get(CRASH_ENV, "")
+def _crash_step(rank: int, env: str = CRASH_ENV) -> int:
+    spec = os.environ.get(env, "")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
         return -1
     r, s = spec.split(":")
     return int(s) if int(r) == rank else -1
+
+
+def _grad_norm(params: Any) -> torch.Tensor:
+    """The 2-norm of the gradients that exist (NaN/inf propagate: the guard reads it)."""
+    grads = [q.grad.detach().norm() for q in params if q.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads))
 
 
 class Trainer:
@@ -205,7 +212,8 @@ class Trainer:
             self.DS = DS
             self.model = DS.initialize(net, opt, DS.ds_config(
                 micro_batch=cfg.data.batch_size, world_size=rt.world_size, zero_stage=cfg.zero_stage,
-                grad_clip=o.grad_clip, bf16=False))  # bf16 via torch.autocast: fp32 weights, like DDP
+                grad_clip=o.grad_clip, autocast_bf16=self.bf16,  # fp32 weights, like DDP
+                num_parameters=sum(q.numel() for q in net.parameters())))
             self.opt = opt
             if plan.resume is not None:
                 DS.load_optimizer_state(self.model, plan.resume.get("ds_optimizer", []), str(plan.resume_path))
@@ -219,6 +227,7 @@ class Trainer:
                 net = torch.compile(net)
             self.model, self.opt = rt.accelerator.prepare(net, opt)
         self.crash_at = _crash_step(rt.rank)
+        self.nan_grad_at = _crash_step(rt.rank, NAN_GRAD_ENV)
         self.regime_keys: set = set()  # last-step values of these go into the epoch's metrics
 
     # -- one epoch of training
@@ -254,12 +263,21 @@ class Trainer:
                 r = self.plan.regime.loss(self.model, self.net, x, y, drop_prob=p, epoch=epoch, step=i,
                                           steps_per_epoch=steps, crit=crit)
             loss, loss_main, logits, logs = r.loss, r.loss_main, r.logits, r.logs
+            if global_step == self.nan_grad_at:  # test hook: finite loss, non-finite gradient
+                q = next(self.net.parameters()).sum()
+                loss = loss + 0.0 * torch.sqrt(q - q.detach())
             self.regime_keys.update(logs)
             if self.deepspeed:
                 # DeepSpeed applies the step inside step(): only the loss can be checked first
                 self._guard(epoch, i, global_step, loss)
                 self.model.backward(loss)
+                if cfg.zero_stage == 0:  # gradients are whole and all-reduced here: check first
+                    self._guard(epoch, i, global_step, loss, _grad_norm(self.net.parameters()))
                 self.model.step()  # clipping is in the DeepSpeed config
+                if not self.model.was_step_applied():  # ZeRO-1/2 skip a non-finite step silently
+                    raise NonFiniteError(
+                        f"non-finite training gradient at epoch {epoch + 1} step {i + 1} (global step "
+                        f"{global_step + 1}): DeepSpeed skipped the step (on every rank)")
             else:
                 self.opt.zero_grad(set_to_none=True)
                 rt.accelerator.backward(loss)  # DDP all-reduces: a NaN gradient reaches every rank
@@ -267,7 +285,7 @@ class Trainer:
                 if cfg.optim.grad_clip > 0:
                     norm = rt.accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
                 else:
-                    norm = torch.linalg.vector_norm(torch.stack([q.grad.detach().norm() for q in params]))
+                    norm = _grad_norm(params)
                 self._guard(epoch, i, global_step, loss, norm)
                 self.opt.step()
             global_step += 1

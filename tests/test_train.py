@@ -119,7 +119,16 @@ def test_deepspeed_config_and_documented_example():
         assert ds.DeepSpeedConfig(ds_config(micro_batch=32, world_size=1, zero_stage=2,
                                             grad_clip=clip)).gradient_clipping == clip
     example = json.loads((ROOT / "launch/deepspeed/zero2_example.json").read_text())
-    assert ds_config(micro_batch=128, world_size=8, zero_stage=2, grad_clip=5.0) == example
+    # the CIFAR-10 recipe: DARTS_V2, C=36, 20 cells, with its aux head: 3,825,768 parameters
+    assert ds_config(micro_batch=128, world_size=8, zero_stage=2, grad_clip=5.0,
+                     num_parameters=3_825_768) == example
+    parsed = ds.DeepSpeedConfig({**example, "train_batch_size": 128})  # parsed in a 1-process world
+    assert parsed.zero_config.reduce_bucket_size == parsed.zero_config.allgather_bucket_size == 3_825_768
+    # bf16: DeepSpeed's own autocast section, fp32 gradients on the wire (no lower-precision modules)
+    bf = ds.DeepSpeedConfig(ds_config(micro_batch=32, world_size=1, zero_stage=2, grad_clip=0.0,
+                                      autocast_bf16=True))
+    assert bf.torch_autocast_enabled and bf.torch_autocast_dtype == torch.bfloat16
+    assert bf.torch_autocast_lower_precision_safe_modules == [] and not bf.bfloat16_config.enabled
 
 
 # --------------------------------------------------------------------------- single process

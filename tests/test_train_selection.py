@@ -112,3 +112,28 @@ def test_nonfinite_loss_stops_both_ranks_and_keeps_the_last_good_checkpoint(tmp_
         assert all(not (isinstance(v, float) and not math.isfinite(v)) for v in json.loads(line).values())
     last = load(run / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("engine,stage", [
+    ("deepspeed", 2),
+    pytest.param("deepspeed", 0, marks=pytest.mark.slow),
+    pytest.param("accelerate", 0, marks=pytest.mark.slow),
+])
+def test_nonfinite_gradient_with_finite_loss_stops_every_engine(tmp_path, engine, stage):
+    """A NaN gradient behind a finite loss (test hook on rank 0, epoch 2): ZeRO-1/2 would skip
+    that step silently and train on, ZeRO-0 would apply it. Every engine stops both ranks
+    before the step, with epoch 1's checkpoint as it was."""
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    cfg = write_cfg(tmp_path, engine=engine, zero_stage=stage, optim={"grad_clip": 0.0})
+    step = 256 // (2 * 16) + 3  # the 4th step of epoch 2
+    r = torchrun(cfg, extra_env={"DSRNA_TEST_NAN_GRAD": f"0:{step}"}, timeout=400)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "non-finite" in out and f"epoch 2 step 4 (global step {step + 1}" in out, out[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert [row["epoch"] for row in metrics(run)] == [0]  # epoch 1 only (0-based in the log)
+    last = load(run / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -37,8 +37,14 @@ def import_deepspeed() -> Any:
 
 
 def ds_config(*, micro_batch: int, world_size: int, zero_stage: int, grad_clip: float,
-              bf16: bool = False) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for one optimizer step per micro-batch (no accumulation)."""
+              autocast_bf16: bool = False, num_parameters: Optional[int] = None) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for one optimizer step per micro-batch (no accumulation).
+
+    ``autocast_bf16``: bf16 through ``torch.autocast`` with fp32 weights and fp32 gradient
+    communication, as on the DDP path. Why a config section: DeepSpeed's forward re-enters
+    autocast with its own setting, which is *off* unless ``torch_autocast`` says otherwise, so
+    an outer CUDA autocast alone trains in fp32. ``num_parameters``: ZeRO-1/2 buckets sized to
+    the model (DeepSpeed's default 5e8 elements allocates ~2 GB per bucket per step)."""
     cfg: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch),
         "gradient_accumulation_steps": 1,
@@ -51,8 +57,12 @@ def ds_config(*, micro_batch: int, world_size: int, zero_stage: int, grad_clip: 
         # leaving it out for "off" silently clipped every step at norm 1
         "gradient_clipping": float(grad_clip),
     }
-    if bf16:
-        cfg["bf16"] = {"enabled": True}
+    if autocast_bf16:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                 "lower_precision_safe_modules": []}  # gradients all-reduced in fp32
+    if num_parameters is not None and zero_stage > 0:
+        bucket = int(max(num_parameters, 1_000_000))
+        cfg["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     return cfg
 
 
