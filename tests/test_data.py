@@ -238,6 +238,42 @@ def test_imagenet_folder_torchvision_loaders(tmp_path):
     assert sorted(seen) == list(range(12))
 
 
+def test_imagenet_random_crops_are_the_same_after_a_resume_and_for_any_worker_count(tmp_path):
+    """RandomResizedCrop + flip run in DataLoader workers, which seed themselves from the global
+    RNG once: keyed by (seed, epoch, sample) instead, epoch 1 of a fresh (resumed) loader with
+    2 persistent workers equals epoch 1 of an uninterrupted 0-worker one, and the caller's RNG is
+    not touched."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(3):  # textured images: a random crop of a solid colour is not a test
+        d = tmp_path / "train" / f"n0000000{k}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(d / f"img_{i}.png")
+    cfg = DataConfig(name="imagenet", root=str(tmp_path), loader="torchvision", image_size=16,
+                     batch_size=4, num_workers=0)
+
+    def epoch_batches(loader, epoch):
+        loader.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    straight = build_train_loader(cfg, 0, 1, "cpu", seed=5)
+    e0 = epoch_batches(straight, 0)
+    e1 = epoch_batches(straight, 1)
+    assert torch.equal(torch.get_rng_state(), state)  # in-process transforms leave the caller's RNG alone
+    resumed = build_train_loader(replace(cfg, num_workers=2), 0, 1, "cpu", seed=5)
+    torch.manual_seed(999)  # a resumed run's global stream is wherever the checkpoint left it
+    r1 = epoch_batches(resumed, 1)
+    assert len(r1) == len(e1) == 3 and all(torch.equal(a, b) for a, b in zip(r1, e1))
+    # the crops are random: epochs differ, and another seed differs
+    assert not all(torch.equal(a, b) for a, b in zip(e0, e1))
+    other = epoch_batches(build_train_loader(cfg, 0, 1, "cpu", seed=6), 1)
+    assert not all(torch.equal(a, b) for a, b in zip(other, e1))
+
+
 def test_imagenet_corrupt_jpeg_and_missing_tree(tmp_path):
     write_jpeg_tree(str(tmp_path), per_class=1)
     bad = tmp_path / "val" / "n00000001" / "img_0.JPEG"

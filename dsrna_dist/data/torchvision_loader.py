@@ -19,9 +19,11 @@ from .sharding import num_batches, rank_indices, rank_length
 class ShardSampler(Sampler[int]):
     """Indices of one rank for the current epoch (``set_epoch``), see :func:`rank_indices`."""
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, cover_all: bool) -> None:
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, cover_all: bool,
+                 with_epoch: bool = False) -> None:
         self.n, self.rank, self.world, self.seed = n, rank, world, seed
         self.shuffle, self.cover_all, self.epoch = shuffle, cover_all, 0
+        self.with_epoch = with_epoch  # yield (index, epoch): the key of a _SampleSeeded dataset
         rank_indices(1, rank, world)  # validates rank/world
 
     def set_epoch(self, epoch: int) -> None:
@@ -31,7 +33,9 @@ class ShardSampler(Sampler[int]):
         return rank_indices(self.n, self.rank, self.world, self.epoch, self.seed,
                             shuffle=self.shuffle, cover_all=self.cover_all)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in self.indices().tolist()])
         return iter(self.indices().tolist())
 
     def __len__(self) -> int:
@@ -49,26 +53,52 @@ class _Arrays(torch.utils.data.Dataset):
         return self.images[i], self.labels[i]
 
 
+class _SampleSeeded(torch.utils.data.Dataset):
+    """``dataset[i]`` with its random transform seeded by (seed, epoch, i).
+
+    Why: DataLoader workers seed their torch RNG once from the main process's global stream
+    (persistent workers: once per run), so after a resume every random crop and flip would differ
+    from the uninterrupted run's. Keyed by the sample, the augmentation is the same after a
+    resume and for any ``num_workers``. The caller's RNG is left as it was (``fork_rng``)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        i, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % (2 ** 63))
+            return self.dataset[i]
+
+
 class TorchvisionLoader:
     """Yields ``(x float32 in [0, 1] on device, y int64 on device)`` from a map dataset of
     (CHW uint8 tensor, label); ``augment`` (batched, on device) is applied after transfer."""
 
     def __init__(self, dataset: Any, batch_size: int, *, shuffle: bool, seed: int, rank: int,
                  world_size: int, drop_last: bool, cover_all: bool, device: torch.device | str,
-                 num_workers: int, augment: Optional[Augment] = None) -> None:
+                 num_workers: int, augment: Optional[Augment] = None, seed_samples: bool = True) -> None:
         self.device = torch.device(device)
         self.batch_size, self.drop_last, self.seed, self.rank = batch_size, drop_last, seed, rank
-        self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, cover_all)
+        self.sampler = ShardSampler(len(dataset), rank, world_size, seed, shuffle, cover_all,
+                                    with_epoch=seed_samples)
+        if seed_samples:  # per-sample transforms (ImageFolder): reproducible across resumes
+            dataset = _SampleSeeded(dataset, seed)
         self.augment = augment if augment is not None and augment.active else None
         self.epoch = 0
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
                                  num_workers=num_workers, drop_last=drop_last,
                                  pin_memory=self.device.type == "cuda",
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0,
+                                 # its per-iteration base seed: not a draw from the global stream
+                                 generator=torch.Generator().manual_seed(seed * 1009 + rank))
 
     @classmethod
     def from_arrays(cls, images: torch.Tensor, labels: torch.Tensor, batch_size: int, **kw: Any) -> "TorchvisionLoader":
-        return cls(_Arrays(images, labels), batch_size, **kw)
+        return cls(_Arrays(images, labels), batch_size, seed_samples=False, **kw)  # no per-sample RNG
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
