@@ -85,10 +85,12 @@ class RunConfig:
 class DistConfig:
     timeout_s: int = fld(1800, ge=1, help="process-group timeout: a stuck peer fails after this")
     backend: str = fld("auto", choices=("auto", "gloo", "nccl"), help="auto: nccl on CUDA, gloo on CPU")
-    mixed_precision: str = fld("no", choices=("no", "bf16", "fp16"), help="GPU only; ignored on CPU")
+    mixed_precision: str = fld("no", choices=("no", "bf16", "fp16"), help="GPU only; ignored on CPU; "
+                               "search and train (bf16), not evaluate (attacks and bounds run in float32)")
     channels_last: bool = fld(True, help="channels_last memory format for search, train and attacks, CPU "
                               "included (fast for depthwise convs; DeepSpeed keeps contiguous parameters)")
-    compile: bool = fld(False, help="torch.compile the model (GPU only)")
+    compile: bool = fld(False, help="torch.compile the retrained network (train stage, accelerate engine, "
+                        "GPU only; search and evaluate run eager)")
     own_process_group: bool = fld(True, help="create the process group on a store prefixed by the "
                                   "torchelastic restart count (restart-safe); false = Accelerate's env://")
     find_unused_parameters: bool = fld(False, help="DDP find_unused_parameters (needed when some "

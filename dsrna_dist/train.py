@@ -112,6 +112,9 @@ def preflight(cfg: TrainConfig) -> Plan:
                           "scaling; bf16 does not)")
     if cfg.ema:
         raise ConfigError("key 'ema': weight EMA is not implemented in train yet; set ema=0")
+    if cfg.dist.compile and cfg.engine == "deepspeed":
+        raise ConfigError("key 'dist.compile': torch.compile is applied on the accelerate engine only; "
+                          "with engine=deepspeed set dist.compile=false")
     g = resolve_genotype(cfg.model)
     regime = build_regime(cfg)
     info = dataset_info(cfg.data)  # the config form: ImageNet crop size, synthetic shape

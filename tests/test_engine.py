@@ -211,6 +211,21 @@ def test_nccl_on_cpu_is_a_config_error():
 
 
 # --------------------------------------------------------------------------- TensorBoard
+def test_accelerate_launch_dynamo_config_does_not_compile_behind_dist_compile(monkeypatch):
+    """`accelerate launch` exports ACCELERATE_DYNAMO_BACKEND from its config; a plain
+    Accelerator() would then compile the model whatever dist.compile says."""
+    from accelerate.state import AcceleratorState
+
+    from dsrna_dist.config import DistConfig
+    from dsrna_dist.engine.runtime import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    try:
+        assert str(build_accelerator(DistConfig()).state.dynamo_plugin.backend).endswith("NO")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_tbwriter_roundtrip(tmp_path):
     import matplotlib
 

@@ -104,7 +104,8 @@ def test_defaults_are_the_published_cifar10_settings_and_schedule_matches_refere
                                      ({"pdarts.keep_ops": [3, 2]}, "pdarts.keep_ops"),
                                      ({"pdarts.keep_ops": [9]}, "pdarts.keep_ops"),
                                      ({"pdarts.skip_dropout": [0.1]}, "pdarts.skip_dropout"),
-                                     ({"strategy.arch_start_epoch": 3}, "strategy.arch_start_epoch")])
+                                     ({"strategy.arch_start_epoch": 3}, "strategy.arch_start_epoch"),
+                                     ({"strategy.max_skip": 2}, "strategy.max_skip")])
 def test_bad_stage_settings_name_the_key(bad, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(tiny_cfg(**bad))

@@ -195,6 +195,7 @@ def test_help_is_real_help():
     ({"model.nodes": 3}, "expects 3"),
     ({"model.layers": 2}, "at least 3 cells"),
     ({"data.synthetic_shape": [1, 18, 18], "model.layers": 6}, "odd 9x9"),
+    ({"engine": "deepspeed", "dist.compile": True}, "'dist.compile'"),
 ])
 def test_bad_input_fails_before_writing(tmp_path, capsys, override, needle):
     from dsrna_dist.train import main

@@ -139,7 +139,9 @@ def build_accelerator(dist_cfg: Any) -> Any:
     if getattr(dist_cfg, "find_unused_parameters", False):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     mp = dist_cfg.mixed_precision if cuda else "no"
-    return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=handlers)
+    # dynamo_backend "no": an `accelerate launch` config with dynamo would compile the model
+    # (and turn TF32 on) behind dist.compile's back; compiling is dist.compile's job alone
+    return Accelerator(cpu=not cuda, mixed_precision=mp, kwargs_handlers=handlers, dynamo_backend="no")
 
 
 def _refuse_incompatible_run_dir(run_dir: Path, cfg: Any) -> None:

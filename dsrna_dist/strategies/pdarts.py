@@ -108,6 +108,9 @@ class PDARTS(DARTS):
         if cfg.strategy.arch_start_epoch:
             raise ConfigError("key 'strategy.arch_start_epoch': pdarts delays arch updates in every stage "
                               "by pdarts.arch_start_epoch; leave strategy.arch_start_epoch at 0")
+        if cfg.strategy.max_skip != -1:
+            raise ConfigError("key 'strategy.max_skip': pdarts caps the final cell's skip_connects with "
+                              "pdarts.max_skip; leave strategy.max_skip at -1")
         if any(not 0.0 <= r < 1.0 for r in p.skip_dropout):
             raise ConfigError(f"key 'pdarts.skip_dropout': rates must lie in [0, 1), got {list(p.skip_dropout)}")
 
