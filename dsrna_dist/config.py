@@ -169,7 +169,8 @@ class SDARTSConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = fld("sgd", choices=("sgd", "adamw"), help="weight optimizer")
+    name: str = fld("sgd", choices=("sgd", "adamw"), help="weight optimizer (adamw: momentum/nesterov unused, "
+                    "weight_decay is decoupled and scaled by lr, so SGD-tuned values mean far less decay)")
     lr: float = fld(0.025, gt=0.0, help="learning rate (for the per-process batch; see README scaling rule)")
     lr_min: float = fld(0.001, ge=0.0, help="cosine schedule floor")
     schedule: str = fld("cosine", choices=("cosine", "step", "constant"), help="lr schedule")
