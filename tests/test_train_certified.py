@@ -58,6 +58,13 @@ def test_certified_loss_matches_an_independent_bound_call(name):
 
 
 def test_trained_on_bound_is_sound_against_pgd():
+    """The bounds the regimes train on (IBP; CROWN-IBP, which crown_ibp mixes in) never exceed a
+    margin the network attains. On the random-weight DARTS net this is coverage only: the IBP
+    bound (-1.6 to -2.6) is far below what PGD reaches (the margin moves ~0.02). The teeth: the
+    IBP-trained net of test_bounds_tight, each example at its own IBP radius, where the bound of
+    every class j != y is below the margin f_y - f_j PGD attains and the exact (MILP) minimum,
+    and PGD takes at least 0.6 of every class's slack, clean - attained >= 0.6 (clean - bound)
+    (measured minima 0.79 IBP, 0.70 CROWN-IBP), so a bound at eps / 2 fails."""
     net = tiny_net().eval()
     x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 4, (16,))
     eps = 0.01
@@ -70,6 +77,22 @@ def test_trained_on_bound_is_sound_against_pgd():
         z = net(x_adv)
     margins = z.gather(1, y[:, None]) - z  # [B, K]: f_y - f_j at the attacked point
     assert (lb <= margins + 1e-5).all()
+
+    from dsrna_dist.bounds import certified_radius
+    from test_bounds_tight import _attained, _certified_net, _exact_min, _spec
+
+    net, x, y = _certified_net()
+    C = _spec(y, 3)                                          # rows e_y - e_j, j != y in order
+    others = C.argmin(2)                                     # [B, 2]: those j
+    eps = certified_radius(net, x, y, "inf", "ibp", steps=40, rel_tol=1e-3)
+    with torch.no_grad():
+        clean = (net(x)[:, None] * C).sum(2)
+    attained, exact = _attained(net, x, C, eps, "inf"), _exact_min(net, x, C, eps)
+    for method in ("ibp", "crown-ibp"):
+        with torch.no_grad():
+            lb = margin_lower_bound(net, x, y, eps, "inf", method).gather(1, others)
+        assert (lb <= attained).all() and (lb <= exact).all(), (method, lb, attained, exact)
+        assert ((clean - attained) >= 0.6 * (clean - lb)).all(), (method, (clean - attained) / (clean - lb))
 
 
 def test_schedules_and_ibp_init():
