@@ -184,14 +184,18 @@ def training_state(*, models: Mapping[str, nn.Module], optimizers: Optional[Mapp
     return state
 
 
+_SCHEDULED = ("params", "lr", "initial_lr")  # not settings: the params, and what a schedule moves
+
+
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
     """``opt.load_state_dict(saved)``, keeping this run's param-group settings.
 
     Why: torch restores the *saved* groups' momentum, weight decay, betas, nesterov..., so a key
     changed on resume (which the config check logs as changed) would silently keep its old
     value. The state (momentum buffers, Adam moments, step counts) comes from the checkpoint,
-    the settings from the config: the lr is set by the schedule every step anyway."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    the settings from the config, except the lr (and torch's ``initial_lr``), which belong to
+    the schedule: a torch LR scheduler restored after this keeps them in the groups."""
+    fresh = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in opt.param_groups]
     opt.load_state_dict(saved)
     for group, settings in zip(opt.param_groups, fresh):
         group.update(settings)
