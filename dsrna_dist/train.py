@@ -216,7 +216,7 @@ class Trainer:
             self.model = DS.initialize(net, opt, DS.ds_config(
                 micro_batch=cfg.data.batch_size, world_size=rt.world_size, zero_stage=cfg.zero_stage,
                 grad_clip=o.grad_clip, autocast_bf16=self.bf16,  # fp32 weights, like DDP
-                num_parameters=sum(q.numel() for q in net.parameters())))
+                num_parameters=count_parameters(net)))
             self.opt = opt
             if plan.resume is not None:
                 DS.load_optimizer_state(self.model, plan.resume.get("ds_optimizer", []), str(plan.resume_path))
@@ -271,10 +271,13 @@ class Trainer:
                 loss = loss + 0.0 * torch.sqrt(q - q.detach())
             self.regime_keys.update(logs)
             if self.deepspeed:
-                # DeepSpeed applies the step inside step(): only the loss can be checked first
-                self._guard(epoch, i, global_step, loss)
+                # DeepSpeed applies the update inside step(). ZeRO-0: the all-reduced gradients
+                # are whole after backward, so loss and norm are checked there, in one collective;
+                # ZeRO-1/2 partition them: the loss first, a skipped step after
+                if cfg.zero_stage > 0:
+                    self._guard(epoch, i, global_step, loss)
                 self.model.backward(loss)
-                if cfg.zero_stage == 0:  # gradients are whole and all-reduced here: check first
+                if cfg.zero_stage == 0:
                     self._guard(epoch, i, global_step, loss, _grad_norm(self.net.parameters()))
                 self.model.step()  # clipping is in the DeepSpeed config
                 if not self.model.was_step_applied():  # ZeRO-1/2 skip a non-finite step silently

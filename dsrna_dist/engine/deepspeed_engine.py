@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_optimizer_state
+from .checkpoint import load_optimizer_state as load_torch_optimizer_state
 from .errors import CheckpointError
 
 
@@ -109,7 +109,7 @@ def load_optimizer_state(engine: Any, states: List[Mapping[str, Any]], source: s
         raise CheckpointError(f"{source}: DeepSpeed optimizer state was saved by {len(states)} ranks, "
                               f"this run has {world}; ZeRO partitions need the same world size")
     try:
-        load_optimizer_state(base_optimizer(engine), dict(states[rank]))
+        load_torch_optimizer_state(base_optimizer(engine), dict(states[rank]))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{source}: DeepSpeed optimizer state does not fit: {e}") from None
 
