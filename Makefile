@@ -19,6 +19,12 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # e.g. https://download.pytorch.org/whl/cpu: the CPU-only wheels (no nvidia-* CUDA packages, GBs smaller)
 TORCH_INDEX ?=
 METHOD ?= jacobian
+# pytest-xdist workers for `make test` (0: one process). Each test module runs whole on one worker
+# (its module fixtures built once); multi-rank launches pick free ports, so workers never collide.
+# On the 2-core CI box 2 workers were slower than 1 (21.4 vs 18.3 min: the multi-rank tests
+# already use both cores, and two torch workloads side by side ran ~2x slower each), so 0 there;
+# `make test TEST_WORKERS=auto` on a machine with more cores.
+TEST_WORKERS ?= 0
 
 .PHONY: install install-ffcv install-deepspeed install-all system-packages demo test test-all compare grid clean
 
@@ -62,7 +68,7 @@ demo: install
 	METHOD=$(METHOD) PY=$(PY) bash launch/demo.sh
 
 test: install
-	$(PY) -m pytest -q --durations=40
+	$(PY) -m pytest -q --durations=40 -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install
 	$(PY) -m pytest -q -m ""

@@ -12,7 +12,7 @@ BIN=$(dirname "$PY")
 case "$METHOD" in jacobian|cb) ;; *) echo "error: METHOD must be jacobian or cb, got '$METHOD'" >&2; exit 2;; esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ACCEL=("$BIN/accelerate" launch --multi_gpu --num_processes "$NPROC" --num_machines 1
-       --mixed_precision no --dynamo_backend no)
+       --mixed_precision no --dynamo_backend no --main_process_port 0)
 TORCHRUN=("$BIN/torchrun" --standalone --nproc_per_node "$NPROC")
 start=$(date +%s)
 

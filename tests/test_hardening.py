@@ -396,7 +396,7 @@ def _launch(launcher: str, args: list, timeout: int = 240) -> subprocess.Complet
         cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
         cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     return subprocess.run(cmd + ["-m", "dsrna_dist.train"] + args, env=env(), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -321,7 +321,7 @@ def launch(args, env_extra=None, ranks=1):
 
         accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(ranks), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsrna_dist.search", *args]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "dsrna_dist.search", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -472,7 +472,7 @@ def test_accelerate_launch_two_ranks_end_to_end(tmp_path, strategy):
                              "--model.edge_normalization=true", "--sdarts.adv_steps=2"]}[strategy]
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsrna_dist.search",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "dsrna_dist.search",
            *TINY_ARGS, "--epochs=2", "--data.batch_size=4", *extra, "--run.name=ddp",
            f"--run.out_dir={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
