@@ -172,11 +172,21 @@ def preflight(cfg: EvalConfig) -> Plan:
           "certify": to_dict(cfg.certify), "seed": cfg.run.seed,
           # the attacks' layout changes their float rounding: a resume must not mix layouts
           "attack_layout": "channels_last" if cfg.dist.channels_last else "contiguous"}
-    for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
-        fp["data"].pop(k, None)  # do not change any result
+    fp = comparable(fp)
     check_eval_dir(cfg, fp)
     data = TestSet(cfg.data)
     return Plan(cfg, model, train_cfg, genotype, attacks, sweep_label, fp, data)
+
+
+def comparable(fingerprint: Dict[str, Any]) -> Dict[str, Any]:
+    """The fingerprint without the keys that change no result (batching, loading), so a resume
+    may change them: a certify batch of 1 saves every example of a CROWN run that takes minutes
+    per example (each example's radius search is its own; the resume test checks the records)."""
+    fp = json.loads(json.dumps(fingerprint))
+    for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
+        fp.get("data", {}).pop(k, None)
+    fp.get("certify", {}).pop("batch_size", None)
+    return fp
 
 
 def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
@@ -188,8 +198,8 @@ def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
         old = json.loads(state_path.read_text()).get("fingerprint")
     except (ValueError, AttributeError, OSError):
         return  # unreadable bookkeeping: run_eval starts over from the result files it can read
-    if isinstance(old, dict) and old != fingerprint:
-        diff = next((k for k in fingerprint if fingerprint[k] != old.get(k)), "?")
+    if isinstance(old, dict) and comparable(old) != comparable(fingerprint):
+        diff = next((k for k in fingerprint if comparable(fingerprint)[k] != comparable(old).get(k)), "?")
         raise ConfigError(f"run dir {state_path.parent} holds results of a different evaluation ('{diff}' "
                           "differs); choose another run.name or pass --run.resume=false to start over")
 
@@ -428,8 +438,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
         except ValueError:
             old = None
     resume = cfg.run.resume and old is not None
-    if resume and old != plan.fingerprint:
-        diff = next((k for k in plan.fingerprint if plan.fingerprint[k] != old.get(k)), "?")
+    if resume and comparable(old) != comparable(plan.fingerprint):
+        diff = next((k for k in plan.fingerprint if comparable(plan.fingerprint)[k] != comparable(old).get(k)), "?")
         raise ConfigError(f"run dir {run_dir} holds results of a different evaluation ('{diff}' differs); "
                           "choose another run.name or pass --run.resume=false to start over")
     labels_wanted = [lab for lab, _, _ in plan.attacks]

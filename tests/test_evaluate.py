@@ -249,6 +249,9 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckp
     cfg = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8)
     path = write_yaml(tmp_path, cfg)
     r = run_cli("--config", path, extra_env={"DSRNA_EVAL_STOP_AFTER_CHUNKS": "2"})
+    # the resume certifies one example per batch (the reference run: 4): batching is not part of
+    # the evaluation, so the resume is accepted and every record equals the reference's
+    cfg = eval_cfg(tmp_path, ckpt, name="killed", chunk_size=8, certify={**EVAL["certify"], "batch_size": 1})
     assert r.returncode == 137, r.stderr[-2000:]
     run = tmp_path / "runs" / "killed"
     partial = jsonl(run / "attacks.jsonl")
@@ -258,6 +261,7 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckp
     run_inprocess(cfg)
     log = (run / "evaluate.log").read_text()
     assert "resuming: 16/37 examples already attacked" in log
+    assert cfg.certify.batch_size == 1 != full_run[0].certify.batch_size
     ref = jsonl(full_run[1] / "attacks.jsonl")
     got = jsonl(run / "attacks.jsonl")
     key = lambda r: (r["index"], r["attack"])  # noqa: E731
