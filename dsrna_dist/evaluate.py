@@ -390,7 +390,9 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
         groups.setdefault((r["method"], r["norm"]), []).append(r)
     for (meth, norm), rs in sorted(groups.items()):
         tg = [r["radius_target"] for r in rs if r.get("radius_target") is not None]
+        cs = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]  # records before 2026-12-01 have none
         cert.setdefault(meth, {})[norm] = {
+            "cpu_s_per_example": sum(cs) / len(cs) if cs else None, "cpu_s_n": len(cs),
             "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
             "mean_radius_target": sum(tg) / len(tg) if tg else None,
             "n_certified": sum(1 for r in rs if r["radius"] > 0), **_resolution(rs)}
@@ -584,7 +586,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
                 f"l_{nm} {v['mean_radius']:.5f}" + (f" / target {v['mean_radius_target']:.5f}"
                                                      if v["mean_radius_target"] is not None else "")
                 + (f" (bracket x{v['median_bracket']:.3f} median; " if v.get("median_bracket") else " (")
-                + f"{v.get('n_unbracketed', 0)} of {v['n']} never failed above)"
+                + f"{v.get('n_unbracketed', 0)} of {v['n']} never failed above"
+                + (f"; {v['cpu_s_per_example']:.3g} CPU-s per example)" if v.get("cpu_s_per_example") else ")")
                 for nm, v in per.items()))
         for w in (s["masking"] or {}).get("warnings", []):
             rt.print(f"WARNING (gradient masking check): {w}")

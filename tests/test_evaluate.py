@@ -112,6 +112,11 @@ def jsonl(p: Path):
     return [json.loads(line) for line in p.read_text().splitlines()]
 
 
+def results_of(recs):
+    """Certify records without their CPU time (a measurement, not a result)."""
+    return [{k: v for k, v in r.items() if k != "cpu_s"} for r in recs]
+
+
 def assert_below_target_radius(r):
     """An untargeted certificate certifies the target too, so ``radius <= radius_target``:
     exactly for IBP run first in a one-norm certify_batch (no warm start: the two searches make
@@ -201,6 +206,9 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     for m in ("ibp", "crown-ibp"):
         rs = [r["radius"] for r in cert if r["method"] == m]
         assert s["certified"][m]["inf"]["mean_radius"] == pytest.approx(sum(rs) / len(rs))
+        cs = [r["cpu_s"] for r in cert if r["method"] == m]
+        assert all(c > 0 for c in cs) and s["certified"][m]["inf"]["cpu_s_n"] == len(cs) == 6
+        assert s["certified"][m]["inf"]["cpu_s_per_example"] == pytest.approx(sum(cs) / len(cs))
     # by construction (certify_batch starts CROWN-IBP at the IBP radius and keeps the larger) ...
     assert s["certified"]["crown-ibp"]["inf"]["mean_radius"] >= s["certified"]["ibp"]["inf"]["mean_radius"] - 1e-9
     # ... so the order is checked on searches without that warm start (same probes until the
@@ -266,8 +274,8 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, full_run, ckp
     got = jsonl(run / "attacks.jsonl")
     key = lambda r: (r["index"], r["attack"])  # noqa: E731
     assert sorted(got, key=key) == sorted(ref, key=key)
-    assert sorted(jsonl(run / "certify.jsonl"), key=lambda r: (r["index"], r["method"])) == \
-        sorted(jsonl(full_run[1] / "certify.jsonl"), key=lambda r: (r["index"], r["method"]))
+    assert sorted(results_of(jsonl(run / "certify.jsonl")), key=lambda r: (r["index"], r["method"])) == \
+        sorted(results_of(jsonl(full_run[1] / "certify.jsonl")), key=lambda r: (r["index"], r["method"]))
     # a different evaluation in the same run dir is refused, naming what differs
     from dsrna_dist.evaluate import evaluate
 
@@ -319,7 +327,7 @@ def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
     run = tmp_path / "runs" / "two"
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     assert jsonl(run / "attacks.jsonl") == jsonl(full_run[1] / "attacks.jsonl")   # 37 examples: uneven
-    assert jsonl(run / "certify.jsonl") == jsonl(full_run[1] / "certify.jsonl")
+    assert results_of(jsonl(run / "certify.jsonl")) == results_of(jsonl(full_run[1] / "certify.jsonl"))
 
 
 # ----------------------------------------------------------------------------- certification

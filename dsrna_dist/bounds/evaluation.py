@@ -14,6 +14,7 @@ eps); a sound certificate can never exceed it.
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +43,9 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
                   eps_min: float = 1e-7, crown_passes: int = 0) -> List[Dict]:
     """certify.jsonl records (index, label, method, norm, radius, radius_target, target,
     failed_at, failed_at_target: the smallest eps at which the method's bound was evaluated and
-    did not certify, None where it never failed, so each radius states its own resolution).
+    did not certify, None where it never failed, so each radius states its own resolution;
+    cpu_s: this process's CPU seconds for the method's searches in this norm, both target modes,
+    per example of the batch, so a run resumed over many sessions still states its cost).
 
     Methods run cheapest first (IBP, CROWN-IBP, CROWN) and each search starts from the radius
     the previous one certified (a sound certificate whichever bound proved it): the easy part
@@ -68,6 +71,7 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     out: List[Dict] = []
     kw = dict(steps=steps, eps_init=eps_init, rel_tol=rel_tol, eps_min=eps_min)
     done: Dict[str, Dict[str, tuple]] = {}
+    cpu: Dict[tuple, float] = {}
     d = float(x[0].numel())
 
     def implied(norm: str, method: str, i: int):  # radius in ``norm`` implied by the other norm's
@@ -86,9 +90,11 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
             for method in sorted(set(methods), key=METHOD_ORDER.index):
                 prev, prev_t = up(prev, implied(norm, method, 0)), up(prev_t, implied(norm, method, 1))
                 mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
+                t0 = time.process_time()
                 r, fr = certified_radius(bm, x, y, norm, method, lower=prev, bracket=True, **mkw)
                 rt, ft = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, bracket=True, **mkw) \
                     if tgt is not None else (None, None)
+                cpu[(method, norm)] = (time.process_time() - t0) / len(indices)
                 if prev is not None:  # the warm start keeps the cheaper certificate
                     r = torch.maximum(r, prev)
                     rt = torch.maximum(rt, prev_t) if rt is not None else None
@@ -103,7 +109,8 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
                                 "radius_target": float(rt[k]) if rt is not None else None,
                                 "target": int(tgt[k]) if tgt is not None else None,
                                 "failed_at": _failed(fr[k], r[k]),
-                                "failed_at_target": _failed(ft[k], rt[k]) if rt is not None else None})
+                                "failed_at_target": _failed(ft[k], rt[k]) if rt is not None else None,
+                                "cpu_s": cpu[(method, norm)]})
     out.sort(key=lambda d: (methods.index(d["method"]), list(norms).index(d["norm"]), d["index"]))
     return out
 
