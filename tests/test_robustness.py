@@ -184,8 +184,13 @@ def test_fused_finite_difference_equals_own_forward(train):
     own = build_metric(replace(metric.cfg, **{"jacobian.fd_fused": False}))
     assert own.extra_inputs(x, y) is None
     own.generator = torch.Generator().manual_seed(7)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     r_own, _ = own(net, x, y)
     assert float(r_fused.detach()) == pytest.approx(float(r_own.detach()), rel=1e-10)
+    # the own forward is not a training step: the running statistics are left as they were
+    assert bns and all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) and
+                       torch.equal(m.num_batches_tracked, c) for m, (a, b, c) in zip(bns, before))
     loss_joint = nn.functional.cross_entropy(out[:16], y)
     loss_clean = nn.functional.cross_entropy(net(x), y)
     assert float(loss_joint.detach()) == pytest.approx(float(loss_clean.detach()), rel=1e-2)

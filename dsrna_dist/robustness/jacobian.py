@@ -131,6 +131,23 @@ def frobenius_sq_fd(model: nn.Module, x: torch.Tensor, projections: int, h: floa
     return fd_frobenius_sq(f[:b], f[b:], h), f.shape[1]
 
 
+@contextlib.contextmanager
+def running_stats_untouched(bns: List[nn.Module]) -> Iterator[None]:
+    """Forwards inside leave these BNs' running statistics (and batch counters) as they were:
+    the metric's extra forwards are not training steps."""
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0  # running <- 1 * running + 0 * batch
+        yield
+    finally:
+        for m, mom, nbt in saved:
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
 @METRICS.register("jacobian")
 class JacobianMetric(RobustnessMetric):
     """DSRNA-Jacobian (see the module docstring for the exact formulas)."""
@@ -178,18 +195,8 @@ class JacobianMetric(RobustnessMetric):
         stats, self._captured = self._captured, None
         if stats is not None and all(stats.get(m) is not None for m in bns):
             return {m: stats[m] for m in bns}
-        saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-                 for m in bns]
-        try:
-            for m in bns:
-                m.momentum = 0.0  # running <- 1 * running + 0 * batch
-            with torch.enable_grad(), capture_stats(bns) as stats:
-                model(xs)
-        finally:
-            for m, mom, nbt in saved:
-                m.momentum = mom
-                if nbt is not None:
-                    m.num_batches_tracked.copy_(nbt)
+        with running_stats_untouched(bns), torch.enable_grad(), capture_stats(bns) as stats:
+            model(xs)
         if any(stats.get(m) is None for m in bns):
             raise ValueError("jacobian metric: a BatchNorm runs more than once per forward; per-example "
                              "Jacobians at fixed batch statistics are not defined for this model")
@@ -228,9 +235,10 @@ class JacobianMetric(RobustnessMetric):
             if extra is not None and logits is not None and self._fused():
                 f_clean = first_logits(logits)[: xs.shape[0]]
                 per = fd_frobenius_sq(f_clean, first_logits(extra), self.cfg.jacobian.fd_step) / f_clean.shape[1]
-            else:
-                sq, k = frobenius_sq_fd(model, xs, self.cfg.jacobian.projections, self.cfg.jacobian.fd_step,
-                                        generator=self.generator)
+            else:  # a forward of its own: not a training step, so the running statistics stay
+                with running_stats_untouched(self.batch_stat_bns(model)):
+                    sq, k = frobenius_sq_fd(model, xs, self.cfg.jacobian.projections, self.cfg.jacobian.fd_step,
+                                            generator=self.generator)
                 per = sq / k
         else:
             bns = self.batch_stat_bns(model)
