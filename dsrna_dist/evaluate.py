@@ -366,6 +366,25 @@ def _resolution(rs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "n_unbracketed": sum(1 for r in rs if r["radius"] > 0 and not r.get("failed_at"))}
 
 
+def summarize_certified(cert_recs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Per bound method and norm: mean radius (untargeted, targeted), how many certified, the
+    search's resolution, and CPU seconds per example. Reads certify.jsonl records alone, so a
+    run still in progress can be summarised (``bench/certify_progress.py``)."""
+    cert: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for r in cert_recs:
+        groups.setdefault((r["method"], r["norm"]), []).append(r)
+    for (meth, norm), rs in sorted(groups.items()):
+        tg = [r["radius_target"] for r in rs if r.get("radius_target") is not None]
+        cs = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]  # records before 2026-12-01 have none
+        cert.setdefault(meth, {})[norm] = {
+            "cpu_s_per_example": sum(cs) / len(cs) if cs else None, "cpu_s_n": len(cs),
+            "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
+            "mean_radius_target": sum(tg) / len(tg) if tg else None,
+            "n_certified": sum(1 for r in rs if r["radius"] > 0), **_resolution(rs)}
+    return cert
+
+
 def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[str, Any]],
               attacks: Sequence[Tuple[str, Any, Dict[str, Any]]], sweep_label: str,
               masking: Optional[Any] = None, cert_eps: Optional[Dict[str, Sequence[float]]] = None) -> Dict[str, Any]:
@@ -384,18 +403,7 @@ def summarize(attack_recs: Sequence[Dict[str, Any]], cert_recs: Sequence[Dict[st
              for lab, _, m in attacks if m["sweep"] and lab in acc]
     if sweep and "clean" in acc and not any(p["eps"] == 0 for p in sweep):
         sweep.insert(0, {"attack": sweep_label, "eps": 0.0, "norm": sweep[0]["norm"], "robust_acc": acc["clean"]})
-    cert: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
-    for r in cert_recs:
-        groups.setdefault((r["method"], r["norm"]), []).append(r)
-    for (meth, norm), rs in sorted(groups.items()):
-        tg = [r["radius_target"] for r in rs if r.get("radius_target") is not None]
-        cs = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]  # records before 2026-12-01 have none
-        cert.setdefault(meth, {})[norm] = {
-            "cpu_s_per_example": sum(cs) / len(cs) if cs else None, "cpu_s_n": len(cs),
-            "n": len(rs), "mean_radius": sum(r["radius"] for r in rs) / len(rs),
-            "mean_radius_target": sum(tg) / len(tg) if tg else None,
-            "n_certified": sum(1 for r in rs if r["radius"] > 0), **_resolution(rs)}
+    cert = summarize_certified(cert_recs)
     n = len({r["index"] for r in attack_recs})
     if cert_recs:
         default = {nm: sorted({m["eps"] for lab, _, m in attacks if lab in robust and m["eps"] > 0

@@ -475,3 +475,25 @@ def test_shipped_eval_configs_build_their_attacks(name):
     if name == "fmnist_small.yaml":
         assert cfg.data.name == "fashion_mnist" and cfg.data.test_subset == 0
         assert meta["AutoAttack"]["eps"] == pytest.approx(0.1) and meta["PGD-20"]["eps"] == pytest.approx(0.1)
+
+
+def test_certify_progress_reads_a_run_in_progress(full_run, tmp_path, capsys):
+    """bench/certify_progress.py summarises certify.jsonl alone: on a finished run it equals
+    the summary's certified block; on a run cut short (a torn last line) it summarises the rest."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import certify_progress
+
+    run = full_run[1]
+    assert certify_progress.main([str(run)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = json.loads((run / "summary.json").read_text())["certified"]  # + certified accuracy
+    assert got["certified"] == {m: {nm: {k: v[k] for k in got["certified"][m][nm]} for nm, v in per.items()}
+                                for m, per in ref.items()}
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = (run / "certify.jsonl").read_text().splitlines()
+    (part / "certify.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    assert certify_progress.main([str(part)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert sum(v["n"] for per in got["certified"].values() for v in per.values()) == 3
+    assert certify_progress.main([str(tmp_path / "nope")]) == 2
