@@ -331,6 +331,18 @@ def test_arch_lr_schedule():
     assert vals[0] == pytest.approx(0.1) and vals[-1] == pytest.approx(0.01) and vals[30] == pytest.approx(0.055)
     assert all(a > b for a, b in zip(vals, vals[1:]))
     assert arch_lr_at(cos, 0.5, 2, 8) == pytest.approx(0.1)  # before arch updates start: unused, clamped
+    # cosine2: the cosine's factor squared, same ends; 3/4 of cosine's step sum (lr_min 0), and the
+    # last quarter's share of the squared steps is what the docstring says (midpoint sums, 6000 steps)
+    sq = ArchOptimConfig(lr=0.1, schedule="cosine2", lr_min=0.01)
+    vals2 = [arch_lr_at(sq, 2 + 6 * k / 60, 2, 8) for k in range(61)]
+    assert vals2[0] == pytest.approx(0.1) and vals2[-1] == pytest.approx(0.01)
+    assert vals2[30] == pytest.approx(0.01 + 0.09 * 0.25) and all(a > b for a, b in zip(vals2, vals2[1:]))
+    n = 6000
+    for sched, step_sum, last_sq in (("cosine", 0.5, 2.9e-3), ("cosine2", 0.375, 4.9e-5)):
+        c = ArchOptimConfig(lr=1.0, schedule=sched, lr_min=0.0)
+        lr = [arch_lr_at(c, 2 + 6 * (k + 0.5) / n, 2, 8) for k in range(n)]
+        assert sum(lr) / n == pytest.approx(step_sum, rel=1e-6)
+        assert sum(v * v for v in lr[3 * n // 4:]) / sum(v * v for v in lr) == pytest.approx(last_sq, rel=0.02)
 
 
 def test_cli_reports_each_run_and_fails_on_unconverged(tmp_path, capsys):
