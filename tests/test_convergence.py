@@ -357,3 +357,9 @@ def test_cli_reports_each_run_and_fails_on_unconverged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{flat}: converged=False (moved=False, stable=True)" in out
     assert main([str(tmp_path / "missing")]) == 2 and "no alpha history" in capsys.readouterr().err
+    # the documented command: exit code and output as in-process, and no runpy warning (the
+    # strategies package must not import the module it runs)
+    r = subprocess.run([sys.executable, "-m", "dsrna_dist.strategies.convergence", str(good), str(flat)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 1 and f"{flat}: converged=False" in r.stdout and "Warning" not in r.stderr, r.stderr

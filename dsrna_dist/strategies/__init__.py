@@ -8,7 +8,10 @@ import pkgutil
 
 from .base import STRATEGIES, NonFiniteLossError, SearchContext, SearchStrategy, build_strategy
 
+_NOT_STRATEGIES = {"convergence"}  # a diagnostic with its own CLI: importing it here would make
+#                                    `python -m dsrna_dist.strategies.convergence` warn (runpy)
 for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # register every strategy file
-    importlib.import_module(f"{__name__}.{_m}")
+    if _m not in _NOT_STRATEGIES:
+        importlib.import_module(f"{__name__}.{_m}")
 
 __all__ = ["STRATEGIES", "NonFiniteLossError", "SearchContext", "SearchStrategy", "build_strategy"]
