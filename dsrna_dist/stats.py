@@ -1,5 +1,5 @@
 """Small-sample statistics for comparing methods over seeds: mean, sample std, Welch's and the
-paired t-test with two-sided p-values.
+paired t-test with two-sided p-values, and the exact McNemar test for paired yes/no outcomes.
 
 Written out (no scipy at run time: it is a test-only dependency) because the comparison tables
 need exactly these and nothing else; tests check them against scipy.stats.
@@ -109,3 +109,15 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Optional[TTest]:
                      len(a), len(b))
     t = m / (s / math.sqrt(len(d)))
     return TTest("paired", m, t, df, t_two_sided_p(t, df), len(a), len(b))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired yes/no outcomes (e.g. a search converged under
+    two settings, same seed): ``b``, ``c`` = pairs where only the first / only the second said
+    yes; under H0 each discordant pair is a fair coin, so p = P(Binomial(b + c, 1/2) as extreme)."""
+    if b < 0 or c < 0:
+        raise ValueError(f"McNemar counts must be >= 0, got {b} and {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)

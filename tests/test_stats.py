@@ -52,3 +52,13 @@ def test_degenerate_cases_are_stated_not_crashes():
     assert stats.std([3.0]) == 0.0
     with pytest.raises(ValueError):
         stats.paired([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (0, 5), (5, 0), (2, 7), (3, 3), (1, 12), (10, 4)])
+def test_mcnemar_exact_matches_scipy_binomtest(b, c):
+    from scipy.stats import binomtest
+
+    ref = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
+    assert stats.mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-12)
+    with pytest.raises(ValueError):
+        stats.mcnemar_exact(-1, 2)
