@@ -189,6 +189,13 @@ def comparable(fingerprint: Dict[str, Any]) -> Dict[str, Any]:
     return fp
 
 
+def fingerprint_diff(old: Dict[str, Any], new: Dict[str, Any]) -> Optional[str]:
+    """The first section in which two evaluations' fingerprints differ in a result-changing key
+    (None: the same evaluation, so a resume may continue it)."""
+    a, b = comparable(old), comparable(new)
+    return None if a == b else next((k for k in b if b[k] != a.get(k)), "?")
+
+
 def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
     """Refuse (before any write) a run dir holding results of a different evaluation."""
     state_path = Path(cfg.run.out_dir) / cfg.run.name / STATE_FILE
@@ -198,8 +205,8 @@ def check_eval_dir(cfg: EvalConfig, fingerprint: Dict[str, Any]) -> None:
         old = json.loads(state_path.read_text()).get("fingerprint")
     except (ValueError, AttributeError, OSError):
         return  # unreadable bookkeeping: run_eval starts over from the result files it can read
-    if isinstance(old, dict) and comparable(old) != comparable(fingerprint):
-        diff = next((k for k in fingerprint if comparable(fingerprint)[k] != comparable(old).get(k)), "?")
+    diff = fingerprint_diff(old, fingerprint) if isinstance(old, dict) else None
+    if diff is not None:
         raise ConfigError(f"run dir {state_path.parent} holds results of a different evaluation ('{diff}' "
                           "differs); choose another run.name or pass --run.resume=false to start over")
 
@@ -448,8 +455,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
         except ValueError:
             old = None
     resume = cfg.run.resume and old is not None
-    if resume and comparable(old) != comparable(plan.fingerprint):
-        diff = next((k for k in plan.fingerprint if comparable(plan.fingerprint)[k] != comparable(old).get(k)), "?")
+    diff = fingerprint_diff(old, plan.fingerprint) if resume else None
+    if diff is not None:
         raise ConfigError(f"run dir {run_dir} holds results of a different evaluation ('{diff}' differs); "
                           "choose another run.name or pass --run.resume=false to start over")
     labels_wanted = [lab for lab, _, _ in plan.attacks]
