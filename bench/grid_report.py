@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from dsrna_dist import genotype as G  # noqa: E402
 from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 from dsrna_dist.strategies.convergence import alpha_stats, record_alphas, run_convergence  # noqa: E402
@@ -54,7 +55,8 @@ def searches() -> List[Dict[str, Any]]:
             late_changes, late_diff = late_quarter(d / "alphas.jsonl")
             margin = final_margin(d) if c else None
             geno = load(d / "genotype.json") or {}
-            free = [sum(op in PARAM_FREE for op, _ in geno.get(k, [])) for k in ("normal", "reduce")]
+            cells = {k: geno[k] for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k in geno}
+            free = list(G.from_dict(cells).param_free_ops()) if cells else [0, 0]
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
                          "param_free": free,
                          "late_changes": late_changes, "late_diff": late_diff, "margin": margin,
@@ -65,10 +67,6 @@ def searches() -> List[Dict[str, Any]]:
                          "gap": le.get("metric/bound_gap"), "cpu_s": s.get("search_cpu_s"),
                          "stopped": s.get("stopped")})
     return rows
-
-
-#: ops without weights: what a loose bound or a flat Jacobian can favour without learning anything
-PARAM_FREE = frozenset(("max_pool_3x3", "avg_pool_3x3", "skip_connect", "none"))
 
 
 def final_margin(run: Path) -> Optional[Dict[str, Any]]:

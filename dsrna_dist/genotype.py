@@ -13,6 +13,10 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 Edge = Tuple[str, int]
 
+#: ops without weights: what a loose certified bound or a flat Jacobian can favour without
+#: learning anything (issue 11: DSRNA-CB's pull toward pools)
+PARAM_FREE_OPS = frozenset(("max_pool_3x3", "avg_pool_3x3", "skip_connect", "none"))
+
 
 class GenotypeError(ValueError):
     """A genotype file or value is malformed; the message says where."""
@@ -29,6 +33,11 @@ class Genotype:
     def nodes(self) -> int:
         """Number of intermediate nodes per cell."""
         return len(self.normal) // 2
+
+    def param_free_ops(self) -> Tuple[int, int]:
+        """How many of the normal and of the reduction cell's selected edges carry no weights."""
+        return (sum(op in PARAM_FREE_OPS for op, _ in self.normal),
+                sum(op in PARAM_FREE_OPS for op, _ in self.reduce))
 
     def to_dict(self) -> Dict[str, Any]:
         return {"normal": [list(e) for e in self.normal], "normal_concat": list(self.normal_concat),

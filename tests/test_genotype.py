@@ -55,3 +55,36 @@ def test_registry_errors_list_valid_names():
         r.get("c", key="x.name")
     with pytest.raises(RegistryError, match="duplicate"):
         r.register("a", 3)
+
+
+def test_param_free_ops_counts_weightless_edges():
+    # DARTS_V2 (Liu et al. 2019): normal cell 5 sep_conv_3x3, 2 skip_connect, 1 dil_conv_3x3;
+    # reduction cell 4 max_pool_3x3 and 4 skip_connect
+    assert G.PUBLISHED["DARTS_V2"].param_free_ops() == (2, 8)
+    for g in G.PUBLISHED.values():  # an independent rule: an op has no weights iff pool / skip
+        want = tuple(sum(("pool" in op or op == "skip_connect") for op, _ in cell) for cell in (g.normal, g.reduce))
+        assert g.param_free_ops() == want
+
+
+def test_cell_replication_tables(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    darts, pc = G.PUBLISHED["DARTS_V2"], G.PUBLISHED["PC_DARTS"]
+    for label, runs in {"a": {"x_s0": darts, "x_s1": darts, "base_s0": pc, "base_s1": pc, "base_s2": darts},
+                        "b": {"base_s0": darts, "base_s1": pc}}.items():
+        for name, g in runs.items():
+            (tmp_path / label / name).mkdir(parents=True)
+            G.save(g, str(tmp_path / label / name / "genotype.json"))
+    r = subprocess.run([sys.executable, str(root / "bench" / "cell_replication.py"), f"a={tmp_path / 'a'}",
+                        f"b={tmp_path / 'b'}", "--baseline", "base", "--methods", "x"],
+                       capture_output=True, text=True, check=True)
+    n_darts, n_pc = sum(darts.param_free_ops()), sum(pc.param_free_ops())
+    assert n_darts != n_pc
+    mean_base_a = (2 * n_pc + n_darts) / 3
+    assert f"| x | {n_darts:.1f} ± 0.0 (n=2) | - |" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| x | ") and "Welch" in line)
+    # set b has no run of x: its cell is "-" and the pooled test is set a's alone
+    assert row.count(f"{n_darts - mean_base_a:+.2f}") == 2 and "| - |" in row
