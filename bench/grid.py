@@ -68,6 +68,21 @@ METHODS: Dict[str, tuple] = {
     "darts_2nd": ("fmnist_small_darts_2nd.yaml", ()),
     "sdarts_rs": ("fmnist_small_sdarts_rs.yaml", ()),
 }
+#: The grid's searches keep the arch schedule they were recorded with (issue 11, fourteenth and
+#: fifteenth sessions): `cosine` at each method's arch lr of that time, while the configs moved to
+#: `cosine2` at 4/3 of it. Every search of one grid, finished or still to run, uses one schedule,
+#: so methods stay comparable; tests/test_grid.py checks these against the recorded config.yaml.
+SEARCH_ARCH_LR = {"darts": 0.075, "pcdarts": 0.15, "dsrna_jacobian": 0.075, "dsrna_cb": 0.15,
+                  "sdarts_adv": 0.075, "pcdarts_adv": 0.15, "dsrna_jacobian_gamma": 0.075,
+                  "dsrna_cb_gamma": 0.15, "pdarts": 0.15, "robnet": 0.075, "dartsplus": 0.075,
+                  "darts_2nd": 0.075, "sdarts_rs": 0.075}
+
+
+def search_pin(method: str) -> tuple:
+    """The grid's arch-schedule overrides for ``method``'s searches."""
+    return ("--arch_optim.schedule=cosine", f"--arch_optim.lr={SEARCH_ARCH_LR[method]}")
+
+
 GROUPS = (("darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"),
           ("sdarts_adv", "pcdarts_adv", "dsrna_jacobian_gamma", "dsrna_cb_gamma"),
           ("pdarts", "robnet"),
@@ -156,7 +171,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                 run = OUT / "search" / f"{method}_s{seed}"
                 if "search" in stages:
                     out.append(Task(f"search-{method}-s{seed}", "search", (0, gi, seed, mi), run / "genotype.json",
-                                    launch + ["dsrna_dist.search", f"--config=configs/search/{cfg}", *extra,
+                                    launch + ["dsrna_dist.search", f"--config=configs/search/{cfg}", *extra, *search_pin(method),
                                               f"--run.out_dir={run.parent}", f"--run.name={run.name}",
                                               f"--run.seed={seed}", "--run.progress=false"],
                                     {"method": method, "seed": seed}))

@@ -310,3 +310,27 @@ def test_certified_vs_pgd_check_counts_violations(tmp_path):
     assert chk.main([str(tmp_path / "missing"), "0.05"]) == 2
     (tmp_path / "certify.jsonl").write_text(json.dumps(cert[2]) + "\n")  # l_2 only
     assert chk.main([str(tmp_path), "0.05"]) == 2
+
+
+def test_grid_searches_keep_the_recorded_arch_schedule(out):
+    """Every grid search runs with one arch schedule: the pinned one equals what the grid's
+    finished searches recorded (results/grid/search/*/config.yaml), for every method."""
+    import yaml
+
+    from dsrna_dist.config import SearchConfig, load_config
+
+    recorded = {}
+    for cfg_path in sorted((ROOT / "results" / "grid" / "search").glob("*_s*/config.yaml")):
+        method = cfg_path.parent.name.rsplit("_s", 1)[0]
+        recorded.setdefault(method, []).append(yaml.safe_load(cfg_path.read_text())["arch_optim"])
+    assert {"darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"} <= set(recorded)
+    for t in grid.tasks(list(grid.METHODS), [0], ["search"], 1):
+        argv = t.argv[t.argv.index("dsrna_dist.search") + 1:]
+        path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+        over = {a[2:].split("=", 1)[0]: yaml.safe_load(a.split("=", 1)[1]) for a in argv
+                if a.startswith("--") and not a.startswith(("--config=", "--run."))}
+        arch = load_config(SearchConfig, str(ROOT / path), over).arch_optim
+        method = t.info["method"]
+        assert arch.schedule == "cosine" and arch.lr == grid.SEARCH_ARCH_LR[method], method
+        for rec in recorded.get(method, []):
+            assert (rec["schedule"], rec["lr"], rec["lr_min"]) == (arch.schedule, arch.lr, arch.lr_min), method
