@@ -232,6 +232,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         model, w_optim, a_optim = ctx.model, ctx.w_optim, ctx.a_optim
         changes_before = tracker.changes
         lr_epoch, lr_epochs = strategy.lr_position(epoch)  # P-DARTS: restarted every stage
+        a_epoch, a_start, a_epochs = strategy.arch_lr_position(epoch)  # P-DARTS: the same
         lr = lr_at(cfg.optim, lr_epoch, 0, steps, lr_epochs)
         strategy.on_epoch_start(epoch)
         train_loader.set_epoch(epoch)
@@ -245,7 +246,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             for g in w_optim.param_groups:
                 g["lr"] = lr
             for g in a_optim.param_groups:  # constant (reference) or cosine per step
-                g["lr"] = arch_lr_at(cfg.arch_optim, epoch + i / steps, cfg.strategy.arch_start_epoch, cfg.epochs)
+                g["lr"] = arch_lr_at(cfg.arch_optim, a_epoch + i / steps, a_start, a_epochs)
             xt = xt.contiguous(memory_format=fmt)
             xv = xv.contiguous(memory_format=fmt)
             try:  # autocast: bf16 on GPU when configured (the arch step bypasses DDP's wrapper)

@@ -93,6 +93,7 @@ def test_defaults_are_the_published_cifar10_settings_and_schedule_matches_refere
         assert math.isclose(strat.skip_rate(epoch), rate, rel_tol=1e-12, abs_tol=1e-15), epoch
         assert strat.arch_active(epoch) == arch
         assert strat.lr_position(epoch) == (e_in, n_in)
+        assert strat.arch_lr_position(epoch) == (e_in, p.arch_start_epoch, n_in)  # a decaying arch lr too
     # the lr restarts at its maximum on the first epoch of every stage
     from dsrna_dist.engine.schedule import lr_at
 
@@ -378,3 +379,17 @@ def test_two_rank_pdarts_across_a_stage_change_resumed_mid_stage(tmp_path):
     """2 gloo ranks via accelerate: alpha identical on both ranks every epoch (checked by the
     loop), killed mid stage 2 and resumed to the uninterrupted run's exact weights and alpha."""
     check_kill_and_resume_across_stage_change(tmp_path, ranks=2, stop_at=7)
+
+
+def test_decaying_arch_lr_restarts_every_stage(tmp_path):
+    """Every stage starts from a fresh alpha, so a decaying arch lr (arch_optim.schedule) runs
+    its whole decay within each stage, from its arch start to the stage's end; one decay over
+    the whole search would leave the last stage, the one that picks the cell, ~1% of the lr."""
+    r = launch([*TINY_ARGS, "--arch_optim.schedule=cosine", "--arch_optim.lr=0.2",
+                f"--run.out_dir={tmp_path}", "--run.name=s"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / "s" / "checkpoints" / "last.pt", weights_only=True)
+    lr = ck["optimizers"]["arch"]["param_groups"][0]["lr"]
+    # the last step: stage 1 (epochs 2-3), its epoch 1 of 2, step 2 of 3; arch updates from its
+    # epoch 1, so the decay's progress is (1 + 2/3 - 1) / (2 - 1) = 2/3 (over the search: 11/12)
+    assert lr == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))

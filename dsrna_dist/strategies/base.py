@@ -291,6 +291,12 @@ class SearchStrategy:
         """(epoch, epochs) for the weight lr schedule (P-DARTS restarts it every stage)."""
         return epoch, self.cfg.epochs
 
+    def arch_lr_position(self, epoch: int) -> Tuple[int, int, int]:
+        """(epoch, first arch-active epoch, epochs) for a decaying arch lr (arch_optim.schedule):
+        one decay over the search. P-DARTS restarts it every stage, whose fresh alpha must
+        move again (one decay over the whole search leaves its last stage ~1-12% of the lr)."""
+        return epoch, self.cfg.strategy.arch_start_epoch, self.cfg.epochs
+
     def genotype(self) -> Any:
         """The cell the current alpha encodes (the loop derives it after every epoch)."""
         return self.model.derive(self.cfg.strategy.max_skip)

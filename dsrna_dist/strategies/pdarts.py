@@ -128,6 +128,10 @@ class PDARTS(DARTS):
     def lr_position(self, epoch: int) -> Tuple[int, int]:
         return self.epoch_in_stage(epoch), self.cfg.pdarts.stage_epochs[self.stage_of(epoch)]
 
+    def arch_lr_position(self, epoch: int) -> Tuple[int, int, int]:
+        return (self.epoch_in_stage(epoch), self.cfg.pdarts.arch_start_epoch,
+                self.cfg.pdarts.stage_epochs[self.stage_of(epoch)])
+
     def arch_active(self, epoch: int) -> bool:
         return self.epoch_in_stage(epoch) >= self.cfg.pdarts.arch_start_epoch
 
