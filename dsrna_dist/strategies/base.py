@@ -5,6 +5,7 @@ Lifecycle (NASLib-style; ``search.py``'s loop calls these for every strategy, in
     on_search_start()                       once, after the supernet is built (or restored)
     should_stop() -> reason | None          before every epoch (a resumed, stopped run ends here)
     on_epoch_start(epoch)                   then ``step`` per batch, at ``lr_position(epoch)``
+                                            (weights) and ``arch_lr_position(epoch)`` (alpha)
     on_epoch_end(epoch, genotype, logs)     True = "the supernet changes here": the loop rebuilds
                                             model, optimizers and DDP wrapper from
                                             ``supernet_config()`` / ``supernet_mask()`` through
