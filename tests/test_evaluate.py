@@ -320,6 +320,27 @@ def test_cli_help_and_bad_keys():
 
 
 @pytest.mark.dist
+@pytest.mark.dist
+def test_certification_started_on_one_rank_continues_on_two(tmp_path, full_run, ckpt):
+    """A long certification (issue 16's 200-example CROWN run) may be resumed with more
+    processes: the examples still to do are sharded over the new ranks, and every record equals
+    the uninterrupted one-rank run's."""
+    cfg = eval_cfg(tmp_path, ckpt, name="grow", chunk_size=8, certify={**EVAL["certify"], "batch_size": 2})
+    path = write_yaml(tmp_path, cfg)
+    # 37 examples in 5 attack chunks, then the first certify chunk (2 of 6 examples): killed
+    r = run_cli("--config", path, extra_env={"DSRNA_EVAL_STOP_AFTER_CHUNKS": "6"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    run = tmp_path / "runs" / "grow"
+    assert len({c["index"] for c in jsonl(run / "certify.jsonl")}) == 2
+    r = run_cli("--config", path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    key = lambda r: (r["index"], r["method"], r["norm"])  # noqa: E731
+    assert sorted(results_of(jsonl(run / "certify.jsonl")), key=key) == \
+        sorted(results_of(jsonl(full_run[1] / "certify.jsonl")), key=key)
+    assert jsonl(run / "attacks.jsonl") == jsonl(full_run[1] / "attacks.jsonl")
+
+
 def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
     cfg = eval_cfg(tmp_path, ckpt, name="two")
     r = run_cli("--config", write_yaml(tmp_path, cfg), torchrun=2)
