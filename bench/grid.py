@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dsrna_dist import genotype as G  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 OUT = ROOT / "results" / "grid"
 
@@ -131,7 +132,7 @@ class Task:
 def genotype_hash(path: Path) -> str:
     """Short hash of the derived cell (ops, inputs, concat): what the retrain depends on."""
     g = json.loads(path.read_text())
-    keep = {k: g[k] for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k in g}
+    keep = {k: g[k] for k in G.FIELDS if k in g}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -55,7 +55,7 @@ def searches() -> List[Dict[str, Any]]:
             late_changes, late_diff = late_quarter(d / "alphas.jsonl")
             margin = final_margin(d) if c else None
             geno = load(d / "genotype.json") or {}
-            cells = {k: geno[k] for k in ("normal", "normal_concat", "reduce", "reduce_concat") if k in geno}
+            cells = {k: geno[k] for k in G.FIELDS if k in geno}
             free = list(G.from_dict(cells).param_free_ops()) if cells else [0, 0]
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
                          "param_free": free,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 Edge = Tuple[str, int]
+#: the fields of a genotype file (anything else in a file is refused by from_dict)
+FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
 
 #: ops without weights: what a loose certified bound or a flat Jacobian can favour without
 #: learning anything (issue 11: DSRNA-CB's pull toward pools)
@@ -113,7 +115,7 @@ def from_dict(d: Mapping[str, Any], where: str = "genotype") -> Genotype:
     missing = {"normal", "reduce"} - set(d)
     if missing:
         raise GenotypeError(f"{where}: missing field(s) {sorted(missing)}")
-    unknown = set(d) - {"normal", "normal_concat", "reduce", "reduce_concat"}
+    unknown = set(d) - set(FIELDS)
     if unknown:
         raise GenotypeError(f"{where}: unknown field(s) {sorted(unknown)}")
     normal = _parse_edges(d["normal"], f"{where}.normal")

@@ -245,7 +245,7 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
             lr = lr_at(cfg.optim, lr_epoch, i, steps, lr_epochs)  # per step: the warm-up ramps per step
             for g in w_optim.param_groups:
                 g["lr"] = lr
-            for g in a_optim.param_groups:  # constant (reference) or cosine per step
+            for g in a_optim.param_groups:  # constant (reference) or a decay (cosine, cosine2) per step
                 g["lr"] = arch_lr_at(cfg.arch_optim, a_epoch + i / steps, a_start, a_epochs)
             xt = xt.contiguous(memory_format=fmt)
             xv = xv.contiguous(memory_format=fmt)

@@ -320,7 +320,6 @@ def test_cli_help_and_bad_keys():
 
 
 @pytest.mark.dist
-@pytest.mark.dist
 def test_certification_started_on_one_rank_continues_on_two(tmp_path, full_run, ckpt):
     """A long certification (issue 16's 200-example CROWN run) may be resumed with more
     processes: the examples still to do are sharded over the new ranks, and every record equals
@@ -341,6 +340,7 @@ def test_certification_started_on_one_rank_continues_on_two(tmp_path, full_run, 
     assert jsonl(run / "attacks.jsonl") == jsonl(full_run[1] / "attacks.jsonl")
 
 
+@pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
     cfg = eval_cfg(tmp_path, ckpt, name="two")
     r = run_cli("--config", write_yaml(tmp_path, cfg), torchrun=2)
