@@ -60,6 +60,9 @@ install-deepspeed: $(VENV)/.installed-deepspeed
 $(VENV)/.installed-deepspeed: pyproject.toml $(VENV)/.installed
 	$(call apt_install,$(APT_DEEPSPEED),--no-install-recommends)
 	$(PIP) install -q -e ".[$(EXTRAS),deepspeed]"
+	# DeepSpeed's CPU backend JIT-compiles its shared-memory comm op on first use (~1-2 min on
+	# 2 cores, ~/.cache/torch_extensions): build it here, so a first ZeRO run or test does not
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 install-all: install-ffcv install-deepspeed
@@ -68,7 +71,7 @@ demo: install
 	METHOD=$(METHOD) PY=$(PY) bash launch/demo.sh
 
 test: install
-	$(PY) -m pytest -q --durations=40 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q --durations=60 -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install
 	$(PY) -m pytest -q -m ""

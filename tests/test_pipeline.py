@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # ~3.5 min: `make test-all`; every stage's 2-rank run is in the default suite
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                     reason="dataset-fashion-mnist apt package not installed")
 def test_demo_pipeline_two_ranks(tmp_path):
@@ -49,3 +50,29 @@ def test_demo_pipeline_two_ranks(tmp_path):
     assert "DSRNA-Jacobian" in report and "Table 1" in report
     pngs = list((out / "report").rglob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_demo_script_parses_names_loadable_configs_and_rejects_a_bad_method(tmp_path):
+    """The default suite's cheap check of `make demo` (the full run is the slow test above):
+    the script parses, every config it launches loads for every METHOD, a bad METHOD exits 2
+    before anything is written."""
+    import re
+
+    from dsrna_dist.config import EvalConfig, SearchConfig, TrainConfig, load_config
+
+    script = ROOT / "launch" / "demo.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    stages = {"search": SearchConfig, "train": TrainConfig, "evaluate": EvalConfig}
+    launched = re.findall(r"-m dsrna_dist\.(\w+) --config \"?([^\s\"]+)\"?", text)
+    assert sorted(s for s, _ in launched) == sorted(stages)
+    for method in ("jacobian", "cb"):
+        for stage, path in launched:
+            cfg = load_config(stages[stage], str(ROOT / path.replace("${METHOD}", method)))
+            if stage == "search":
+                assert cfg.robustness.name == {"jacobian": "jacobian", "cb": "certified"}[method]
+    out = tmp_path / "demo"
+    env = dict(os.environ, OUT=str(out), PY=sys.executable, METHOD="bogus")
+    run = subprocess.run(["bash", str(script)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "METHOD must be jacobian or cb" in run.stderr
+    assert not out.exists()
