@@ -4,7 +4,11 @@ one process (issue 16 item 1: the cost as a ratio to auto_LiRPA's CROWN). auto_L
 dependency: put a checkout on PYTHONPATH (it needs appdirs, tqdm and graphviz importable).
 
     PYTHONPATH=/path/to/auto_LiRPA OMP_NUM_THREADS=1 python bench/bench_lirpa.py \
-        --checkpoint results/grid/net/nat/97c7ea0e8a_s0/train/checkpoints/best.pt --eps 1e-4 --index 0
+        --checkpoint results/grid/net/nat/97c7ea0e8a_s0/train/checkpoints/best.pt --eps 1e-5 1e-4 \
+        --index 0 1 2 --pools-to-skip --lirpa-conv-mode matrix
+
+DARTS' pools are out of auto_LiRPA's reach (stride-1 max pool, count_include_pad=False average
+pool), hence --pools-to-skip; its patches mode fails on these nets, hence matrix (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import torch
 
 
 def lirpa_compatible(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the network that computes the same function with ops auto_LiRPA traces: its
-    Slice bound takes step 1 only, its patches mode multiplies by 4-d constants only, and this project's stride-2 convs subsample with x[..., ::2, ::2]
-    (layers.SubsampledConv2d) and FactorizedReduce offsets with x[..., 1:, 1:]. Plain strided
-    convs replace both (the offset one as a 2x2 stride-2 kernel with its weight in the corner), and the input
-    normalization becomes a depthwise 1x1 conv."""
+    """A copy of the network that computes the same function with ops auto_LiRPA traces.
+
+    Its Slice bound takes step 1 only and its patches mode multiplies by 4-d constants only,
+    while this project's stride-2 convs subsample with x[..., ::2, ::2] (SubsampledConv2d),
+    FactorizedReduce offsets with x[..., 1:, 1:] and Normalize broadcasts 3-d statistics. So:
+    plain strided convs for both (the offset one as a 2x2 stride-2 kernel with its weight in the
+    corner) and a depthwise 1x1 conv for the normalization."""
     import copy
 
     import torch.nn as nn
@@ -37,9 +43,7 @@ def lirpa_compatible(model: torch.nn.Module) -> torch.nn.Module:
             self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, 2, stride=2, bias=False, groups=conv.groups)
             self.conv.weight.data.copy_(w)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-1] % 2:  # odd sizes: pad so the 2x2 windows cover the last row / column
-                x = nn.functional.pad(x, (0, 1, 0, 1))
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # even sizes, as FactorizedReduce needs
             return self.conv(x)
 
     class _FR(nn.Module):
