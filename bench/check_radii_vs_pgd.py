@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> int:
+def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="an evaluate run directory with certify.jsonl and config.yaml")
     ap.add_argument("--method", default="crown")
@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=5)
     ap.add_argument("--bisection-steps", type=int, default=14)
     ap.add_argument("--limit", type=int, default=0, help="check the first N records per norm only (0: all)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 

@@ -518,3 +518,31 @@ def test_certify_progress_reads_a_run_in_progress(full_run, tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert sum(v["n"] for per in got["certified"].values() for v in per.values()) == 3
     assert certify_progress.main([str(tmp_path / "nope")]) == 2
+
+
+def test_radii_vs_pgd_check_passes_the_run_and_catches_a_forged_radius(full_run, tmp_path, capsys):
+    """bench/check_radii_vs_pgd.py: the run's radii sit below PGD's smallest breaking eps on every
+    example; one radius forged above it (0.9 in l_inf) is reported by index with exit 1; a run
+    without records of the method exits 2."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import check_radii_vs_pgd as chk
+
+    run = full_run[1]
+    args = ["--method", "crown-ibp", "--steps", "10", "--restarts", "1", "--bisection-steps", "8"]
+    assert chk.main([str(run), *args]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    n = sum(1 for r in jsonl(run / "certify.jsonl") if r["method"] == "crown-ibp")
+    assert [(o["norm"], o["n"], o["violations"]) for o in out] == [("inf", n, 0)]
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    shutil.copy(run / "config.yaml", forged)
+    recs = jsonl(run / "certify.jsonl")
+    k = next(r["index"] for r in recs if r["method"] == "crown-ibp")
+    (forged / "certify.jsonl").write_text("".join(
+        json.dumps(dict(r, radius=0.9) if (r["method"], r["index"]) == ("crown-ibp", k) else r) + "\n" for r in recs))
+    assert chk.main([str(forged), *args]) == 1
+    out = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert out["violations"] == 1 and out["violating_indices"] == [k]
+    assert chk.main([str(run), "--method", "crown"]) == 2
