@@ -56,9 +56,9 @@ def main(argv: "list[str] | None" = None) -> int:
         idx = torch.tensor([r["index"] for r in rows])
         x, y = arr.images[idx].float() / 255.0, arr.labels[idx]
         radius = torch.tensor([r["radius"] for r in rows], dtype=torch.float64)
-        # bisection from 64x the largest radius (capped at the whole [0, 1] image's reach): +inf
-        # where PGD fails even there, which is no violation
-        eps_max = min(float(radius.max()) * 64, 1.0 if norm == "inf" else float(x[0].numel()) ** 0.5)
+        # bisection below 1000x the largest radius (capped at the whole [0, 1] image's reach; its
+        # resolution is eps_max / 2^bisection_steps): +inf where PGD fails even there, no violation
+        eps_max = min(float(radius.max()) * 1000, 1.0 if norm == "inf" else float(x[0].numel()) ** 0.5)
         pgd = min_adversarial_eps(model, x, y, norm, eps_max=eps_max,
                                   bisection_steps=args.bisection_steps, steps=args.steps,
                                   restarts=args.restarts).double()
@@ -67,7 +67,9 @@ def main(argv: "list[str] | None" = None) -> int:
         ratio = [float(p / r) for r, p in zip(radius, pgd) if r > 0]
         print(json.dumps({"run": str(args.run), "method": args.method, "norm": norm, "n": len(rows),
                           "violations": len(viol), "violating_indices": viol[:20],
-                          "mean_radius": float(radius.mean()), "mean_pgd_eps": float(pgd[pgd.isfinite()].mean()),
+                          "mean_radius": float(radius.mean()),
+                          "mean_pgd_eps": float(pgd[pgd.isfinite()].mean()) if pgd.isfinite().any() else None,
+                          "pgd_unbroken": int((~pgd.isfinite()).sum()), "eps_max": eps_max,
                           "ratio_pgd_to_radius": {"min": min(ratio), "median": statistics.median(ratio),
                                                   "max": max(ratio)} if ratio else None,
                           "pgd": {"steps": args.steps, "restarts": args.restarts,
