@@ -61,7 +61,7 @@ $(VENV)/.installed-deepspeed: pyproject.toml $(VENV)/.installed
 	$(call apt_install,$(APT_DEEPSPEED),--no-install-recommends)
 	$(PIP) install -q -e ".[$(EXTRAS),deepspeed]"
 	# DeepSpeed's CPU backend JIT-compiles its shared-memory comm op on first use (~1-2 min on
-	# 2 cores, ~/.cache/torch_extensions): build it here, so a first ZeRO run or test does not
+	# 2 cores, ~/.cache/torch_extensions): build it here, not in a user's first ZeRO run or test
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 

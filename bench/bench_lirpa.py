@@ -99,7 +99,7 @@ def main() -> None:
                     "trained weights that fit (the replacements are fresh; a different function, for cost only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from dsrna_dist.bounds import BoundedModel
+    from dsrna_dist.bounds import BoundedModel, margin_spec
     from dsrna_dist.config import DataConfig
     from dsrna_dist.data.base import load_arrays
     from dsrna_dist.space.network import load_trained
@@ -108,9 +108,8 @@ def main() -> None:
     if args.pools_to_skip:
         import dataclasses
 
-        from dsrna_dist.space.network import build_network
-
         from dsrna_dist.data import dataset_info
+        from dsrna_dist.space.network import build_network
 
         swap = lambda cell: tuple(("skip_connect" if op.endswith("pool_3x3") else op, i) for op, i in cell)  # noqa: E731
         geno = dataclasses.replace(geno, normal=swap(geno.normal), reduce=swap(geno.reduce))
@@ -127,11 +126,7 @@ def main() -> None:
     for i in args.index:
         x = arr.images[i:i + 1].float() / 255.0
         y = arr.labels[i:i + 1]
-        k = int(model(x).shape[1])
-        others = [j for j in range(k) if j != int(y)]
-        c = torch.zeros(1, k - 1, k)
-        c[0, range(k - 1), int(y)] = 1.0
-        c[0, range(k - 1), others] = -1.0
+        c = margin_spec(y, int(model(x).shape[1]))  # rows e_y - e_j, the spec our engine bounds too
         for eps in args.eps:
             row = {"index": i, "label": int(y), "eps": eps, "norm": args.norm, "lirpa_conv_mode": args.lirpa_conv_mode}
             if ours is not None:

@@ -46,8 +46,7 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"error: {args.run / 'certify.jsonl'}: no {args.method} records", file=sys.stderr)
         return 2
     cfg = load_config(EvalConfig, str(args.run / "config.yaml"))
-    model, _, _ = load_trained(str(ROOT / cfg.checkpoint) if not Path(cfg.checkpoint).is_absolute()
-                               else cfg.checkpoint, "cpu")
+    model, _, _ = load_trained(str(ROOT / cfg.checkpoint), "cpu")  # an absolute path stays as it is
     arr = load_arrays(cfg.data, "test")
     bad = 0
     for norm in sorted({r["norm"] for r in records}):
