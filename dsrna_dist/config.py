@@ -416,6 +416,11 @@ class CertifyConfig:
     batch_size: int = fld(32, ge=1, help="examples per bound computation")
     crown_passes: int = fld(3, ge=0, help="full CROWN: at most this many full passes per example, each followed by "
                             "one-backward probes below it (0 = every probe a full pass: exact, ~10x dearer)")
+    crown_extra_passes: int = fld(0, ge=0, help="full CROWN: up to this many more passes for examples with no failed "
+                                  "pass whose last certified pass kept > crown_extra_margin of the clean margin "
+                                  "(a flat margin: the radius may lie far above)")
+    crown_extra_margin: float = fld(0.25, ge=0.0, le=1.0, help="full CROWN: the margin fraction above which an "
+                                    "unbracketed example gets the extra passes")
     crown_forward: bool = fld(True, help="full CROWN: forward-mode linear bounds first (IBP ∩ forward boxes), "
                               "backward passes only on neurons still loose (never looser on the tests; fewer backward rows)")
 

@@ -185,7 +185,11 @@ def comparable(fingerprint: Dict[str, Any]) -> Dict[str, Any]:
     fp = json.loads(json.dumps(fingerprint))
     for k in ("batch_size", "eval_batch_size", "num_workers", "loader", "ffcv_dir", "root", "download"):
         fp.get("data", {}).pop(k, None)
-    fp.get("certify", {}).pop("batch_size", None)
+    cert = fp.get("certify", {})
+    cert.pop("batch_size", None)
+    if not cert.get("crown_extra_passes"):  # no extra passes: the search before they existed
+        cert.pop("crown_extra_passes", None)
+        cert.pop("crown_extra_margin", None)
     return fp
 
 
@@ -366,11 +370,15 @@ def certified_accuracy(cert_recs: Sequence[Dict[str, Any]], attack_recs: Sequenc
 def _resolution(rs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """How finely the searches resolved the bound's radii: the median over certified examples of
     ``failed_at / radius`` (the bound's radius lies in that bracket), and how many certified
-    examples have no failure above them (a lower end of unknown resolution: records written
-    before ``failed_at`` existed count here too)."""
+    examples have no failure above them (a lower end: records written before ``failed_at``
+    existed count here too) and, for those, the median margin left at the last certified full
+    CROWN pass (near 0: close to the bound's radius; near 1: possibly far below it)."""
     ratios = [r["failed_at"] / r["radius"] for r in rs if r["radius"] > 0 and r.get("failed_at")]
+    unb = [r for r in rs if r["radius"] > 0 and not r.get("failed_at")]
+    left = [r["margin_left"] for r in unb if r.get("margin_left") is not None]
     return {"median_bracket": statistics.median(ratios) if ratios else None,
-            "n_unbracketed": sum(1 for r in rs if r["radius"] > 0 and not r.get("failed_at"))}
+            "n_unbracketed": len(unb),
+            "median_margin_left_unbracketed": statistics.median(left) if left else None}
 
 
 def summarize_certified(cert_recs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
@@ -535,7 +543,9 @@ def run_eval(rt: Any, plan: Plan) -> int:
                                      steps=cfg.certify.bisection_steps, eps_init=cfg.certify.eps_init,
                                      random_target=cfg.certify.random_target, seed=cfg.run.seed,
                                      num_classes=num_classes, rel_tol=cfg.certify.rel_tol,
-                                     crown_passes=cfg.certify.crown_passes)
+                                     crown_passes=cfg.certify.crown_passes,
+                                     crown_extra_passes=cfg.certify.crown_extra_passes,
+                                     crown_extra_margin=cfg.certify.crown_extra_margin)
             recs = gather_objects(recs, key=None)
             recs.sort(key=lambda r: (r["index"], r["method"], r["norm"]))
             if rt.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import pytest
 import torch
@@ -248,3 +249,64 @@ def test_pass_placement_after_a_flat_stretch():
     must stay where the curve certifies and still move up."""
     flat = _place(5.852, [(1e-4, 5.801), (2e-4, 5.731)])
     assert 2e-4 < flat <= 4e-4 * 1.001, flat
+
+
+def test_extra_passes_go_to_unbracketed_radii_with_margin_left_only():
+    """Two passes from an eps_init 40x below the radii leave them unbracketed with most of the
+    margin left (a flat stretch steps 2x a pass). Warm starts near the radius give the other two
+    kinds: a first pass above it (bracketed) and unbracketed with the margin spent (a radius close
+    to the exact one). ``crown_extra_passes`` moves exactly the first kind on: their radii grow
+    toward the exact CROWN radius, stay certified by a fresh full pass and never exceed the exact
+    search's radius, while the others keep their radii bit for bit; at ``crown_extra_margin`` 1
+    no example qualifies and nothing changes."""
+    net, x, y = _trained_cnn(0)
+    bm = BoundedModel(net)
+    exact = certified_radius(bm, x, y, "inf", "crown", steps=30, rel_tol=1e-3)
+    low = torch.zeros_like(exact)
+    low[:2], low[2:4] = 0.9 * exact[:2], 0.6 * exact[2:4]
+    kw = dict(steps=20, rel_tol=1e-3, crown_passes=2, eps_init=float(exact.min()) / 40, bracket=True, lower=low)
+    info: dict = {}
+    base, fail = certified_radius(bm, x, y, "inf", "crown", info=info, **kw)
+    left = info["margin_left"]
+    assert (left <= 1).all() and (left > 0).all(), left
+    flat = torch.isinf(fail) & (left > 0.25)
+    spent = torch.isinf(fail) & (left <= 0.25)
+    assert torch.isfinite(fail[:2]).all() and spent[2:4].all() and flat[4:].all(), (fail, left)
+    assert (base[spent] >= 0.9 * exact[spent]).all()         # margin spent: the radius is close
+    assert (base[flat] < 0.5 * exact[flat]).all()            # margin left: it may be far below
+    info2: dict = {}
+    more = certified_radius(bm, x, y, "inf", "crown", crown_extra_passes=4, info=info2, **kw)[0]
+    assert torch.equal(more[~flat], base[~flat])
+    assert (more[flat] > 1.5 * base[flat]).all(), (more / base)
+    assert (more <= exact * (1 + 2e-3)).all()
+    assert (_margin(bm, x, y, more, "inf", "crown") > 0).all()
+    assert (info2["margin_left"][flat] < left[flat]).all()
+    none = certified_radius(bm, x, y, "inf", "crown", crown_extra_passes=4, crown_extra_margin=1.0, **kw)[0]
+    assert torch.equal(none, base)
+    with pytest.raises(ValueError, match="crown_extra"):
+        certified_radius(bm, x, y, "inf", "crown", crown_extra_passes=-1, **kw)
+
+
+def test_certify_records_state_the_margin_left_and_the_summary_its_median():
+    """certify_batch with crown_passes (the evaluate stage's path): each CROWN record carries the
+    margin left of its search (targeted too), equal to the search's own ``info``; the summary
+    gives the median over the unbracketed radii; the cheaper methods carry None."""
+    from dsrna_dist.bounds.evaluation import certify_batch
+    from dsrna_dist.evaluate import summarize_certified
+
+    net, x, y = _trained_cnn(0)
+    x, y = x[:4], y[:4]
+    recs = certify_batch(net, x, y, list(range(4)), methods=["ibp", "crown"], norms=["inf"], steps=12,
+                         eps_init=1e-3, random_target=True, seed=0, num_classes=3, rel_tol=1e-2,
+                         crown_passes=1)
+    crown = [r for r in recs if r["method"] == "crown"]
+    assert all(r["margin_left"] is None and r["margin_left_target"] is None for r in recs if r["method"] == "ibp")
+    assert all(0 < r["margin_left"] <= 1 and 0 < r["margin_left_target"] <= 1 for r in crown), crown
+    ibp_r = torch.tensor([r["radius"] for r in recs if r["method"] == "ibp"], dtype=x.dtype)
+    info: dict = {}
+    certified_radius(BoundedModel(net), x, y, "inf", "crown", steps=12, eps_init=1e-3, rel_tol=1e-2,
+                     crown_passes=1, lower=ibp_r, info=info)
+    assert [r["margin_left"] for r in crown] == pytest.approx(info["margin_left"].tolist(), abs=1e-4)
+    unb = [r["margin_left"] for r in crown if not r["failed_at"]]
+    s = summarize_certified(recs)["crown"]["inf"]
+    assert unb and s["median_margin_left_unbracketed"] == pytest.approx(statistics.median(unb))

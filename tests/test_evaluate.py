@@ -233,6 +233,7 @@ def test_summary_aggregates_the_records(full_run, ckpt):
         v = s["certified"][m]["inf"]
         assert v["n_unbracketed"] == sum(1 for r in rs if r["radius"] > 0 and r["failed_at"] is None)
         assert (v["median_bracket"] is None) == (not ratios)
+        assert v["median_margin_left_unbracketed"] is None and all(r["margin_left"] is None for r in rs)
         if ratios:
             assert v["median_bracket"] == pytest.approx(statistics.median(ratios))
     assert s["train_run_dir"] == str(Path(ckpt).resolve().parent.parent)
@@ -546,3 +547,20 @@ def test_radii_vs_pgd_check_passes_the_run_and_catches_a_forged_radius(full_run,
     out = json.loads(capsys.readouterr().out.splitlines()[0])
     assert out["violations"] == 1 and out["violating_indices"] == [k]
     assert chk.main([str(run), "--method", "crown"]) == 2
+
+
+def test_runs_from_before_the_extra_passes_resume_unless_they_are_asked_for():
+    """A run dir written before ``certify.crown_extra_passes`` existed (its fingerprint lacks the
+    two keys) is the same evaluation as one at 0 extra passes, whatever the margin threshold (it
+    then changes nothing), and a different one with extra passes on; batch size never matters."""
+    from dsrna_dist.config import CertifyConfig, to_dict
+    from dsrna_dist.evaluate import fingerprint_diff
+
+    new = {"seed": 0, "certify": to_dict(CertifyConfig())}
+    old = {"seed": 0, "certify": {k: v for k, v in new["certify"].items()
+                                  if k not in ("crown_extra_passes", "crown_extra_margin")}}
+    assert "crown_extra_passes" in new["certify"] and new["certify"]["crown_extra_passes"] == 0
+    assert fingerprint_diff(old, new) is None
+    assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "crown_extra_margin": 0.9}}) is None
+    assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "batch_size": 1}}) is None
+    assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "crown_extra_passes": 3}}) == "certify"

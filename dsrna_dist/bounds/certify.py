@@ -36,7 +36,10 @@ falsi once a pass failed, a damped extrapolation of the margin's chord while all
 such step capped at 2x while the margin has hardly fallen, since a flat stretch cannot tell a
 cliff from a slow slope), and
 the search reports, with ``bracket=True``, the smallest eps at which a full pass failed, i.e.
-the resolution each radius actually has.
+the resolution each radius actually has. Where no full pass failed, the last certified pass's
+margin over the clean one (``info["margin_left"]``) says how far the radius may lie below the
+bound's: near 0, the margin is spent and the radius is close; near 1 (a flat margin, stepped at
+most 2x a pass), it may lie far above -- ``crown_extra_passes`` gives such examples more passes.
 """
 from __future__ import annotations
 
@@ -123,10 +126,17 @@ def _next_pass(lo: Tensor, hi: Tensor, m0: Tensor, ce: Tensor, cm: Tensor, pe: T
 
 def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, target: Optional[Tensor],
                          lo: Tensor, hi: Tensor, passes: int, steps: int, tol: float, log_init: float,
-                         log_cap: float, log_min: float, x_min: float, x_max: float) -> Tuple[Tensor, Tensor]:
-    """(log-eps certified lower end, log-eps of the smallest failed full pass) after at most
-    ``passes`` full-CROWN passes per example, each failure followed by up to ``steps``
-    one-backward probes below it (see the module docstring); passes placed by :func:`_next_pass`."""
+                         log_cap: float, log_min: float, x_min: float, x_max: float, extra: int = 0,
+                         extra_margin: float = 0.25) -> Tuple[Tensor, Tensor, Tensor]:
+    """(log-eps certified lower end, log-eps of the smallest failed full pass, margin left) after
+    at most ``passes`` full-CROWN passes per example, each failure followed by up to ``steps``
+    one-backward probes below it (see the module docstring); passes placed by :func:`_next_pass`.
+
+    ``extra`` more passes go to the examples the first ``passes`` left poorly resolved: no full
+    pass failed (so no bracket) and the last certified one still held more than ``extra_margin``
+    of the clean margin (the margin falls ever faster with eps, so much margin left means the
+    radius may lie far above). Margin left: the last certified full pass's margin over the clean
+    one (1 where no full pass certified), the resolution an unbracketed radius states."""
     both = torch.isfinite(lo) & torch.isfinite(hi)
     grow = math.log(1.5)
     init = torch.full_like(lo, log_init)
@@ -146,8 +156,10 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
     ce, cm = torch.zeros_like(lo), m0.clone()            # last certified full pass
     pe, pm = torch.zeros_like(lo), m0.clone()            # the certified point before it
     fe, fm = torch.full_like(lo, math.inf), torch.zeros_like(lo)  # smallest failed full pass
-    for _ in range(passes):
+    for k in range(passes + extra):
         done = (torch.isfinite(lo) & torch.isfinite(hi) & (hi - lo <= tol)) | (hi <= log_min) | (lo >= log_cap)
+        if k >= passes:  # extra passes: only unbracketed examples with much margin left
+            done |= torch.isfinite(fe) | (cm <= extra_margin * m0)
         act = (~done).nonzero().flatten()
         if act.numel() == 0:
             break
@@ -190,7 +202,8 @@ def _crown_radius_passes(bm: BoundedModel, x: Tensor, y: Tensor, norm: str, targ
                 ihi[sub] = torch.where(okp, ihi[sub], torch.minimum(ihi[sub], le2))
             lo[rows] = torch.maximum(lo[rows], ilo)
         ref = _next_pass(lo, hi, m0, ce, cm, pe, pm, fe, fm, tol)
-    return lo, torch.where(torch.isfinite(fe), fe.clamp(min=1e-300).log(), torch.full_like(fe, math.inf))
+    fail = torch.where(torch.isfinite(fe), fe.clamp(min=1e-300).log(), torch.full_like(fe, math.inf))
+    return lo, fail, (cm / m0.clamp(min=1e-30)).clamp(max=1.0)
 
 
 @torch.no_grad()
@@ -199,8 +212,9 @@ def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor
                      target: Optional[Tensor] = None, x_min: float = 0.0, x_max: float = 1.0,
                      max_memory_mb: float = 256.0, rel_tol: float = 0.0, eps_min: float = 1e-7,
                      lower: Optional[Tensor] = None, upper: Optional[Tensor] = None,
-                     reuse: bool = True, crown_passes: int = 0,
-                     bracket: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                     reuse: bool = True, crown_passes: int = 0, crown_extra_passes: int = 0,
+                     crown_extra_margin: float = 0.25, bracket: bool = False,
+                     info: Optional[Dict[str, Tensor]] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """[B] certified radii (pixel units) of ``model`` at ``x`` with labels ``y``.
 
     ``bracket``: return ``(radius, failed)`` instead, ``failed`` being the smallest eps at which
@@ -216,10 +230,16 @@ def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor
     ``target``: [B] class per example for the CNN-Cert random-target radius; None: untargeted.
     ``rel_tol``/``eps_min``/``lower``/``upper``/``reuse``/``crown_passes``: see the module
     docstring (``crown_passes`` > 0, method "crown": at most that many full-CROWN passes per
-    example, ``steps`` one-backward probes after each, resolution ``rel_tol`` or 1e-3 if 0).
+    example, ``steps`` one-backward probes after each, resolution ``rel_tol`` or 1e-3 if 0;
+    ``crown_extra_passes`` more for the unbracketed examples whose last certified pass kept more
+    than ``crown_extra_margin`` of the clean margin). ``info``: a dict that receives, on that
+    path, ``margin_left`` [B] (last certified full pass's margin / clean margin; 1: none).
     """
     if steps < 1 or eps_init <= 0:
         raise ValueError(f"certified_radius: need steps >= 1 and eps_init > 0 (got {steps}, {eps_init})")
+    if crown_extra_passes < 0 or not 0.0 <= crown_extra_margin <= 1.0:
+        raise ValueError(f"certified_radius: need crown_extra_passes >= 0 and 0 <= crown_extra_margin <= 1 "
+                         f"(got {crown_extra_passes}, {crown_extra_margin})")
     if rel_tol < 0 or eps_min <= 0:
         raise ValueError(f"certified_radius: need rel_tol >= 0 and eps_min > 0 (got {rel_tol}, {eps_min})")
     bm = model if isinstance(model, BoundedModel) else BoundedModel(model, max_memory_mb=max_memory_mb)
@@ -239,8 +259,11 @@ def certified_radius(model: Union[nn.Module, BoundedModel], x: Tensor, y: Tensor
     log_cap, log_min = math.log(max(span, 1e-300)), math.log(eps_min)
     tol = math.log1p(rel_tol) if rel_tol > 0 else 0.0
     if method == "crown" and crown_passes > 0:
-        lo, fail = _crown_radius_passes(bm, x, y, norm, target, lo, hi, crown_passes, steps,
-                                        tol or math.log1p(1e-3), math.log(eps_init), log_cap, log_min, x_min, x_max)
+        lo, fail, left = _crown_radius_passes(bm, x, y, norm, target, lo, hi, crown_passes, steps,
+                                              tol or math.log1p(1e-3), math.log(eps_init), log_cap, log_min,
+                                              x_min, x_max, crown_extra_passes, crown_extra_margin)
+        if info is not None:
+            info["margin_left"] = left.to(x.dtype)
         return _result(lo, fail, x.dtype, bracket)
     fail = torch.full((B,), math.inf, dtype=dt, device=dev)  # smallest log-eps this bound failed at
     boxes: Optional[Dict] = None  # relaxed nodes' bounds at hi, per example (all B rows)

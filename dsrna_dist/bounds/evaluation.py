@@ -40,7 +40,8 @@ METHOD_ORDER = ("ibp", "crown-ibp", "crown")
 def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *,
                   methods: Sequence[str], norms: Sequence[str], steps: int, eps_init: float,
                   random_target: bool, seed: int, num_classes: int, rel_tol: float = 0.0,
-                  eps_min: float = 1e-7, crown_passes: int = 0) -> List[Dict]:
+                  eps_min: float = 1e-7, crown_passes: int = 0, crown_extra_passes: int = 0,
+                  crown_extra_margin: float = 0.25) -> List[Dict]:
     """certify.jsonl records (index, label, method, norm, radius, radius_target, target,
     failed_at, failed_at_target: the smallest eps at which the method's bound was evaluated and
     did not certify, None where it never failed, so each radius states its own resolution;
@@ -52,7 +53,9 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     of the bracket is settled cheaply, and the radii are ordered IBP <= CROWN-IBP <= CROWN on
     every example. ``rel_tol`` > 0: bisect each example to that relative resolution (at most
     ``steps`` probes); 0: exactly ``steps`` probes (CNN-Cert). ``crown_passes`` > 0: full CROWN
-    runs at most that many full passes per example (dsrna_dist.bounds.certify).
+    runs at most that many full passes per example, ``crown_extra_passes`` more for unbracketed
+    ones with more than ``crown_extra_margin`` of the clean margin left (dsrna_dist.bounds.certify);
+    its records add margin_left / margin_left_target (None for the other methods).
 
     Across norms, a radius certified in one norm certifies a ball of the other that it contains
     (the l_2 ball of radius r lies in the l_inf ball of radius r, and the l_inf ball of radius
@@ -89,20 +92,23 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
             radii = {}
             for method in sorted(set(methods), key=METHOD_ORDER.index):
                 prev, prev_t = up(prev, implied(norm, method, 0)), up(prev_t, implied(norm, method, 1))
-                mkw = dict(kw, crown_passes=crown_passes) if method == "crown" else kw
+                mkw = dict(kw, crown_passes=crown_passes, crown_extra_passes=crown_extra_passes,
+                           crown_extra_margin=crown_extra_margin) if method == "crown" else kw
+                info: Dict = {}
+                info_t: Dict = {}
                 t0 = time.process_time()
-                r, fr = certified_radius(bm, x, y, norm, method, lower=prev, bracket=True, **mkw)
-                rt, ft = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, bracket=True, **mkw) \
-                    if tgt is not None else (None, None)
+                r, fr = certified_radius(bm, x, y, norm, method, lower=prev, bracket=True, info=info, **mkw)
+                rt, ft = certified_radius(bm, x, y, norm, method, target=tgt, lower=prev_t, bracket=True,
+                                          info=info_t, **mkw) if tgt is not None else (None, None)
                 cpu[(method, norm)] = (time.process_time() - t0) / len(indices)
                 if prev is not None:  # the warm start keeps the cheaper certificate
                     r = torch.maximum(r, prev)
                     rt = torch.maximum(rt, prev_t) if rt is not None else None
                 prev, prev_t = r, rt
-                radii[method] = (r, rt, fr, ft)
+                radii[method] = (r, rt, fr, ft, info.get("margin_left"), info_t.get("margin_left"))
             done[norm] = {m: v[:2] for m, v in radii.items()}
             for method in methods:
-                r, rt, fr, ft = radii[method]
+                r, rt, fr, ft, ml, mlt = radii[method]
                 for k, i in enumerate(indices):
                     out.append({"index": int(i), "label": int(y[k]), "method": method, "norm": norm,
                                 "radius": float(r[k]),
@@ -110,9 +116,16 @@ def certify_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
                                 "target": int(tgt[k]) if tgt is not None else None,
                                 "failed_at": _failed(fr[k], r[k]),
                                 "failed_at_target": _failed(ft[k], rt[k]) if rt is not None else None,
+                                "margin_left": _left(ml, k), "margin_left_target": _left(mlt, k),
                                 "cpu_s": cpu[(method, norm)]})
     out.sort(key=lambda d: (methods.index(d["method"]), list(norms).index(d["norm"]), d["index"]))
     return out
+
+
+def _left(left: Optional[torch.Tensor], k: int) -> Optional[float]:
+    """The record's ``margin_left`` (full CROWN with passes: the last certified full pass's margin
+    over the clean one, 1 where none certified), rounded for the record; None for other methods."""
+    return None if left is None else round(float(left[k]), 4)
 
 
 def _failed(failed: torch.Tensor, radius: torch.Tensor) -> Optional[float]:
