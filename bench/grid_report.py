@@ -139,6 +139,9 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
                     out[f"radius {meth} l_{norm} (n={v.get('n')})"] = v.get("mean_radius")
                     if v.get("median_bracket"):  # the bound's radius lies within this factor above
                         out[f"radius {meth} l_{norm} bracket (median)"] = v["median_bracket"]
+                    if v.get("median_margin_left_unbracketed") is not None:  # near 0: close; near 1: far
+                        out[f"radius {meth} l_{norm} margin left (median, unbracketed)"] = \
+                            v["median_margin_left_unbracketed"]
                     if v.get("mean_radius_target") is not None:
                         out[f"radius {meth} l_{norm} random target (n={v.get('n')})"] = v.get("mean_radius_target")
                 break
@@ -377,8 +380,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
         if recipe in figs:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
-        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack", "verified ibp @0.05") if k in cols] + [c for c in cols if c.startswith("radius")
-                                                                              and "target" not in c][:2]
+        # every mean radius (not its random-target twin, bracket or margin left: resolution, not results)
+        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack",
+                            "verified ibp @0.05") if k in cols] + \
+            [c for c in cols if c.startswith("radius") and "(n=" in c and "target" not in c]
         for d in DSRNA:
             for b in BASELINES:
                 if d not in per or b not in per:

@@ -221,6 +221,11 @@ def test_report_tables_and_tests_from_finished_cells(out):
         ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
         ev.mkdir(parents=True)
         (ev / "summary.json").write_text(json.dumps({"clean_acc": a, "robust_acc": {"PGD-20": a - 50}}))
+        cr = ev.parent / "crown"   # full CROWN: mean radius, bracket and the margin left where unbracketed
+        cr.mkdir()
+        (cr / "summary.json").write_text(json.dumps({"certified": {"crown": {"inf": {
+            "n": 5, "mean_radius": a / 1e5, "median_bracket": 1.25 if s else None,
+            "median_margin_left_unbracketed": 0.5 if m == "dsrna_cb" else 0.1}}}}))
     for (m, s), v in {("pcdarts", 0): 40.0, ("pcdarts", 1): 44.0, ("dsrna_cb", 0): 60.0, ("dsrna_cb", 1): 66.0}.items():
         gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
         ev = out / "net" / "ibp" / f"{gh}_s{s}" / "eval"
@@ -236,6 +241,12 @@ def test_report_tables_and_tests_from_finished_cells(out):
     text = (out / "r.md").read_text()
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
     assert "| pcdarts_s0_c4 | 11.32 | 77.00 | 76.50 | 77.25 | 1.50 |" in text
+    head = next(ln for ln in text.splitlines() if ln.startswith("| method |") and "margin left" in ln).split(" | ")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| dsrna_cb (1 not") and "0.000865" in ln).split(" | ")
+    assert row[head.index("radius crown l_inf margin left (median, unbracketed)")].startswith("0.5")
+    assert row[head.index("radius crown l_inf bracket (median)")].startswith("1.25 (n=1)")
+    assert "| nat | dsrna_cb | pcdarts | radius crown l_inf (n=5) |" in text      # the radius is tested,
+    assert "pcdarts | radius crown l_inf margin left" not in text                  # its resolution is not
     assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
     assert "## Retrained with certified (IBP) training" in text
     assert "| dsrna_cb (1 not converged) | 68.00 ± 4.24 (n=2) | 64.00 ± 4.24 (n=2) | 63.00 ± 4.24 (n=2) |" in text
