@@ -9,6 +9,8 @@ hash; the same hash for two methods with one seed = the same cell). Per retraini
 AutoAttack and the certified radii; then for each DSRNA variant against each baseline Welch's
 t-test and the paired t-test (pairs = same seed: same data order and retrain seed) on clean,
 PGD-20, AutoAttack and certified radius. Only finished cells enter; n says how many.
+The nets retrained after the checkpoint loss give the retraining's own noise (same recipe, cell
+and seed on another CPU), the yardstick for those differences.
 """
 from __future__ import annotations
 
@@ -287,6 +289,47 @@ def pair_test(recipe: str, d: str, b: str, metric: str, a: Dict[int, float],
             "pairs": len(common)}
 
 
+def rebuild_noise(srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Nets retrained after the checkpoint loss and adopted (``train/rebuilt.json``, not
+    bit-identical): same recipe, cell, seed, data order and config as the lost net, only another
+    CPU's float rounding. Their test top-1 before and after is the retraining's own noise, the
+    yardstick for a difference between methods' nets."""
+    methods: Dict[tuple, List[str]] = {}
+    for r in srows:
+        methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
+    rows = []
+    for f in sorted((OUT / "net").glob("*/*/train/rebuilt.json")) if (OUT / "net").exists() else []:
+        rec, summ = load(f), load(f.parent / "summary.json")
+        old = ((rec or {}).get("superseded") or {}).get("test_top1")
+        new = (summ or {}).get("test_top1")
+        if rec and rec.get("identical") is False and isinstance(old, (int, float)) and isinstance(new, (int, float)):
+            net = f.parent.parent
+            ghash, _, seed = net.name.rpartition("_s")
+            rows.append({"recipe": net.parent.name, "net": net.name,
+                         "methods": methods.get((ghash, int(seed)), []),
+                         "lost": float(old), "rebuilt": float(new), "diff": float(new) - float(old)})
+    return rows
+
+
+def noise_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    if not rows:
+        return []
+    lines = ["", "## Retraining noise: lost nets retrained (same recipe, cell, seed and data order; another CPU)", "",
+             "Test top-1 (%, 10k) of the lost net and of its rebuild (`train/rebuilt.json`); the two differ only "
+             "by float rounding.", "",
+             "| recipe | net | methods | lost | rebuilt | rebuilt - lost |", "|---" * 6 + "|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | `{r['net']}` | {', '.join(r['methods']) or '-'} | {r['lost']:.2f} | "
+                     f"{r['rebuilt']:.2f} | {r['diff']:+.2f} |")
+    d = [r["diff"] for r in rows]
+    if len(d) >= 2:
+        sd = stats.std(d)
+        lines += ["", f"n = {len(d)} pairs: mean difference {stats.mean(d):+.2f}, mean |difference| "
+                  f"{stats.mean([abs(x) for x in d]):.2f}, sd of the differences {sd:.2f}, so one retraining's "
+                  f"test top-1 has sd ~{sd / math.sqrt(2):.2f} points from rounding alone (sd / sqrt 2)."]
+    return lines
+
+
 def margin_text(m: Optional[Dict[str, Any]]) -> str:
     if not m or m.get("where") is None:
         return "-"
@@ -424,6 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, r in rows:
             lines.append(f"| {name} | " + " | ".join(
                 "-" if not isinstance(r.get(c), (int, float)) else f"{r[c]:.2f}" for c in cols) + " |")
+    noise = rebuild_noise(srows)
+    lines += noise_lines(noise)
     # ---- cost per stage
     log = OUT / "grid_log.jsonl"
     if log.exists():
@@ -439,7 +484,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         codes = sorted({r.get("code", "?") for r in recs})
         lines += ["", f"Code versions the tasks ran at: {', '.join(codes)} (per task in grid_log.jsonl)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    (OUT / "grid.json").write_text(json.dumps({"searches": srows, "nets": data, "tests": tests}, indent=1) + "\n")
+    (OUT / "grid.json").write_text(json.dumps({"searches": srows, "nets": data, "tests": tests, "rebuild_noise": noise}, indent=1) + "\n")
     print(f"report: {args.out}")
     return 0
 

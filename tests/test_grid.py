@@ -263,6 +263,32 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert t["paired_p"] == pytest.approx(st.ttest_rel([85, 88], [80, 82]).pvalue)
 
 
+def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):
+    found(out, "darts", 0, CELL_A)
+    found(out, "pcdarts", 0, CELL_A)   # the same cell and seed: one net, both methods named
+    found(out, "dsrna_cb", 1, CELL_B)
+    for m, s, old, new in (("darts", 0, 90.0, 93.0), ("dsrna_cb", 1, 88.0, 87.0)):
+        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+        tr = out / "net" / "nat" / f"{gh}_s{s}" / "train"
+        tr.mkdir(parents=True)
+        (tr / "summary.json").write_text(json.dumps({"test_top1": new}))
+        (tr / "rebuilt.json").write_text(json.dumps({"identical": False, "superseded": {"test_top1": old}}))
+    # a bit-identical rebuild (same CPU) is no noise sample
+    ident = out / "net" / "adv" / f"{grid.genotype_hash(out / 'search' / 'darts_s0' / 'genotype.json')}_s0" / "train"
+    ident.mkdir(parents=True)
+    (ident / "summary.json").write_text(json.dumps({"test_top1": 80.0}))
+    (ident / "rebuilt.json").write_text(json.dumps({"identical": True, "superseded": {"test_top1": 80.0}}))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    gh_a = grid.genotype_hash(out / "search" / "darts_s0" / "genotype.json")
+    assert f"| nat | `{gh_a}_s0` | darts, pcdarts | 90.00 | 93.00 | +3.00 |" in text
+    noise = json.loads((out / "grid.json").read_text())["rebuild_noise"]
+    assert sorted(r["diff"] for r in noise) == [-1.0, 3.0]
+    # diffs +3, -1: mean +1, sd 2*sqrt(2) = 2.83, per retraining 2.00
+    assert "n = 2 pairs: mean difference +1.00, mean |difference| 2.00, sd of the differences 2.83" in text
+    assert "sd ~2.00 points" in text
+
+
 def test_report_figures_average_over_seeds_on_common_points(out):
     """The eps-sweep and max-softmax figures: mean and sample std over seeds, only on the eps
     values every seed has, curves cut to the shortest search, RobNet-like runs (no criterion)
