@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsrna_dist.data.base import load_arrays  # noqa: E402
+from dsrna_dist.data.errors import DataError  # noqa: E402
+from dsrna_dist.engine.errors import CheckpointError  # noqa: E402
 from dsrna_dist.space.network import load_trained  # noqa: E402
 
 
@@ -62,8 +64,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     print("| checkpoint | BNs | test top-1 as saved | BN re-estimated | gain |\n|---|---|---|---|---|")
     for path in args.checkpoints:
-        model, cfg, _ = load_trained(path)
-        test, train = load_arrays(cfg.data, "test"), load_arrays(cfg.data, "train")
+        try:
+            model, cfg, _ = load_trained(path)
+            test, train = load_arrays(cfg.data, "test"), load_arrays(cfg.data, "train")
+        except (CheckpointError, DataError) as e:
+            print(f"bn_recalibration: {e}", file=sys.stderr)
+            return 2
         before = top1(model, test.images, test.labels)
         n = recalibrate(model, train.images, args.batches, args.batch_size, args.seed)
         after = top1(model, test.images, test.labels)

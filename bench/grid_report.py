@@ -298,7 +298,7 @@ def rebuild_noise(srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for r in srows:
         methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
     rows = []
-    for f in sorted((OUT / "net").glob("*/*/train/rebuilt.json")) if (OUT / "net").exists() else []:
+    for f in sorted((OUT / "net").glob("*/*/train/rebuilt.json")):
         rec, summ = load(f), load(f.parent / "summary.json")
         old = ((rec or {}).get("superseded") or {}).get("test_top1")
         new = (summ or {}).get("test_top1")
