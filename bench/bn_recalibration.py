@@ -4,7 +4,8 @@
 
 For each train checkpoint: test top-1 (all test images) as saved, then with every BN's running
 mean / var re-estimated as a plain average (momentum None, "precise BN") over ``--batches``
-batches of training images in train mode, weights untouched. A large gain says the saved
+batches of training images in train mode, weights untouched (train's ``precise_bn_batches``
+does the same before every evaluation). A large gain says the saved
 statistics (an EMA, momentum 0.1, over the last few dozen steps of a short run) do not match
 the final weights, so retrain-to-retrain spread in test accuracy is partly BN-statistics noise.
 Training images only (never test); they include the held-out validation split, which is
@@ -26,6 +27,7 @@ from dsrna_dist.data.base import load_arrays  # noqa: E402
 from dsrna_dist.data.errors import DataError  # noqa: E402
 from dsrna_dist.engine.errors import CheckpointError  # noqa: E402
 from dsrna_dist.space.network import load_trained  # noqa: E402
+from dsrna_dist.training.precise_bn import bn_layers, precise_bn  # noqa: E402
 
 
 @torch.no_grad()
@@ -36,22 +38,13 @@ def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bs: int =
     return 100.0 * hit / len(labels)
 
 
-@torch.no_grad()
 def recalibrate(model: nn.Module, images: torch.Tensor, batches: int, batch_size: int, seed: int) -> int:
-    """Re-estimate every BN's running statistics as the average over ``batches`` train-mode forwards."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for b in bns:
-        b.reset_running_stats()
-        b.momentum = None  # cumulative average
-    model.train()
+    """Re-estimate every BN's running statistics over ``batches`` seeded batches (train's precise BN)."""
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    for k in range(batches):
-        idx = perm[k * batch_size:(k + 1) * batch_size]
-        if len(idx) == 0:
-            break
-        model(images[idx].float() / 255)
+    chunks = (perm[k * batch_size:(k + 1) * batch_size] for k in range(batches))
+    precise_bn(model, (images[idx].float() / 255 for idx in chunks if len(idx)))
     model.eval()
-    return len(bns)
+    return len(bn_layers(model))
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,9 @@ over the last quarter) is still retrained, and flagged as not converged in every
 
 Recipes: nat (natural) and adv (PGD-AT) by default; ibp (certified training with
 configs/train/fmnist_small_ibp_long.yaml, ~95 CPU-min per net, then verified accuracy at l_inf 0.05
-of last.pt) with --recipes ibp: claim (3) where this scale can show it.
+of last.pt) with --recipes ibp: claim (3) where this scale can show it; pbn (the natural recipe
+with precise BN, configs/train/fmnist_small_pbn.yaml: the same weights as nat's, BN statistics
+re-estimated before every evaluation; RESULTS.md claim 2) with --recipes pbn.
 
 Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<seed>/{train,eval,
 certify,crown,autoattack}/; light files are committed, and so is the one checkpoint a net's evaluations
@@ -91,7 +93,7 @@ GROUPS = (("darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"),
 # searched for the convergence record (issue #11: every method's config must converge), not retrained
 SEARCH_ONLY = frozenset(("dartsplus", "darts_2nd", "sdarts_rs"))
 RECIPES = {"nat": "configs/train/fmnist_small.yaml", "adv": "configs/train/fmnist_small_pgd_at.yaml",
-           "ibp": "configs/train/fmnist_small_ibp_long.yaml"}
+           "ibp": "configs/train/fmnist_small_ibp_long.yaml", "pbn": "configs/train/fmnist_small_pbn.yaml"}
 #: run unless --recipes says otherwise; "ibp" (certified training, ~95 CPU-min per net) is opt-in:
 #: claim (3) where this scale can show it (verified accuracy at l_inf 0.05 of every found cell)
 DEFAULT_RECIPES = ("nat", "adv")
@@ -105,8 +107,8 @@ CROWN_CFG = "configs/eval/fmnist_small_grid_crown.yaml"
 AA_CFG = "configs/eval/fmnist_small_grid_aa.yaml"
 #: per recipe: the evaluation stages of its networks (stage, config) and the checkpoint they read
 FULL_EVALS = (("eval", EVAL_CFG), ("certify", CERT_CFG), ("crown", CROWN_CFG), ("autoattack", AA_CFG))
-RECIPE_EVALS = {"nat": FULL_EVALS, "adv": FULL_EVALS, "ibp": (("eval", IBP_EVAL_CFG),)}
-RECIPE_CHECKPOINT = {"nat": "best.pt", "adv": "best.pt", "ibp": "last.pt"}
+RECIPE_EVALS = {"nat": FULL_EVALS, "adv": FULL_EVALS, "ibp": (("eval", IBP_EVAL_CFG),), "pbn": FULL_EVALS}
+RECIPE_CHECKPOINT = {"nat": "best.pt", "adv": "best.pt", "ibp": "last.pt", "pbn": "best.pt"}
 STAGES = ("search", "train", "eval", "certify", "crown", "autoattack")
 #: not a stage one selects: a network whose summary.json is committed but whose checkpoint is
 #: missing (trained before checkpoints were committed, on a machine since reset) gets a `rebuild`

@@ -379,6 +379,10 @@ class TrainConfig:
     base_batch_size: int = fld(128, ge=1, help="global batch the configured optim.lr was tuned for (scale_lr)")
     eval_every: int = fld(1, ge=1, help="epochs between validation evaluations (data.val_size; the last epoch "
                           "always evaluates, and is the only one that touches the test set)")
+    precise_bn_batches: int = fld(0, ge=0, help="precise BN: before every evaluation, re-estimate the BN running "
+                                  "statistics as the plain average over this many batches of data.batch_size "
+                                  "unaugmented training images (in total over ranks, rounded down to whole batches "
+                                  "per rank; never the held-out split); 0 = off: the training EMA as is")
     regime: RegimeConfig = fld(default_factory=RegimeConfig)
 
 

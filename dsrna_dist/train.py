@@ -13,7 +13,9 @@ recorded in the checkpoint), ``checkpoints/last.pt`` (+ ``best.pt`` by validatio
 final model when ``data.val_size=0``), one line in ``metrics.jsonl``, TensorBoard scalars. The
 test set is evaluated once, after the final epoch, for its log line only: it never selects
 anything. A relaunch of the same command resumes bit-exactly on CPU (weights, optimizer incl.
-ZeRO partitions, every rank's RNG, best score).
+ZeRO partitions, every rank's RNG, best score). ``precise_bn_batches=N`` re-estimates the BN
+running statistics over N unaugmented training batches before every evaluation (precise BN,
+:mod:`dsrna_dist.training.precise_bn`): the weights trained are unchanged, only those buffers.
 
 Training regimes (``regime.name``): ``natural``, ``pgd_at`` (Madry), ``trades``, certified
 ``ibp`` / ``crown_ibp`` (see :mod:`dsrna_dist.training`). A NaN/inf loss, gradient or weight stops every rank together
@@ -37,7 +39,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -58,6 +60,7 @@ from .space.network import (Network, build_network, count_parameters, drop_prob_
                             resolve_genotype)
 from .training import (NonFiniteError, Regime, SplitRecord, all_finite, any_rank_nonfinite, build_regime,
                        holdout_split)
+from .training.precise_bn import precise_bn, precise_bn_indices
 from .training.split import check_resume
 
 CRASH_ENV = "DSRNA_TEST_CRASH"  # "<rank>:<global step>": that rank os._exit(3)s after that step
@@ -71,6 +74,22 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
     if not cfg.scale_lr:
         return cfg.optim.lr
     return cfg.optim.lr * world_size * cfg.data.batch_size / cfg.base_batch_size
+
+
+def resolve_precise_bn(cfg: TrainConfig, train_idx: Optional[Any], n_split: int, world: int) -> Any:
+    """The seeded training positions precise BN reads (``precise_bn_batches``), never held-out ones."""
+    import numpy as np
+
+    if train_idx is None:
+        if n_split < 0:  # an FFCV file: the loader counts it
+            from .data.ffcv_loader import beton_path, require_ffcv
+
+            require_ffcv()
+            from ffcv.reader import Reader
+
+            n_split = Reader(beton_path(cfg.data, "train")).num_samples
+        train_idx = np.arange(n_split)
+    return precise_bn_indices(train_idx, cfg.precise_bn_batches, cfg.data.batch_size, world, cfg.run.seed)
 
 
 # --------------------------------------------------------------------------- preflight
@@ -87,6 +106,7 @@ class Plan:
     train_idx: Optional[Any]  # positions in the training split (None = all of it)
     val_idx: Optional[Any]
     split: SplitRecord
+    bn_idx: Optional[Any] = None  # training positions whose statistics precise BN averages (None = off)
 
 
 def resolve_split(cfg: TrainConfig) -> Tuple[Optional[Any], Optional[Any], SplitRecord]:
@@ -124,6 +144,7 @@ def preflight(cfg: TrainConfig) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     train_idx, val_idx, split = resolve_split(cfg)
     n_train = len(train_idx) if train_idx is not None else n["train"]
+    bn_idx = resolve_precise_bn(cfg, train_idx, n["train"], world) if cfg.precise_bn_batches else None
     if 0 <= n_train < cfg.data.batch_size * world:
         raise ConfigError(f"key 'data.batch_size': {cfg.data.batch_size} x {world} ranks is larger "
                           f"than the training set ({n_train} images after the held-out split; no full batch per epoch)")
@@ -143,7 +164,7 @@ def preflight(cfg: TrainConfig) -> Plan:
         path = last
     if state is None:
         regime.init_weights(model)  # e.g. IBP-aware init; same RNG state on every rank
-    return Plan(cfg, g, info, model, state, path, regime, train_idx, val_idx, split)
+    return Plan(cfg, g, info, model, state, path, regime, train_idx, val_idx, split, bn_idx)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -338,6 +359,18 @@ class Trainer:
         return {f"{prefix}_loss": loss_sum / n, f"{prefix}_top1": 100 * c1 / n, f"{prefix}_top5": 100 * c5 / n,
                 f"{prefix}_n": int(n)}
 
+    def precise_bn(self, loader: Any) -> float:
+        """Re-estimate BN statistics over ``loader`` (every rank, one all-reduce); seconds taken."""
+        t0 = time.perf_counter()
+
+        def batches():
+            for x, _ in loader:
+                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+        with self.autocast():
+            precise_bn(self.net, batches(), self.rt.world_size)
+        return time.perf_counter() - t0
+
     def sync_buffers(self) -> None:
         """Rank 0's BN running statistics everywhere: evaluation and resume see one model."""
         broadcast_parameters(list(self.net.buffers()))
@@ -412,6 +445,12 @@ def run(rt: Runtime, plan: Plan) -> int:
     val_loader = (build_eval_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed,
                                     indices=plan.val_idx, split="train") if plan.split.size else None)
     eval_loader = build_eval_loader(cfg.data, rt.rank, rt.world_size, rt.device, cfg.run.seed)
+    bn_loader = None
+    if plan.bn_idx is not None:  # batches of data.batch_size, unaugmented, sharded over ranks
+        bn_loader = build_eval_loader(replace(cfg.data, eval_batch_size=cfg.data.batch_size), rt.rank,
+                                      rt.world_size, rt.device, cfg.run.seed, indices=plan.bn_idx, split="train")
+        rt.print(f"precise BN: statistics re-estimated before every evaluation over {len(plan.bn_idx)} unaugmented "
+                 f"training images ({len(plan.bn_idx) // cfg.data.batch_size} batches of {cfg.data.batch_size})")
     rt.print(f"regime: {plan.regime.describe()}; model selection: "
              + (f"validation split of {plan.split.size} training images (seed {plan.split.seed}, "
                 f"digest {plan.split.digest})" if plan.split.size else "none (data.val_size=0: best.pt = final model)"))
@@ -452,7 +491,14 @@ def run(rt: Runtime, plan: Plan) -> int:
             return 1
         trainer.sync_buffers()
         last = epoch == cfg.epochs - 1
-        if val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
+        validates = val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0)
+        if bn_loader is not None and (validates or last):
+            if validates:  # the EMA statistics' score too: what precise BN changed, in every run's log
+                ema = trainer.evaluate(val_loader, "val")
+                m.update(val_loss_ema=ema["val_loss"], val_top1_ema=ema["val_top1"])
+            m["precise_bn_s"] = trainer.precise_bn(bn_loader)
+            trainer.sync_buffers()
+        if validates:
             m.update(trainer.evaluate(val_loader, "val"))
         if last:  # the only place the test set is touched: a log line, never a selection
             m.update(trainer.evaluate(eval_loader, "test"))
@@ -478,6 +524,8 @@ def run(rt: Runtime, plan: Plan) -> int:
                 rt.tb.scalar(tag, v, epoch)
         rt.tb.flush()
         val = f" val {m['val_loss']:.4f} / {m['val_top1']:.2f}%" if "val_top1" in m else ""
+        if "val_top1_ema" in m:
+            val += f" (EMA BN {m['val_top1_ema']:.2f}%)"
         test = f" test {m['test_loss']:.4f} / {m['test_top1']:.2f}%" if "test_top1" in m else ""
         rt.print(f"epoch {epoch + 1}/{cfg.epochs}: train {m['train_loss']:.4f} / {m['train_top1']:.2f}%"
                  f"{val}{test} lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s {epoch_time:.1f}s")

@@ -83,6 +83,14 @@ def test_recipes_restrict_the_networks(out):
     assert [t.stage for t in ev] == ["eval"] and f"--config={grid.IBP_EVAL_CFG}" in ev[0].argv
     assert f"--checkpoint={tr[0].done.parent / 'checkpoints' / 'last.pt'}" in ev[0].argv
     assert (ROOT / grid.RECIPES["ibp"]).exists() and (ROOT / grid.IBP_EVAL_CFG).exists()
+    # precise BN: opt-in too; the nat recipe plus precise_bn_batches and nothing else
+    pbn = [t for t in grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["pbn"]) if t.stage == "train"]
+    assert len(pbn) == 1 and f"--config={grid.RECIPES['pbn']}" in pbn[0].argv
+    from dsrna_dist.config import TrainConfig, load_config, to_dict
+    a = to_dict(load_config(TrainConfig, str(ROOT / grid.RECIPES["nat"]), {}))
+    b = to_dict(load_config(TrainConfig, str(ROOT / grid.RECIPES["pbn"]), {}))
+    assert {k for k in a if a[k] != b[k]} == {"run", "precise_bn_batches"} and b["precise_bn_batches"] == 100
+    assert {k for k in a["run"] if a["run"][k] != b["run"][k]} == {"name"}
 
 
 def test_rescore_adopts_only_a_bit_identical_rerun(out, tmp_path):

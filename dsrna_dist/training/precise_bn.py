@@ -1,0 +1,92 @@
+"""Precise BatchNorm: re-estimate the running statistics as a plain average before evaluation.
+
+Why: BN saves an EMA (momentum 0.1) of the batch statistics of the last few dozen steps, taken
+while the weights still moved. After a short run that EMA can sit far from what the final
+weights produce: retraining the same natural ``fmnist_small`` net on another CPU (float rounding
+only) moved test top-1 by up to 8 points with the same training curve, and re-estimating the
+statistics alone gave the points back (RESULTS.md claim 2, ``bench/bn_recalibration.py``). The
+fix is the one of Wu & Johnson 2021 ("Rethinking BatchNorm", the pycls / fvcore / timm
+``precise_bn``): with the weights fixed, average the per-batch mean and (unbiased) variance over
+many training batches, then evaluate and checkpoint with those.
+
+Here the batches are *unaugmented* training images (the distribution the evaluation sees),
+never the held-out validation split, drawn as a seeded subset so that the same positions are
+used every epoch, on every rank and after a resume. The average over ranks is one all-reduce.
+No RNG is consumed (no shuffle, no augmentation, no drop-path), so the weights a run trains are
+bit for bit those of the same run without precise BN: only the BN buffers differ.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError
+
+
+def bn_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that keep running statistics (``affine=False`` ones included)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def precise_bn_indices(pool: Sequence[int], batches: int, batch_size: int, world_size: int,
+                       seed: int) -> np.ndarray:
+    """Sorted positions (drawn from ``pool``) for ``batches`` batches of ``batch_size`` over all
+    ranks, rounded down to whole batches on every rank (equal counts: the mean over ranks is
+    then the mean over all batches; no partial batch of one image)."""
+    pool = np.asarray(pool, dtype=np.int64)
+    per_rank = min(batches * batch_size, len(pool)) // (batch_size * world_size)
+    if per_rank == 0:
+        raise ConfigError(f"key 'precise_bn_batches': {len(pool)} training images are fewer than one batch of "
+                          f"{batch_size} per rank ({world_size} ranks)")
+    rng = np.random.default_rng(seed)  # numpy's own generator: torch's RNG streams are untouched
+    return np.sort(rng.choice(pool, per_rank * batch_size * world_size, replace=False))
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], world_size: int = 1) -> int:
+    """Replace every BN's running mean / var by the average of its per-batch statistics over
+    ``batches`` (train-mode forwards; weights, momentum, ``num_batches_tracked`` and the
+    train/eval mode are left as they were). With ``world_size > 1`` every rank must call it
+    (the ranks' averages are averaged, weighted by their batch counts). Returns the number of
+    batches this rank ran."""
+    bns = bn_layers(model)
+    saved = [(b.momentum, b.num_batches_tracked.clone(), b.running_mean.clone(), b.running_var.clone())
+             for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative average: stat_k = mean of the k batches seen
+    was_training = model.training
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        model.train(was_training)
+    total = float(n)
+    if world_size > 1 and dist.is_available() and dist.is_initialized() and bns:
+        flat = torch.cat([torch.cat([b.running_mean, b.running_var]).double() * n for b in bns]
+                         + [torch.tensor([float(n)], dtype=torch.float64, device=bns[0].running_mean.device)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        total = float(flat[-1])
+        if total > 0:
+            off = 0
+            for b in bns:
+                c = b.running_mean.numel()
+                b.running_mean.copy_(flat[off:off + c] / total)
+                b.running_var.copy_(flat[off + c:off + 2 * c] / total)
+                off += 2 * c
+    for b, (momentum, count, mean, var) in zip(bns, saved):
+        b.momentum = momentum
+        b.num_batches_tracked.copy_(count)
+        if total == 0:  # nothing seen anywhere: keep the EMA rather than the reset values
+            b.running_mean.copy_(mean)
+            b.running_var.copy_(var)
+    return n
+
