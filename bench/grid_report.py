@@ -330,6 +330,57 @@ def noise_lines(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def precise_bn_pairs(srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each net trained by both the nat and the pbn recipe (the same config plus precise BN: the
+    same weights when trained by the same code on the same CPU, which the identical training
+    curves show). Their test top-1 differ only by the BN statistics."""
+    methods: Dict[tuple, List[str]] = {}
+    for r in srows:
+        methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
+    rows = []
+    for f in sorted((OUT / "net" / "pbn").glob("*/train/summary.json")):
+        nat = OUT / "net" / "nat" / f.parent.parent.name / "train"
+        a, b = load(nat / "summary.json"), load(f)
+        if not (a and b and isinstance(a.get("test_top1"), (int, float)) and isinstance(b.get("test_top1"), (int, float))):
+            continue
+        ma = read_jsonl(nat / "metrics.jsonl") if (nat / "metrics.jsonl").exists() else []
+        mb = read_jsonl(f.parent / "metrics.jsonl") if (f.parent / "metrics.jsonl").exists() else []
+        curve = [(r.get("train_loss"), r.get("train_top1")) for r in ma]
+        ghash, _, seed = f.parent.parent.name.rpartition("_s")
+        rows.append({"net": f.parent.parent.name, "methods": methods.get((ghash, int(seed)), []),
+                     "same_curve": bool(curve) and curve == [(r.get("train_loss"), r.get("train_top1")) for r in mb],
+                     "nat": float(a["test_top1"]), "pbn": float(b["test_top1"]),
+                     "diff": float(b["test_top1"]) - float(a["test_top1"]),
+                     "val_ema": mb[-1].get("val_top1_ema") if mb else None, "val": mb[-1].get("val_top1") if mb else None})
+    return rows
+
+
+def precise_bn_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    if not rows:
+        return []
+    lines = ["", "## Precise BN: the natural nets' weights, BN statistics re-estimated (recipe pbn against nat)", "",
+             "Test top-1 (%, 10k) of each net trained by `nat` (BN statistics: the EMA of training) and by `pbn` "
+             "(the same config plus `precise_bn_batches: 100`). 'Same curve': every epoch's training loss and "
+             "top-1 are equal, i.e. the same weights were trained (same code, same CPU); where they are not, "
+             "the two runs also differ by float rounding. Validation (%, 5000 held-out images, last epoch) of "
+             "the pbn run with the EMA statistics and with the re-estimated ones.", "",
+             "| net | methods | same curve | nat test | pbn test | pbn - nat | pbn val, EMA BN | pbn val, precise BN |",
+             "|---" * 8 + "|"]
+    for r in rows:
+        v = [f"{x:.2f}" if isinstance(x, (int, float)) else "-" for x in (r["val_ema"], r["val"])]
+        lines.append(f"| `{r['net']}` | {', '.join(r['methods']) or '-'} | {'yes' if r['same_curve'] else 'no'} | "
+                     f"{r['nat']:.2f} | {r['pbn']:.2f} | {r['diff']:+.2f} | {v[0]} | {v[1]} |")
+    if len(rows) >= 2:
+        nat, pbn = [r["nat"] for r in rows], [r["pbn"] for r in rows]
+        t = stats.paired(pbn, nat)
+        lines += ["", f"n = {len(rows)} nets ({sum(r['same_curve'] for r in rows)} with the same curve): test top-1 "
+                  f"across nets {stats.mean(nat):.2f} ± {stats.std(nat):.2f} (nat) and {stats.mean(pbn):.2f} ± "
+                  f"{stats.std(pbn):.2f} (pbn); pbn - nat {stats.mean([r['diff'] for r in rows]):+.2f} (range "
+                  f"{min(r['diff'] for r in rows):+.2f} to {max(r['diff'] for r in rows):+.2f})"
+                  + (f", paired t-test p = {t.p:.3g}." if t and not math.isinf(t.t) else ".")]
+    return lines
+
+
 def margin_text(m: Optional[Dict[str, Any]]) -> str:
     if not m or m.get("where") is None:
         return "-"
@@ -470,6 +521,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "-" if not isinstance(r.get(c), (int, float)) else f"{r[c]:.2f}" for c in cols) + " |")
     noise = rebuild_noise(srows)
     lines += noise_lines(noise)
+    pbn = precise_bn_pairs(srows)
+    lines += precise_bn_lines(pbn)
     # ---- cost per stage
     log = OUT / "grid_log.jsonl"
     if log.exists():
@@ -485,7 +538,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         codes = sorted({r.get("code", "?") for r in recs})
         lines += ["", f"Code versions the tasks ran at: {', '.join(codes)} (per task in grid_log.jsonl)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    (OUT / "grid.json").write_text(json.dumps({"searches": srows, "nets": data, "tests": tests, "rebuild_noise": noise}, indent=1) + "\n")
+    (OUT / "grid.json").write_text(json.dumps({"searches": srows, "nets": data, "tests": tests, "rebuild_noise": noise,
+                                             "precise_bn": pbn}, indent=1) + "\n")
     print(f"report: {args.out}")
     return 0
 

@@ -297,6 +297,42 @@ def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):
     assert "sd ~2.00 points" in text
 
 
+def test_report_compares_precise_bn_with_the_same_nets_natural_runs(out):
+    found(out, "darts", 0, CELL_A)
+    found(out, "dsrna_cb", 1, CELL_B)
+    curve = [{"epoch": 0, "train_loss": 0.5, "train_top1": 80.0}, {"epoch": 1, "train_loss": 0.3, "train_top1": 88.0}]
+    nets = {}
+    for m, s, nat, pbn, same in (("darts", 0, 84.0, 90.0, True), ("dsrna_cb", 1, 89.0, 90.0, False)):
+        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+        nets[m] = f"{gh}_s{s}"
+        for recipe, top1 in (("nat", nat), ("pbn", pbn)):
+            tr = out / "net" / recipe / f"{gh}_s{s}" / "train"
+            tr.mkdir(parents=True)
+            (tr / "summary.json").write_text(json.dumps({"test_top1": top1}))
+            rows = [dict(r) for r in curve]
+            if recipe == "pbn":
+                rows[-1].update(val_top1_ema=70.5, val_top1=89.25)
+                if not same:
+                    rows[0]["train_loss"] = 0.5000001  # another CPU's rounding
+            (tr / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a pbn net without its nat twin is left out
+    lone = out / "net" / "pbn" / "0000000000_s2" / "train"
+    lone.mkdir(parents=True)
+    (lone / "summary.json").write_text(json.dumps({"test_top1": 50.0}))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    assert f"| `{nets['darts']}` | darts | yes | 84.00 | 90.00 | +6.00 | 70.50 | 89.25 |" in text
+    assert f"| `{nets['dsrna_cb']}` | dsrna_cb | no | 89.00 | 90.00 | +1.00 | 70.50 | 89.25 |" in text
+    pbn = json.loads((out / "grid.json").read_text())["precise_bn"]
+    assert sorted(r["diff"] for r in pbn) == [1.0, 6.0]
+    # nat 84, 89 (sd 3.54); pbn 90, 90 (sd 0); differences +6, +1: paired t = 3.5 / (3.54 / sqrt 2) = 1.4
+    assert ("n = 2 nets (1 with the same curve): test top-1 across nets 86.50 ± 3.54 (nat) and 90.00 ± 0.00 (pbn); "
+            "pbn - nat +3.50 (range +1.00 to +6.00), paired t-test p = ") in text
+    import scipy.stats as st
+    p = st.ttest_rel([90.0, 90.0], [84.0, 89.0]).pvalue
+    assert f"paired t-test p = {p:.3g}." in text
+
+
 def test_report_figures_average_over_seeds_on_common_points(out):
     """The eps-sweep and max-softmax figures: mean and sample std over seeds, only on the eps
     values every seed has, curves cut to the shortest search, RobNet-like runs (no criterion)
