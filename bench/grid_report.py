@@ -289,14 +289,20 @@ def pair_test(recipe: str, d: str, b: str, metric: str, a: Dict[int, float],
             "pairs": len(common)}
 
 
+def methods_by_net(srows: List[Dict[str, Any]]) -> Dict[tuple, List[str]]:
+    """(genotype hash, seed) -> the methods whose search found that cell with that seed."""
+    methods: Dict[tuple, List[str]] = {}
+    for r in srows:
+        methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
+    return methods
+
+
 def rebuild_noise(srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Nets retrained after the checkpoint loss and adopted (``train/rebuilt.json``, not
     bit-identical): same recipe, cell, seed, data order and config as the lost net, only another
     CPU's float rounding. Their test top-1 before and after is the retraining's own noise, the
     yardstick for a difference between methods' nets."""
-    methods: Dict[tuple, List[str]] = {}
-    for r in srows:
-        methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
+    methods = methods_by_net(srows)
     rows = []
     for f in sorted((OUT / "net").glob("*/*/train/rebuilt.json")):
         rec, summ = load(f), load(f.parent / "summary.json")
@@ -334,9 +340,7 @@ def precise_bn_pairs(srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Each net trained by both the nat and the pbn recipe (the same config plus precise BN: the
     same weights when trained by the same code on the same CPU, which the identical training
     curves show). Their test top-1 differ only by the BN statistics."""
-    methods: Dict[tuple, List[str]] = {}
-    for r in srows:
-        methods.setdefault((r["ghash"], r["seed"]), []).append(r["method"])
+    methods = methods_by_net(srows)
     rows = []
     for f in sorted((OUT / "net" / "pbn").glob("*/train/summary.json")):
         nat = OUT / "net" / "nat" / f.parent.parent.name / "train"
