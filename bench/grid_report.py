@@ -450,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     {"seed": r["seed"], "converged": r["converged"], **res})
     names = {"nat": "natural training", "adv": "PGD adversarial training (l_inf 0.1)",
              "ibp": "certified (IBP) training (l_inf 0.05; last.pt, first 1000 test images)",
-             "pbn": "natural training, precise BN (the nat weights; BN statistics averaged over 100 batches)"}
+             "pbn": "natural training and precise BN (BN statistics averaged over 100 training batches)"}
     tests: List[Dict[str, Any]] = []
     search_metric = {r["method"]: {} for r in srows}
     for r in srows:
