@@ -15,7 +15,8 @@ test set is evaluated once, after the final epoch, for its log line only: it nev
 anything. A relaunch of the same command resumes bit-exactly on CPU (weights, optimizer incl.
 ZeRO partitions, every rank's RNG, best score). ``precise_bn_batches=N`` re-estimates the BN
 running statistics over N unaugmented training batches before every evaluation (precise BN,
-:mod:`dsrna_dist.training.precise_bn`): the weights trained are unchanged, only those buffers.
+:mod:`dsrna_dist.training.precise_bn`) and checkpoints them; training goes on from its own EMA
+(kept in the checkpoint as ``bn_ema``), so the weights trained are unchanged in every regime.
 
 Training regimes (``regime.name``): ``natural``, ``pgd_at`` (Madry), ``trades``, certified
 ``ibp`` / ``crown_ibp`` (see :mod:`dsrna_dist.training`). A NaN/inf loss, gradient or weight stops every rank together
@@ -60,7 +61,7 @@ from .space.network import (Network, build_network, count_parameters, drop_prob_
                             resolve_genotype)
 from .training import (NonFiniteError, Regime, SplitRecord, all_finite, any_rank_nonfinite, build_regime,
                        holdout_split)
-from .training.precise_bn import precise_bn, precise_bn_indices
+from .training.precise_bn import bn_stats, load_bn_stats, precise_bn, precise_bn_indices
 from .training.split import check_resume
 
 CRASH_ENV = "DSRNA_TEST_CRASH"  # "<rank>:<global step>": that rank os._exit(3)s after that step
@@ -88,6 +89,8 @@ def resolve_precise_bn(cfg: TrainConfig, train_idx: Optional[Any], n_split: int,
             from ffcv.reader import Reader
 
             n_split = Reader(beton_path(cfg.data, "train")).num_samples
+        if cfg.data.train_subset:  # the loaders keep the first train_subset positions only
+            n_split = min(n_split, cfg.data.train_subset)
         train_idx = np.arange(n_split)
     return precise_bn_indices(train_idx, cfg.precise_bn_batches, cfg.data.batch_size, world, cfg.run.seed)
 
@@ -221,6 +224,11 @@ class Trainer:
             except (KeyError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint {plan.resume_path}: weights do not fit the network: "
                                       f"{str(e).strip().splitlines()[0]}") from None
+            if plan.resume.get("bn_ema"):  # precise BN saved its statistics: training continues from its EMA
+                try:
+                    load_bn_stats(net, plan.resume["bn_ema"])
+                except (KeyError, AttributeError, RuntimeError) as e:
+                    raise CheckpointError(f"checkpoint {plan.resume_path}: bn_ema does not fit the network: {e}") from None
         net = net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.net = net
         self.base_lr = effective_lr(cfg, rt.world_size)
@@ -369,16 +377,20 @@ class Trainer:
 
         with self.autocast():
             precise_bn(self.net, batches(), self.rt.world_size)
+        if self.cuda:
+            torch.cuda.synchronize(self.rt.device)
         return time.perf_counter() - t0
 
     def sync_buffers(self) -> None:
         """Rank 0's BN running statistics everywhere: evaluation and resume see one model."""
         broadcast_parameters(list(self.net.buffers()))
 
-    def state(self, epoch: int, global_step: int, best: float, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        """Checkpoint dict (COLLECTIVE: RNG and ZeRO partitions are gathered from every rank)."""
+    def state(self, epoch: int, global_step: int, best: float, metrics: Dict[str, Any],
+              bn_ema: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+        """Checkpoint dict (COLLECTIVE: RNG and ZeRO partitions are gathered from every rank).
+        ``bn_ema``: training's own BN statistics when the weights carry precise-BN ones."""
         cfg, plan = self.cfg, self.plan
-        extra: Dict[str, Any] = dict(
+        extra: Dict[str, Any] = dict(bn_ema=bn_ema or {},
             genotype=plan.genotype.to_dict(), dataset=plan.info.name, dataset_info=info_dict(plan.info),
             world_size=self.rt.world_size, best_top1=best, best_metric="val_top1" if plan.split.size else "final",
             val_split=plan.split.to_dict(), regime=plan.regime.name, metrics=metrics,
@@ -492,10 +504,12 @@ def run(rt: Runtime, plan: Plan) -> int:
         trainer.sync_buffers()
         last = epoch == cfg.epochs - 1
         validates = val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0)
+        bn_ema = None
         if bn_loader is not None and (validates or last):
+            bn_ema = bn_stats(trainer.net)  # training goes on from these (a regime may attack in eval mode)
             if validates:  # the EMA statistics' score too: what precise BN changed, in every run's log
-                ema = trainer.evaluate(val_loader, "val")
-                m.update(val_loss_ema=ema["val_loss"], val_top1_ema=ema["val_top1"])
+                before = trainer.evaluate(val_loader, "val")
+                m.update(val_loss_ema=before["val_loss"], val_top1_ema=before["val_top1"])
             m["precise_bn_s"] = trainer.precise_bn(bn_loader)
             trainer.sync_buffers()
         if validates:
@@ -512,8 +526,10 @@ def run(rt: Runtime, plan: Plan) -> int:
             if is_best:
                 best = m["val_top1"]
         m["best_top1"] = best
-        state = trainer.state(epoch + 1, global_step, best, m)
+        state = trainer.state(epoch + 1, global_step, best, m, bn_ema=bn_ema)
         rt.ckpt.save(state, is_best=is_best)
+        if bn_ema is not None:
+            load_bn_stats(trainer.net, bn_ema)
         _append_metrics(rt, m)
         for k, v in m.items():
             if k not in ("epoch", "step", "world_size", "test_n", "val_n"):

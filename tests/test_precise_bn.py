@@ -1,7 +1,8 @@
 """Precise BN (``train.precise_bn_batches``): the BN running statistics are the plain average of
 the per-batch statistics, computed here independently from forward hooks on the BN inputs; the
-trained weights are untouched (bit for bit those of the same run without it); resume stays exact;
-on 2 ranks the average covers both ranks' batches."""
+trained weights are untouched (bit for bit those of the same run without it, also under PGD-AT,
+whose attacks read the running statistics); resume stays exact; on 2 ranks the average covers
+both ranks' batches."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from dsrna_dist.config import ConfigError
-from dsrna_dist.training.precise_bn import bn_layers, precise_bn, precise_bn_indices
+from dsrna_dist.training.precise_bn import bn_layers, bn_stats, load_bn_stats, precise_bn, precise_bn_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import ROOT, env, load, metrics, torchrun, write_cfg  # noqa: E402
@@ -100,8 +101,23 @@ def test_indices_are_seeded_whole_batches_per_rank_from_the_pool_only():
     assert np.array_equal(a, precise_bn_indices(pool, 7, 16, 2, 4))
     assert not np.array_equal(a, precise_bn_indices(pool, 7, 16, 2, 5))
     assert len(precise_bn_indices(pool, 100, 16, 1, 4)) == 320  # capped by the pool, whole batches
-    with pytest.raises(ConfigError, match="precise_bn_batches"):
+    with pytest.raises(ConfigError, match="precise_bn_batches.*fewer than one batch"):
         precise_bn_indices(pool[:20], 4, 16, 2, 0)
+    with pytest.raises(ConfigError, match="precise_bn_batches.*cannot give each of the 2 ranks"):
+        precise_bn_indices(pool, 1, 16, 2, 0)
+
+
+def test_bn_stats_copy_and_restore():
+    net = small_net()
+    saved = bn_stats(net)
+    assert sorted(saved) == ["1.running_mean", "1.running_var", "4.running_mean", "4.running_var",
+                             "7.running_mean", "7.running_var"]
+    precise_bn(net, iter([torch.rand(8, 2, 5, 5)]))
+    assert not torch.equal(net[1].running_var, saved["1.running_var"])
+    load_bn_stats(net, saved)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    saved["1.running_var"].fill_(7.0)  # a copy, not a view
+    assert not torch.equal(net[1].running_var, saved["1.running_var"])
 
 
 # --------------------------------------------------------------------------- in train
@@ -128,10 +144,13 @@ def _is_bn_stat(key: str, model: dict) -> bool:
 
 
 def test_train_precise_bn_statistics_weights_and_resume(tmp_path):
+    """Under PGD-AT with its attacks in eval mode (they read the running statistics), so the
+    weights can only match the run without precise BN if training keeps its own EMA."""
     from dsrna_dist.config import TrainConfig, load_config
     from dsrna_dist.space.network import load_trained
 
-    top = dict(data={"synthetic_size": 160, "val_size": 32})
+    top = dict(data={"synthetic_size": 160, "val_size": 32},
+               regime={"name": "pgd_at", "eps": 0.1, "steps": 2, "step_size": 0.05, "attack_bn": "eval"})
     for d in ("on", "off", "again"):
         (tmp_path / d).mkdir()
     on = write_cfg(tmp_path / "on", **top, precise_bn_batches=5)
@@ -140,11 +159,14 @@ def test_train_precise_bn_statistics_weights_and_resume(tmp_path):
         r = _train(c)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run_on, run_off = tmp_path / "on" / "runs" / "tiny", tmp_path / "off" / "runs" / "tiny"
-    a, b = load(run_on / "checkpoints" / "last.pt")["model"], load(run_off / "checkpoints" / "last.pt")["model"]
+    ck = load(run_on / "checkpoints" / "last.pt")
+    a, b = ck["model"], load(run_off / "checkpoints" / "last.pt")["model"]
     stats = [k for k in a if _is_bn_stat(k, a)]
-    assert stats and a.keys() == b.keys()
-    # weights (and every other buffer) bit for bit those of the run without precise BN
+    assert stats and a.keys() == b.keys() and sorted(ck["bn_ema"]) == sorted(stats)
+    # weights (and every other buffer) bit for bit those of the run without precise BN, and the
+    # training EMA kept beside them is that run's statistics
     assert all(torch.equal(a[k], b[k]) for k in a if k not in stats)
+    assert all(torch.equal(ck["bn_ema"][k], b[k]) for k in stats)
     assert any(not torch.equal(a[k], b[k]) for k in stats)
     # the saved statistics are the average over the configured training batches, final weights
     model, cfg, _ = load_trained(str(run_on / "checkpoints" / "last.pt"))
@@ -152,9 +174,10 @@ def test_train_precise_bn_statistics_weights_and_resume(tmp_path):
     batches = _bn_loader_batches(cfg, 0, 1)
     assert len(batches) == 5 and all(x.shape[0] == 16 for x in batches)
     assert_stats(model, reference_stats(model, batches))
-    rows = metrics(run_on)
+    rows, rows_off = metrics(run_on), metrics(run_off)
     assert all("val_top1_ema" in r and r["precise_bn_s"] > 0 for r in rows)
-    assert not any("val_top1_ema" in r for r in metrics(run_off))
+    assert not any("val_top1_ema" in r for r in rows_off)
+    assert [r["val_top1_ema"] for r in rows] == [r["val_top1"] for r in rows_off]  # the EMA's own score
     best = load(run_on / "checkpoints" / "best.pt")  # selected on the precise-BN validation score
     assert best["best_top1"] == max(r["val_top1"] for r in rows)
     # killed in the 2nd epoch (after a precise-BN checkpoint), relaunched: the same run
@@ -164,8 +187,12 @@ def test_train_precise_bn_statistics_weights_and_resume(tmp_path):
     assert r.returncode != 0 and f"exiting at step {steps + 3}" in r.stdout + r.stderr
     r = _train(again)
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-2000:]
-    c = load(tmp_path / "again" / "runs" / "tiny" / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    c = load(tmp_path / "again" / "runs" / "tiny" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a[k], c["model"][k]) for k in a)
+    assert all(torch.equal(ck["bn_ema"][k], c["bn_ema"][k]) for k in stats)
+    keys = ("train_loss", "val_top1_ema", "val_top1", "test_top1")
+    assert [[r.get(k) for k in keys] for r in metrics(tmp_path / "again" / "runs" / "tiny")] == \
+        [[r.get(k) for k in keys] for r in rows]
 
 
 @pytest.mark.dist
@@ -177,8 +204,11 @@ def test_two_ranks_average_both_ranks_batches(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r0, r1 = load(tmp_path / "dump" / "rank0.pt")["model"], load(tmp_path / "dump" / "rank1.pt")["model"]
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    model, tcfg, _ = load_trained(str(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"))
-    assert all(torch.equal(v, r0[k]) for k, v in model.state_dict().items())
+    last = tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt"
+    model, tcfg, _ = load_trained(str(last))
+    ema = load(last)["bn_ema"]  # what the ranks train on after the checkpoint: their own EMA
+    assert ema and all(torch.equal(v, ema[k] if k in ema else r0[k]) for k, v in r0.items())
+    assert all(torch.equal(v, r0[k]) for k, v in model.state_dict().items() if k not in ema)
     per_rank = [_bn_loader_batches(tcfg, rank, 2) for rank in (0, 1)]
     assert [len(p) for p in per_rank] == [3, 3]
     assert_stats(model, reference_stats(model, per_rank[0] + per_rank[1]))

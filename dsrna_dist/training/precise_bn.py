@@ -7,17 +7,21 @@ only) moved test top-1 by up to 8 points with the same training curve, and re-es
 statistics alone gave the points back (RESULTS.md claim 2, ``bench/bn_recalibration.py``). The
 fix is the one of Wu & Johnson 2021 ("Rethinking BatchNorm", the pycls / fvcore / timm
 ``precise_bn``): with the weights fixed, average the per-batch mean and (unbiased) variance over
-many training batches, then evaluate and checkpoint with those.
+many training batches, then evaluate and checkpoint with those. Training itself keeps its own
+EMA (``bn_stats`` / ``load_bn_stats``: train puts it back after the checkpoint and stores it
+beside the weights for a resume), because a regime may read the running statistics while it
+trains: PGD-AT and TRADES attack in eval mode.
 
 Here the batches are *unaugmented* training images (the distribution the evaluation sees),
 never the held-out validation split, drawn as a seeded subset so that the same positions are
 used every epoch, on every rank and after a resume. The average over ranks is one all-reduce.
-No RNG is consumed (no shuffle, no augmentation, no drop-path), so the weights a run trains are
-bit for bit those of the same run without precise BN: only the BN buffers differ.
+No RNG is consumed (no shuffle, no augmentation, no drop-path) and training continues from the EMA,
+so the weights a run trains are bit for bit those of the same run without precise BN, in every
+regime: only the BN buffers of what is evaluated and saved differ.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +37,31 @@ def bn_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def bn_stats(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of every BN's running mean / var, by state-dict key."""
+    keep = {id(m) for m in bn_layers(model)}
+    return {f"{name}.{k}": getattr(m, k).detach().clone() for name, m in model.named_modules()
+            if id(m) in keep for k in ("running_mean", "running_var")}
+
+
+@torch.no_grad()
+def load_bn_stats(model: nn.Module, stats: Dict[str, torch.Tensor]) -> None:
+    """Put back what :func:`bn_stats` copied (every key must exist: a mismatch is an error)."""
+    mods = dict(model.named_modules())
+    for key, v in stats.items():
+        name, _, k = key.rpartition(".")
+        getattr(mods[name], k).copy_(v)
+
+
 def precise_bn_indices(pool: Sequence[int], batches: int, batch_size: int, world_size: int,
                        seed: int) -> np.ndarray:
     """Sorted positions (drawn from ``pool``) for ``batches`` batches of ``batch_size`` over all
     ranks, rounded down to whole batches on every rank (equal counts: the mean over ranks is
     then the mean over all batches; no partial batch of one image)."""
     pool = np.asarray(pool, dtype=np.int64)
+    if batches < world_size:
+        raise ConfigError(f"key 'precise_bn_batches': {batches} batches cannot give each of the {world_size} ranks "
+                          "one; set it to at least the number of ranks")
     per_rank = min(batches * batch_size, len(pool)) // (batch_size * world_size)
     if per_rank == 0:
         raise ConfigError(f"key 'precise_bn_batches': {len(pool)} training images are fewer than one batch of "
@@ -59,12 +82,13 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], world_size: in
              for b in bns]
     for b in bns:
         b.reset_running_stats()
-        b.momentum = None  # cumulative average: stat_k = mean of the k batches seen
     was_training = model.training
     model.train()
     n = 0
     try:
         for x in batches:
+            for b in bns:  # cumulative average: stat_k = mean of the k batches seen. (momentum=None
+                b.momentum = 1.0 / (n + 1)  # does the same, but reads the count back: a sync per BN on CUDA)
             model(x)
             n += 1
     finally:
