@@ -376,7 +376,7 @@ class Trainer:
                 yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
         with self.autocast():
-            precise_bn(self.net, batches(), self.rt.world_size)
+            precise_bn(self.net, batches())
         if self.cuda:
             torch.cuda.synchronize(self.rt.device)
         return time.perf_counter() - t0

@@ -25,10 +25,10 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
+from ..engine.sync import all_reduce_mean_
 
 
 def bn_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
@@ -71,15 +71,17 @@ def precise_bn_indices(pool: Sequence[int], batches: int, batch_size: int, world
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], world_size: int = 1) -> int:
+def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace every BN's running mean / var by the average of its per-batch statistics over
     ``batches`` (train-mode forwards; weights, momentum, ``num_batches_tracked`` and the
-    train/eval mode are left as they were). With ``world_size > 1`` every rank must call it
-    (the ranks' averages are averaged, weighted by their batch counts). Returns the number of
+    train/eval mode are left as they were). In a process group every rank must call it (the
+    ranks' averages are averaged, weighted by their batch counts). Returns the number of
     batches this rank ran."""
     bns = bn_layers(model)
-    saved = [(b.momentum, b.num_batches_tracked.clone(), b.running_mean.clone(), b.running_var.clone())
-             for b in bns]
+    if not bns:
+        return 0
+    ema = bn_stats(model)
+    saved = [(b.momentum, b.num_batches_tracked.clone()) for b in bns]
     for b in bns:
         b.reset_running_stats()
     was_training = model.training
@@ -93,24 +95,17 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], world_size: in
             n += 1
     finally:
         model.train(was_training)
-    total = float(n)
-    if world_size > 1 and dist.is_available() and dist.is_initialized() and bns:
-        flat = torch.cat([torch.cat([b.running_mean, b.running_var]).double() * n for b in bns]
-                         + [torch.tensor([float(n)], dtype=torch.float64, device=bns[0].running_mean.device)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        total = float(flat[-1])
-        if total > 0:
-            off = 0
-            for b in bns:
-                c = b.running_mean.numel()
-                b.running_mean.copy_(flat[off:off + c] / total)
-                b.running_var.copy_(flat[off + c:off + 2 * c] / total)
-                off += 2 * c
-    for b, (momentum, count, mean, var) in zip(bns, saved):
+    stats = [t for b in bns for t in (b.running_mean, b.running_var)]
+    count = torch.full((1,), float(n), dtype=stats[0].dtype, device=stats[0].device)
+    for t in stats:  # weight each rank by its batches: mean(n_r * s_r) / mean(n_r)
+        t.mul_(n)
+    all_reduce_mean_(stats + [count])  # one collective; a no-op outside a process group
+    for (momentum, tracked), b in zip(saved, bns):
         b.momentum = momentum
-        b.num_batches_tracked.copy_(count)
-        if total == 0:  # nothing seen anywhere: keep the EMA rather than the reset values
-            b.running_mean.copy_(mean)
-            b.running_var.copy_(var)
+        b.num_batches_tracked.copy_(tracked)
+    if float(count) == 0:  # nothing seen anywhere: keep the EMA rather than the reset values
+        load_bn_stats(model, ema)
+    else:
+        for t in stats:
+            t.div_(count)
     return n
-
