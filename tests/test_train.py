@@ -196,6 +196,8 @@ def test_help_is_real_help():
     ({"model.layers": 2}, "at least 3 cells"),
     ({"data.synthetic_shape": [1, 18, 18], "model.layers": 6}, "odd 9x9"),
     ({"engine": "deepspeed", "dist.compile": True}, "'dist.compile'"),
+    ({"precise_bn_batches": -1}, "precise_bn_batches"),
+    ({"precise_bn_batches": 4, "data.synthetic_size": 12}, "'precise_bn_batches': 12 training images"),
 ])
 def test_bad_input_fails_before_writing(tmp_path, capsys, override, needle):
     from dsrna_dist.train import main
