@@ -330,7 +330,7 @@ def test_maxpool_stride_ne_kernel_sound(pool):
 
 # ----------------------------------------------------------------------------- whole networks
 @pytest.mark.parametrize("affine", [False, True])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_random_dag_networks_sound_and_crown_no_looser_than_ibp(seed, affine):
     model = ops_net(seed, affine)
     x = torch.rand(3, 1, 6, 6, dtype=DT)
@@ -717,7 +717,7 @@ def test_real_networks_exact_at_zero_and_differentiable(kind, size, ch):
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kind", ["supernet", "pcdarts", "network"])
+@pytest.mark.parametrize("kind", ["supernet", pytest.param("pcdarts", marks=pytest.mark.slow), "network"])
 def test_real_networks_sound_small(kind):
     """IBP / CROWN-IBP on 3-cell nets (8x8); full CROWN (quadratic cost) on 1-cell 4x4 nets."""
     build = {"supernet": lambda s, l: _supernet(s, 1, layers=l, classes=3),
@@ -794,7 +794,7 @@ def test_batch_stats_match_batchnorm_and_their_gradients_var_mean(shape):
     assert torch.allclose(g_ours, g_ref, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["pcdarts", "network", "ops"])
+@pytest.mark.parametrize("kind", [pytest.param("pcdarts", marks=pytest.mark.slow), "network", "ops"])
 def test_value_free_propagation_equals_the_clean_pass(kind):
     """Skipping the clean pass (eval mode, or train mode with BN statistics captured from the
     caller's forward of the same batch) changes neither the bounds nor their gradients."""

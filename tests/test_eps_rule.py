@@ -99,6 +99,7 @@ def tiny_supernet():
     return Supernet(scfg, info).train()
 
 
+@pytest.mark.slow  # ~30 s, `make test-all`: the rule itself is tested above
 def test_real_supernet_reaches_target_and_resumes_exactly():
     """The metric on a PC-DARTS supernet (train-mode BN, CROWN-IBP, per-class min): from eps
     0.03 the gap meets a target of 0.05 within 30 calls; a metric rebuilt from state_dict

@@ -320,6 +320,7 @@ def test_cli_help_and_bad_keys():
     assert r.returncode == 2 and "certify.methodz" in r.stderr
 
 
+@pytest.mark.slow  # ~30 s, `make test-all`: 2 ranks equal 1 rank is test_two_ranks_equal_one_rank
 @pytest.mark.dist
 def test_certification_started_on_one_rank_continues_on_two(tmp_path, full_run, ckpt):
     """A long certification (issue 16's 200-example CROWN run) may be resumed with more

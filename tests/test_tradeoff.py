@@ -250,6 +250,7 @@ def _worker(rank, world, init_file, out_dir):
     teardown(None, 0, hard_exit=True)
 
 
+@pytest.mark.slow  # ~35 s, `make test-all`: 2-rank arch steps with each metric: test_robustness
 @pytest.mark.dist
 def test_share_mode_two_ranks_identical_alpha(tmp_path):
     import torch.multiprocessing as mp

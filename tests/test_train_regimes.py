@@ -281,6 +281,7 @@ def test_adversarial_training_two_ranks_bit_identical(at_run):
     assert rows[0]["regime_eps"] == pytest.approx(EPS) and load(tmp / "runs/tiny/checkpoints/last.pt")["regime"] == "pgd_at"
 
 
+@pytest.mark.slow  # ~45 s, `make test-all`: PGD-AT on 2 ranks is the test above
 @pytest.mark.dist
 def test_adversarial_training_killed_rank_resumes_exactly(at_run, tmp_path):
     ref_tmp, _ = at_run
