@@ -331,6 +331,16 @@ def test_report_compares_precise_bn_with_the_same_nets_natural_runs(out):
     import scipy.stats as st
     p = st.ttest_rel([90.0, 90.0], [84.0, 89.0]).pvalue
     assert f"paired t-test p = {p:.3g}." in text
+    # the paper's Table 2 form gives both natural test top-1 columns; only attacked nets get Tables 1 / 4 rows
+    assert "| darts | 84.00 (n=1) | 90.00 (n=1) | - | 1.0 (n=1) | gradient |" in text
+    assert "(natural training, precise BN)" not in text
+    ev = out / "net" / "pbn" / nets["darts"] / "eval"
+    ev.mkdir()
+    (ev / "summary.json").write_text(json.dumps({"clean_acc": 91.0, "robust_acc": {"PGD-20": 2.5}}))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    form = text[text.index("**Tables 1 / 4 form** (natural training, precise BN)"):]
+    assert form.split("\n\n")[1].splitlines()[2] == "| darts | 91.00 (n=1) | - | 2.50 (n=1) | - | - | - |"
 
 
 def test_report_figures_average_over_seeds_on_common_points(out):
