@@ -144,7 +144,7 @@ def ibp_run(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~80 s, `make test-all`: the default suite trains on the bound
-# in one process (below) and kills and resumes a 2-rank run in test_train
+# in one process (above) and kills and resumes a 2-rank run in test_train
 @pytest.mark.dist
 def test_certified_training_two_ranks_identical_and_resumes_exactly(ibp_run, tmp_path):
     rows = metrics(ibp_run / "runs/tiny")
