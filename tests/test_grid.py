@@ -63,6 +63,9 @@ def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
     ev = [t for t in ts if t.stage in ("eval", "autoattack")]
     assert ev and all(t.info["genotype_hash"] == train[0].info["genotype_hash"] for t in ev)
     assert ts[-1].stage == "autoattack"  # the hours-long stage goes last
+    for t in ev:  # naturally trained nets: AutoAttack at the small eps (at 0.1 PGD already breaks them)
+        if t.stage == "autoattack":
+            assert any(a.endswith("fmnist_small_grid_aa_small.yaml") for a in t.argv) == (t.info["recipe"] == "nat")
     assert any(f"--checkpoint={train[0].done.parent / 'checkpoints' / 'best.pt'}" in t.argv for t in ev)
 
 
@@ -229,6 +232,10 @@ def test_report_tables_and_tests_from_finished_cells(out):
         ev = out / "net" / "nat" / f"{gh}_s{s}" / "eval"
         ev.mkdir(parents=True)
         (ev / "summary.json").write_text(json.dumps({"clean_acc": a, "robust_acc": {"PGD-20": a - 50}}))
+        aa = ev.parent / "autoattack"  # natural nets: AutoAttack (and PGD-20 beside it) at l_inf 0.02
+        aa.mkdir()
+        (aa / "summary.json").write_text(json.dumps({"robust_acc": {"PGD-20 @0.02 (200)": a - 40,
+                                                                    "AutoAttack @0.02 (200)": a - 42}}))
         cr = ev.parent / "crown"   # full CROWN: mean radius, bracket and the margin left where unbracketed
         cr.mkdir()
         (cr / "summary.json").write_text(json.dumps({"certified": {"crown": {"inf": {
@@ -260,10 +267,14 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert "| dsrna_cb (1 not converged) | 68.00 ± 4.24 (n=2) | 64.00 ± 4.24 (n=2) | 63.00 ± 4.24 (n=2) |" in text
     # the paper's forms: Table 2 (search cost 60 CPU-s = 1.0 min; no test top-1 in these summaries)
     assert "| dsrna_cb | - | - | 1.0 ± 0.0 (n=2) | gradient |" in text
-    assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | - |" in text  # Tables 1 / 4 form
+    # Tables 1 / 4 form; a natural net's AutoAttack column is the small-eps run, and its header says so
+    assert "| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | AutoAttack (l_inf 0.02, 200 images) |" in text
+    assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | 39.00 ± 1.41 (n=2) |" in text
     res = json.loads((out / "grid.json").read_text())
     v = [x for x in res["tests"] if x["recipe"] == "ibp" and x["metric"] == "verified ibp @0.05"][0]
     assert v["diff"] == pytest.approx(21.0) and v["pairs"] == 2
+    for k in ("PGD-20 @0.02 (200)", "AutoAttack @0.02 (200)"):  # both tested, on the same images
+        assert [x["diff"] for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == k] == [pytest.approx(5.5)]
     t = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
     from scipy import stats as st
