@@ -37,6 +37,7 @@ CERT_PREF = ("crown", "crown-ibp", "ibp")  # tightest first
 #: per recipe: the AutoAttack column (key, header); naturally trained nets run it at l_inf 0.02 on
 #: 200 images (configs/eval/fmnist_small_grid_aa_small.yaml: at 0.1 PGD-20 already breaks them all)
 AA_KEY = {r: ("AutoAttack @0.02 (200)", "AutoAttack (l_inf 0.02, 200 images)") for r in ("nat", "pbn")}
+AA_GAP = "PGD-20 - AutoAttack @0.02 (200)"
 
 
 def load(p: Path) -> Optional[Dict[str, Any]]:
@@ -135,6 +136,10 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
     aa = load(net / "autoattack" / "summary.json")
     if aa:
         out.update({k: v for k, v in (aa.get("robust_acc") or {}).items()})
+        pgd, auto = out.get("PGD-20 @0.02 (200)"), out.get("AutoAttack @0.02 (200)")
+        if isinstance(pgd, (int, float)) and isinstance(auto, (int, float)):
+            # on the same images: what PGD-20 leaves that AutoAttack breaks (a large gap: masking)
+            out[AA_GAP] = pgd - auto
     for stage in ("certify", "crown"):  # IBP/CROWN-IBP on 200 examples; full CROWN on a few
         ce = load(net / stage / "summary.json")
         cert = (ce or {}).get("certified") or {}
@@ -490,7 +495,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
         # every mean radius (not its random-target twin, bracket or margin left: resolution, not results)
         keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack",
-                            "PGD-20 @0.02 (200)", "AutoAttack @0.02 (200)",
+                            "PGD-20 @0.02 (200)", "AutoAttack @0.02 (200)", AA_GAP,
                             "verified ibp @0.05") if k in cols] + \
             [c for c in cols if c.startswith("radius") and "(n=" in c and "target" not in c]
         for d in DSRNA:

@@ -235,7 +235,7 @@ def test_report_tables_and_tests_from_finished_cells(out):
         aa = ev.parent / "autoattack"  # natural nets: AutoAttack (and PGD-20 beside it) at l_inf 0.02
         aa.mkdir()
         (aa / "summary.json").write_text(json.dumps({"robust_acc": {"PGD-20 @0.02 (200)": a - 40,
-                                                                    "AutoAttack @0.02 (200)": a - 42}}))
+                                                                    "AutoAttack @0.02 (200)": a - 42 - (m == "pcdarts")}}))
         cr = ev.parent / "crown"   # full CROWN: mean radius, bracket and the margin left where unbracketed
         cr.mkdir()
         (cr / "summary.json").write_text(json.dumps({"certified": {"crown": {"inf": {
@@ -269,12 +269,14 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert "| dsrna_cb | - | - | 1.0 ± 0.0 (n=2) | gradient |" in text
     # Tables 1 / 4 form; a natural net's AutoAttack column is the small-eps run, and its header says so
     assert "| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | AutoAttack (l_inf 0.02, 200 images) |" in text
-    assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | 39.00 ± 1.41 (n=2) |" in text
+    assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | 38.00 ± 1.41 (n=2) |" in text
     res = json.loads((out / "grid.json").read_text())
     v = [x for x in res["tests"] if x["recipe"] == "ibp" and x["metric"] == "verified ibp @0.05"][0]
     assert v["diff"] == pytest.approx(21.0) and v["pairs"] == 2
-    for k in ("PGD-20 @0.02 (200)", "AutoAttack @0.02 (200)"):  # both tested, on the same images
-        assert [x["diff"] for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == k] == [pytest.approx(5.5)]
+    for k, d in (("PGD-20 @0.02 (200)", 5.5), ("AutoAttack @0.02 (200)", 6.5)):  # tested, on the same images
+        assert [x["diff"] for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == k] == [pytest.approx(d)]
+    gap = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == grid_report.AA_GAP]
+    assert [x["diff"] for x in gap] == [pytest.approx(-1.0)]  # PGD - AutoAttack: 2 (dsrna_cb) vs 3 (pcdarts)
     t = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
     from scipy import stats as st
