@@ -65,7 +65,7 @@ def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
     assert ts[-1].stage == "autoattack"  # the hours-long stage goes last
     for t in ev:  # naturally trained nets: AutoAttack at the small eps (at 0.1 PGD already breaks them)
         if t.stage == "autoattack":
-            assert any(a.endswith("fmnist_small_grid_aa_small.yaml") for a in t.argv) == (t.info["recipe"] == "nat")
+            assert any(a.endswith("fmnist_small_grid_aa_small.yaml") for a in t.argv) == (t.info["recipe"] == "pbn")
     assert any(f"--checkpoint={train[0].done.parent / 'checkpoints' / 'best.pt'}" in t.argv for t in ev)
 
 
@@ -74,7 +74,7 @@ def test_recipes_restrict_the_networks(out):
     nat = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
     both = grid.tasks(["darts"], [0], grid.STAGES, 1)
     assert [t.info["recipe"] for t in nat if t.stage == "train"] == ["nat"]
-    assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "nat"]  # ibp: opt-in
+    assert sorted(t.info["recipe"] for t in both if t.stage == "train") == ["adv", "pbn"]  # nat, ibp: opt-in
     # certified training: its own config, then one eval (verified accuracy) of last.pt, nothing else
     ibp = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["ibp"])
     tr = [t for t in ibp if t.stage == "train"]
