@@ -34,10 +34,13 @@ from grid import GROUPS, METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
 BASELINES = [m for m in METHODS if not m.startswith("dsrna")]
 CERT_PREF = ("crown", "crown-ibp", "ibp")  # tightest first
-#: per recipe: the AutoAttack column (key, header); naturally trained nets run it at l_inf 0.02 on
-#: 200 images (configs/eval/fmnist_small_grid_aa_small.yaml: at 0.1 PGD-20 already breaks them all)
-AA_KEY = {r: ("AutoAttack @0.02 (200)", "AutoAttack (l_inf 0.02, 200 images)") for r in ("nat", "pbn")}
-AA_GAP = "PGD-20 - AutoAttack @0.02 (200)"
+#: per recipe: the AutoAttack column (key, header). The grid's AutoAttack stage runs on the first
+#: 200 test images with PGD-20 at the same eps beside it: l_inf 0.1 for PGD-AT nets
+#: (fmnist_small_grid_aa.yaml), 0.02 for naturally trained ones (fmnist_small_grid_aa_small.yaml:
+#: at 0.1 PGD-20 already breaks them all)
+AA_KEY = {"nat": ("AutoAttack @0.02 (200)", "AutoAttack (l_inf 0.02, 200 images)"),
+          "adv": ("AutoAttack (200)", "AutoAttack (l_inf 0.1, 200 images)")}
+AA_KEY["pbn"] = AA_KEY["nat"]
 
 
 def load(p: Path) -> Optional[Dict[str, Any]]:
@@ -110,6 +113,12 @@ def late_quarter(path: Path) -> tuple:
     return late, diff
 
 
+def pgd_twin(aa_key: str) -> str:
+    """The PGD-20 column run on an AutoAttack column's images ("AutoAttack @0.02 (200)" ->
+    "PGD-20 @0.02 (200)")."""
+    return "PGD-20" + aa_key[len("AutoAttack"):]
+
+
 def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) -> Dict[str, Any]:
     """Clean/robust accuracies, AutoAttack and certified radii of one retrained network (the
     grid's, or the one in ``net``)."""
@@ -136,10 +145,11 @@ def net_results(recipe: str, ghash: str, seed: int, net: Optional[Path] = None) 
     aa = load(net / "autoattack" / "summary.json")
     if aa:
         out.update({k: v for k, v in (aa.get("robust_acc") or {}).items()})
-        pgd, auto = out.get("PGD-20 @0.02 (200)"), out.get("AutoAttack @0.02 (200)")
-        if isinstance(pgd, (int, float)) and isinstance(auto, (int, float)):
-            # on the same images: what PGD-20 leaves that AutoAttack breaks (a large gap: masking)
-            out[AA_GAP] = pgd - auto
+        for key, auto in list(out.items()):
+            pgd = out.get(pgd_twin(key)) if key.startswith("AutoAttack") else None
+            if isinstance(pgd, (int, float)) and isinstance(auto, (int, float)):
+                # on the same images: what PGD-20 leaves that AutoAttack breaks (a large gap: masking)
+                out[f"PGD-20 - {key}"] = pgd - auto
     for stage in ("certify", "crown"):  # IBP/CROWN-IBP on 200 examples; full CROWN on a few
         ce = load(net / stage / "summary.json")
         cert = (ce or {}).get("certified") or {}
@@ -494,9 +504,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if recipe in figs:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
         # every mean radius (not its random-target twin, bracket or margin left: resolution, not results)
-        keys = [k for k in ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W", "AutoAttack",
-                            "PGD-20 @0.02 (200)", "AutoAttack @0.02 (200)", AA_GAP,
-                            "verified ibp @0.05") if k in cols] + \
+        # each AutoAttack column after the PGD-20 run on its images, then their gap
+        aa = [k for c in cols if c.startswith("AutoAttack") for k in (pgd_twin(c), c, f"PGD-20 - {c}")]
+        keys = [k for k in dict.fromkeys(["test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W",
+                                          *aa, "verified ibp @0.05"]) if k in cols] + \
             [c for c in cols if c.startswith("radius") and "(n=" in c and "target" not in c]
         for d in DSRNA:
             for b in BASELINES:

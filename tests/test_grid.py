@@ -247,6 +247,11 @@ def test_report_tables_and_tests_from_finished_cells(out):
         ev.mkdir(parents=True)
         (ev / "summary.json").write_text(json.dumps({"clean_acc": v + 5, "robust_acc": {"PGD-20": v + 1}, "certified": {
             "ibp": {"inf": {"n": 9, "mean_radius": 0.05, "certified_acc": {"0.05": v}}}}}))
+    adv = out / "net" / "adv" / f"{grid.genotype_hash(out / 'search' / 'pcdarts_s0' / 'genotype.json')}_s0"
+    for stage, summary in (("eval", {"clean_acc": 70.0, "robust_acc": {"PGD-20": 50.0}}),
+                           ("autoattack", {"robust_acc": {"PGD-20 (200)": 52.0, "AutoAttack (200)": 47.0}})):
+        (adv / stage).mkdir(parents=True)
+        (adv / stage / "summary.json").write_text(json.dumps(summary))
     ctl = out / "control" / "pcdarts_s0_c4"
     (ctl / "train").mkdir(parents=True)
     (ctl / "train" / "summary.json").write_text(json.dumps({"params": 11318, "best_top1": 77.0, "test_top1": 76.5}))
@@ -270,12 +275,18 @@ def test_report_tables_and_tests_from_finished_cells(out):
     # Tables 1 / 4 form; a natural net's AutoAttack column is the small-eps run, and its header says so
     assert "| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | AutoAttack (l_inf 0.02, 200 images) |" in text
     assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | 38.00 ± 1.41 (n=2) |" in text
+    form = text[text.index("**Tables 1 / 4 form** (PGD adversarial training)"):].split("\n\n")[1].splitlines()
+    assert form[0].endswith("| C&W | AutoAttack (l_inf 0.1, 200 images) |")  # a PGD-AT net's: eps 0.1
+    assert form[2] == "| pcdarts | 70.00 (n=1) | - | 50.00 (n=1) | - | - | 47.00 (n=1) |"
+    head = next(ln for ln in text.splitlines() if ln.startswith("| method |") and "| PGD-20 - AutoAttack (200) |" in ln)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| pcdarts |") and "| 47.00 (n=1) |" in ln)
+    assert row.split(" | ")[head.split(" | ").index("PGD-20 - AutoAttack (200)")] == "5.00 (n=1)"
     res = json.loads((out / "grid.json").read_text())
     v = [x for x in res["tests"] if x["recipe"] == "ibp" and x["metric"] == "verified ibp @0.05"][0]
     assert v["diff"] == pytest.approx(21.0) and v["pairs"] == 2
     for k, d in (("PGD-20 @0.02 (200)", 5.5), ("AutoAttack @0.02 (200)", 6.5)):  # tested, on the same images
         assert [x["diff"] for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == k] == [pytest.approx(d)]
-    gap = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == grid_report.AA_GAP]
+    gap = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == "PGD-20 - AutoAttack @0.02 (200)"]
     assert [x["diff"] for x in gap] == [pytest.approx(-1.0)]  # PGD - AutoAttack: 2 (dsrna_cb) vs 3 (pcdarts)
     t = [x for x in res["tests"] if x["recipe"] == "nat" and x["metric"] == "clean" and x["baseline"] == "pcdarts"][0]
     assert t["diff"] == pytest.approx(5.5) and t["pairs"] == 2
