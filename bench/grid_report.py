@@ -34,13 +34,6 @@ from grid import GROUPS, METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]
 BASELINES = [m for m in METHODS if not m.startswith("dsrna")]
 CERT_PREF = ("crown", "crown-ibp", "ibp")  # tightest first
-#: per recipe: the AutoAttack column (key, header). The grid's AutoAttack stage runs on the first
-#: 200 test images with PGD-20 at the same eps beside it: l_inf 0.1 for PGD-AT nets
-#: (fmnist_small_grid_aa.yaml), 0.02 for naturally trained ones (fmnist_small_grid_aa_small.yaml:
-#: at 0.1 PGD-20 already breaks them all)
-AA_KEY = {"nat": ("AutoAttack @0.02 (200)", "AutoAttack (l_inf 0.02, 200 images)"),
-          "adv": ("AutoAttack (200)", "AutoAttack (l_inf 0.1, 200 images)")}
-AA_KEY["pbn"] = AA_KEY["nat"]
 
 
 def load(p: Path) -> Optional[Dict[str, Any]]:
@@ -261,13 +254,15 @@ def paper_tables(data: Dict[str, Dict[str, List[Dict[str, Any]]]], srows: List[D
                           ("adv", "PGD adversarial training")):
         if recipe not in data:
             continue
-        aa, aa_head = AA_KEY.get(recipe, ("AutoAttack", "AutoAttack"))
+        # the recipe's AutoAttack column: its label names eps and images (configs/eval/*_aa*.yaml)
+        aa = min((k for rs in data[recipe].values() for r in rs for k in r if k.startswith("AutoAttack")),
+                 default="AutoAttack")
         rows = {m: [col(m, recipe, k) for k in ("clean", "PGD-100", "PGD-20", "FGSM", "C&W", aa)]
                 for m in methods if m in data[recipe]}
         rows = {m: c for m, c in rows.items() if any(v != "-" for v in c)}  # trained but not attacked yet
         if rows:
             out += ["", f"**Tables 1 / 4 form** ({title}):", "",
-                    f"| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | {aa_head} |", "|---" * 7 + "|"]
+                    f"| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | {aa} |", "|---" * 7 + "|"]
             out += [f"| {m} | " + " | ".join(c) + " |" for m, c in rows.items()]
     bounds = []
     for recipe, per in data.items():

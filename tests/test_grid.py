@@ -249,7 +249,7 @@ def test_report_tables_and_tests_from_finished_cells(out):
             "ibp": {"inf": {"n": 9, "mean_radius": 0.05, "certified_acc": {"0.05": v}}}}}))
     adv = out / "net" / "adv" / f"{grid.genotype_hash(out / 'search' / 'pcdarts_s0' / 'genotype.json')}_s0"
     for stage, summary in (("eval", {"clean_acc": 70.0, "robust_acc": {"PGD-20": 50.0}}),
-                           ("autoattack", {"robust_acc": {"PGD-20 (200)": 52.0, "AutoAttack (200)": 47.0}})):
+                           ("autoattack", {"robust_acc": {"PGD-20 @0.1 (200)": 52.0, "AutoAttack @0.1 (200)": 47.0}})):
         (adv / stage).mkdir(parents=True)
         (adv / stage / "summary.json").write_text(json.dumps(summary))
     ctl = out / "control" / "pcdarts_s0_c4"
@@ -273,14 +273,14 @@ def test_report_tables_and_tests_from_finished_cells(out):
     # the paper's forms: Table 2 (search cost 60 CPU-s = 1.0 min; no test top-1 in these summaries)
     assert "| dsrna_cb | - | - | 1.0 ± 0.0 (n=2) | gradient |" in text
     # Tables 1 / 4 form; a natural net's AutoAttack column is the small-eps run, and its header says so
-    assert "| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | AutoAttack (l_inf 0.02, 200 images) |" in text
+    assert "| method | without attack | PGD (100) | PGD (20) | FGSM | C&W | AutoAttack @0.02 (200) |" in text
     assert "| pcdarts | 81.00 ± 1.41 (n=2) | - | 31.00 ± 1.41 (n=2) | - | - | 38.00 ± 1.41 (n=2) |" in text
     form = text[text.index("**Tables 1 / 4 form** (PGD adversarial training)"):].split("\n\n")[1].splitlines()
-    assert form[0].endswith("| C&W | AutoAttack (l_inf 0.1, 200 images) |")  # a PGD-AT net's: eps 0.1
+    assert form[0].endswith("| C&W | AutoAttack @0.1 (200) |")  # a PGD-AT net's: eps 0.1
     assert form[2] == "| pcdarts | 70.00 (n=1) | - | 50.00 (n=1) | - | - | 47.00 (n=1) |"
-    head = next(ln for ln in text.splitlines() if ln.startswith("| method |") and "| PGD-20 - AutoAttack (200) |" in ln)
+    head = next(ln for ln in text.splitlines() if ln.startswith("| method |") and "| PGD-20 - AutoAttack @0.1 (200) |" in ln)
     row = next(ln for ln in text.splitlines() if ln.startswith("| pcdarts |") and "| 47.00 (n=1) |" in ln)
-    assert row.split(" | ")[head.split(" | ").index("PGD-20 - AutoAttack (200)")] == "5.00 (n=1)"
+    assert row.split(" | ")[head.split(" | ").index("PGD-20 - AutoAttack @0.1 (200)")] == "5.00 (n=1)"
     res = json.loads((out / "grid.json").read_text())
     v = [x for x in res["tests"] if x["recipe"] == "ibp" and x["metric"] == "verified ibp @0.05"][0]
     assert v["diff"] == pytest.approx(21.0) and v["pairs"] == 2
