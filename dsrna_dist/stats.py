@@ -1,5 +1,6 @@
 """Small-sample statistics for comparing methods over seeds: mean, sample std, Welch's and the
-paired t-test with two-sided p-values, and the exact McNemar test for paired yes/no outcomes.
+paired t-test with two-sided p-values, the exact McNemar test for paired yes/no outcomes, and
+Holm's step-down adjustment for a family of tests.
 
 Written out (no scipy at run time: it is a test-only dependency) because the comparison tables
 need exactly these and nothing else; tests check them against scipy.stats.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -121,3 +122,16 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
+def holm(ps: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm's step-down adjusted p-values (family-wise error): with the m defined p-values
+    sorted, p_(i) becomes max over j <= i of min(1, (m - j + 1) p_(j)); an adjusted p <= alpha
+    exactly when Holm's procedure at level alpha rejects that hypothesis. None stays None and is
+    not counted in m. Needed because the comparison report runs many tests at n = 3."""
+    order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    m, out, run = len(order), [None] * len(ps), 0.0
+    for rank, (p, i) in enumerate(order):
+        run = max(run, min(1.0, (m - rank) * p))
+        out[i] = run
+    return out

@@ -293,6 +293,19 @@ def test_report_tables_and_tests_from_finished_cells(out):
     from scipy import stats as st
     assert t["welch_p"] == pytest.approx(st.ttest_ind([85, 88], [80, 82], equal_var=False).pvalue)
     assert t["paired_p"] == pytest.approx(st.ttest_rel([85, 88], [80, 82]).pvalue)
+    assert t["welch_p_holm"] == t["welch_p"]  # a family of one (one DSRNA variant, one baseline)
+    assert "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n |" in text
+
+
+def test_holm_families_are_one_recipe_and_one_metric():
+    def t(recipe, d, b, metric, p):
+        return {"recipe": recipe, "dsrna": d, "baseline": b, "metric": metric, "welch_p": p}
+    tests = [t("pbn", "dsrna_cb", "darts", "clean", 0.01), t("pbn", "dsrna_cb", "pcdarts", "clean", 0.04),
+             t("pbn", "dsrna_jacobian", "darts", "clean", None), t("pbn", "dsrna_cb", "darts", "PGD-20", 0.02),
+             t("adv", "dsrna_cb", "darts", "clean", 0.01), t("pbn", "dsrna_jacobian", "pcdarts", "clean", 0.03)]
+    got = [x["welch_p_holm"] for x in grid_report.holm_by_family(tests)]
+    # pbn/clean: 0.01, 0.03, 0.04 of m = 3 -> 0.03, 0.06, 0.06; None stays; the others are families of one
+    assert got == [pytest.approx(0.03), pytest.approx(0.06), None, 0.02, 0.01, pytest.approx(0.06)]
 
 
 def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):

@@ -62,3 +62,30 @@ def test_mcnemar_exact_matches_scipy_binomtest(b, c):
     assert stats.mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-12)
     with pytest.raises(ValueError):
         stats.mcnemar_exact(-1, 2)
+
+
+def test_holm_by_hand_and_none_kept():
+    got = stats.holm([0.01, None, 0.04, 0.03, 0.5])
+    # m = 4 sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.09, max(0.09, 0.08) = 0.09, max(0.09, 0.5) = 0.5
+    assert got[1] is None
+    assert got[0] == pytest.approx(0.04) and got[3] == pytest.approx(0.09)
+    assert got[2] == pytest.approx(0.09) and got[4] == pytest.approx(0.5)
+    assert stats.holm([]) == [] and stats.holm([0.3]) == [0.3] and stats.holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_holm_adjusted_p_rejects_exactly_what_the_step_down_procedure_rejects(seed):
+    """The reference: Holm's procedure as a decision at level alpha (reject the smallest p while
+    p_(k) <= alpha / (m - k), stop at the first failure), against adjusted p <= alpha."""
+    rng = random.Random(seed)
+    m = rng.randint(1, 12)
+    ps = [rng.choice([rng.random() ** 3, rng.random(), 0.0, 1.0]) for _ in range(m)]
+    adj = stats.holm(ps)
+    assert all(a >= p for a, p in zip(adj, ps))
+    for alpha in [0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 0.99] + [p for p in ps if p < 1]:  # (adjusted p caps at 1)
+        rejected = set()
+        for k, (p, i) in enumerate(sorted((p, i) for i, p in enumerate(ps))):
+            if p > alpha / (m - k):
+                break
+            rejected.add(i)
+        assert {i for i, a in enumerate(adj) if a <= alpha} == rejected, (ps, alpha)
