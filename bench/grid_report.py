@@ -66,9 +66,30 @@ def searches() -> List[Dict[str, Any]]:
                          "changes": c.get("genotype_changes"), "last_change": c.get("last_change_arch_step"),
                          "arch_steps": c.get("arch_steps"), "converged": c.get("converged"),
                          "grad_share": le.get("grad_share"), "eps": le.get("metric/eps"),
+                         "grad_share_max": epoch_max(d, "grad_share"),
                          "gap": le.get("metric/bound_gap"), "cpu_s": s.get("search_cpu_s"),
                          "stopped": s.get("stopped")})
     return rows
+
+
+def epoch_max(run: Path, key: str) -> Optional[float]:
+    """The largest epoch mean of a search's logged ``key`` (None if never logged): from
+    alphas.jsonl's ``means`` (committed; from the twenty-second session on), else the run's
+    TensorBoard ``epoch/<key>`` (git-ignored, so only where the search ran). For grad_share: the
+    last epoch's share alone hides a first arch epoch where the metric's gradient swamped the
+    loss's (the paper's fixed gamma with DSRNA-CB, twenty-second session)."""
+    rows = read_jsonl(run / "alphas.jsonl") if (run / "alphas.jsonl").exists() else []
+    vals = [r["means"][key] for r in rows if key in (r.get("means") or {})]
+    if vals:
+        return max(vals)
+    if not (run / "tb").is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0,
+                                                           "histograms": 0}).Reload()
+    tag = f"epoch/{key}"
+    return max(e.value for e in acc.Scalars(tag)) if tag in acc.Tags().get("scalars", []) else None
 
 
 def final_margin(run: Path) -> Optional[Dict[str, Any]]:
@@ -439,16 +460,18 @@ def main(argv: Optional[List[str]] = None) -> int:
               "can include a few steps before the quarter). 'Smallest decision margin' = the final cell's "
               "closest call, in derivation weights (softmax(alpha), times edge betas for PC-DARTS): a node's "
               "second edge against its third, or a selected edge's op against its runner-up (N/R = normal/"
-              "reduction cell); noise below half of it cannot change the cell.", "",
+              "reduction cell); noise below half of it cannot change the cell. grad_share = the robustness term's share "
+              "of the architecture gradient's norm (DSRNA), in the last epoch and its largest epoch mean.", "",
               "| method | seed | converged | mean max softmax | entropy | genotype changes | last change / arch steps "
-              "| late | smallest decision margin | grad_share | eps (CB) | gap (CB) | CPU min | cell |", "|---" * 14 + "|"]
+              "| late | smallest decision margin | grad_share | max grad_share | eps (CB) | gap (CB) | CPU min | cell |",
+              "|---" * 15 + "|"]
     for r in srows:
         f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
         g = (lambda v: "-" if v is None else f"{v:.2g}")
         lines.append(f"| {r['method']} | {r['seed']} | {'n/a' if r['converged'] is None else 'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
                      f"{f(r['entropy'])} | {r['changes']} | {r['last_change']} / {r['arch_steps']} | "
                      f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
-                     f"{f(r['grad_share'], 2)} | {g(r['eps'])} | "
+                     f"{f(r['grad_share'], 2)} | {g(r['grad_share_max'])} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
     figs = plots(srows, list(RECIPES))
     if "search" in figs:

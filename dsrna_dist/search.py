@@ -281,7 +281,10 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         if rt.is_main:
             history.append(alpha_record(model, epoch, genotype, tracker, changes_before))
             conv = convergence(history)
-            history[-1].update(moved=conv["moved"], stable=conv["stable"], converged=conv["converged"])
+            # the epoch's means too (grad_share, R, eps...): the last epoch's alone can hide an
+            # early epoch where the metric's gradient swamped the loss's
+            history[-1].update(moved=conv["moved"], stable=conv["stable"], converged=conv["converged"],
+                               means=dict(means))
             log_epoch(rt, model, genotype, means, lr, throughput, epoch, conv, history[-1])
             save_genotypes(rt.run_dir, genotype, epoch)
             write_alpha_history(hist_path, history)

@@ -314,6 +314,9 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
     tags = set(ea.Tags()["scalars"])
     assert {"arch/entropy", "arch/max_softmax", "arch/genotype_changes", "arch/converged"} <= tags
     assert [e.value for e in ea.Scalars("arch/entropy")] == pytest.approx([h["entropy"] for h in hist])
+    # each epoch's logged means are in its record too (the report's largest-epoch grad_share reads them)
+    assert [e.value for e in ea.Scalars("epoch/train_loss")] == pytest.approx([h["means"]["train_loss"] for h in hist])
+    assert hist[-1]["means"] == summary["last_epoch_means"]
     assert "arch/weights" in ea.Tags()["images"]
     # the arch lr followed the cosine schedule per step: the last step (epoch 5 of 6) used 0.3 * (1 + cos(5 pi / 6)) / 2
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

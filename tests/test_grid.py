@@ -462,3 +462,33 @@ def test_grid_searches_keep_the_recorded_arch_schedule(out):
         assert arch.schedule == "cosine" and arch.lr == grid.SEARCH_ARCH_LR[method], method
         for rec in recorded.get(method, []):
             assert (rec["schedule"], rec["lr"], rec["lr_min"]) == (arch.schedule, arch.lr, arch.lr_min), method
+
+
+def test_search_table_shows_the_largest_epoch_grad_share(out):
+    """The last epoch's share alone would hide a first arch epoch the metric swamped."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    found(out, "dsrna_cb", 0, CELL_B)
+    found(out, "pcdarts", 0, CELL_A)  # no TensorBoard record: '-'
+    d = out / "search" / "dsrna_cb_s0"
+    s = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**s, "last_epoch_means": {"grad_share": 0.06}}))
+    with SummaryWriter(str(d / "tb")) as w:
+        for epoch, v in enumerate([930000.0, 0.13, 0.06]):
+            w.add_scalar("epoch/grad_share", v, epoch)
+            w.add_scalar("step/grad_share", 5e6, epoch)  # another tag: not read
+    assert grid_report.epoch_max(d, "grad_share") == pytest.approx(930000.0)
+    assert grid_report.epoch_max(d, "nothing") is None
+    # alphas.jsonl's per-epoch means (committed) come first
+    pc = out / "search" / "pcdarts_s0"
+    (pc / "alphas.jsonl").write_text("".join(json.dumps({"epoch": e, "means": {"grad_share": v}}) + "\n"
+                                             for e, v in enumerate([0.2, 0.7, 0.5])))
+    assert grid_report.epoch_max(pc, "grad_share") == pytest.approx(0.7)
+    (pc / "alphas.jsonl").unlink()
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    head = next(ln for ln in text.splitlines() if ln.startswith("| method | seed |")).split(" | ")
+    cb = next(ln for ln in text.splitlines() if ln.startswith("| dsrna_cb | 0 |")).split(" | ")
+    pc = next(ln for ln in text.splitlines() if ln.startswith("| pcdarts | 0 |")).split(" | ")
+    assert cb[head.index("grad_share")] == "0.06" and cb[head.index("max grad_share")] == "9.3e+05"
+    assert pc[head.index("max grad_share")] == "-"
