@@ -78,7 +78,10 @@ def epoch_max(run: Path, key: str) -> Optional[float]:
     TensorBoard ``epoch/<key>`` (git-ignored, so only where the search ran). For grad_share: the
     last epoch's share alone hides a first arch epoch where the metric's gradient swamped the
     loss's (the paper's fixed gamma with DSRNA-CB, twenty-second session)."""
-    rows = read_jsonl(run / "alphas.jsonl") if (run / "alphas.jsonl").exists() else []
+    try:
+        rows = read_jsonl(run / "alphas.jsonl")  # [] when missing
+    except ValueError:  # damaged history: as late_quarter, no figure from it
+        rows = []
     vals = [r["means"][key] for r in rows if key in (r.get("means") or {})]
     if vals:
         return max(vals)

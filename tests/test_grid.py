@@ -484,6 +484,9 @@ def test_search_table_shows_the_largest_epoch_grad_share(out):
     (pc / "alphas.jsonl").write_text("".join(json.dumps({"epoch": e, "means": {"grad_share": v}}) + "\n"
                                              for e, v in enumerate([0.2, 0.7, 0.5])))
     assert grid_report.epoch_max(pc, "grad_share") == pytest.approx(0.7)
+    (d / "alphas.jsonl").write_text('{"epoch": 0, "mea\n{"epoch": 1, "means": {"grad_share": 0.1}}\n')  # damaged
+    assert grid_report.epoch_max(d, "grad_share") == pytest.approx(930000.0)  # TensorBoard's, no crash
+    (d / "alphas.jsonl").unlink()
     (pc / "alphas.jsonl").unlink()
     assert grid_report.main(["--out", str(out / "r.md")]) == 0
     text = (out / "r.md").read_text()
