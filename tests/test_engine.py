@@ -153,6 +153,24 @@ def test_rng_capture_restore_roundtrip():
     assert a == b
 
 
+def test_set_deterministic_toggles_and_the_default_skips_torch_inductor():
+    """Turning it off when it is already off costs no torch._inductor import (~3 s per evaluate
+    process, where no optimizer pulls in torch._dynamo anyway); toggling still works both ways."""
+    from dsrna_dist.engine.seeding import set_deterministic
+
+    try:
+        set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        set_deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    code = ("import sys, torch; from dsrna_dist.engine.seeding import set_deterministic; "
+            "set_deterministic(False); print(sorted(m for m in sys.modules if m.startswith('torch._inductor')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 # --------------------------------------------------------------------------- run_stage in process
 def test_resume_is_bit_identical_and_needs_rng(tmp_path):
     ref = _selftest_inprocess(tmp_path / "ref", steps=6, ckpt_every=2)

@@ -48,6 +48,7 @@ def set_deterministic(enabled: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        if torch.are_deterministic_algorithms_enabled():  # the setter imports torch._inductor
+            torch.use_deterministic_algorithms(False)     # (~3 s per process): skip a no-op
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = torch.cuda.is_available()
