@@ -329,7 +329,7 @@ def pair_test(recipe: str, d: str, b: str, metric: str, a: Dict[int, float],
     return {"recipe": recipe, "dsrna": d, "baseline": b, "metric": metric, "diff": (w or pt).diff,
             "welch_p": w.p if w else None, "paired_p": pt.p if pt else None,
             "no_spread": bool((w and math.isinf(w.t)) or (pt and math.isinf(pt.t))), "n": [len(a), len(bb)],
-            "pairs": len(common)}
+            "pairs": len(common), "sd": [stats.std(list(a.values())), stats.std(list(bb.values()))]}
 
 
 def holm_by_family(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -342,6 +342,20 @@ def holm_by_family(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         ps = [None if t["welch_p"] is None or math.isnan(t["welch_p"]) else t["welch_p"] for t in group]
         for t, h in zip(group, stats.holm(ps)):
             t["welch_p_holm"] = h
+    return tests
+
+
+def seeds_for_80(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Add ``seeds_80``: the seeds per method at which Welch's test would have 80% power at
+    0.05 / m (m tests in the Holm family: where Holm's procedure starts) if the observed
+    difference and sds were the truth; None past 30 or where no Welch test ran. Plans the next run."""
+    family: Dict[tuple, int] = {}
+    for t in tests:
+        family[(t["recipe"], t["metric"])] = family.get((t["recipe"], t["metric"]), 0) + (t["welch_p"] is not None)
+    for t in tests:
+        ok = t["welch_p"] is not None and not math.isnan(t["welch_p"])
+        t["seeds_80"] = stats.seeds_for_power(t["diff"], *t["sd"], alpha=0.05 / family[(t["recipe"], t["metric"])]) \
+            if ok else None
     return tests
 
 
@@ -551,7 +565,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     a = {res["seed"]: float(res[k]) for res in per[d] if isinstance(res.get(k), (int, float))}
                     bb = {res["seed"]: float(res[k]) for res in per[b] if isinstance(res.get(k), (int, float))}
                     tests.append(pair_test(recipe, d, b, k, a, bb))
-    tests = holm_by_family([t for t in tests if t is not None])
+    tests = seeds_for_80(holm_by_family([t for t in tests if t is not None]))
     if tests:
         lines += ["", "## DSRNA against each baseline", "",
                   "Difference of means (DSRNA - baseline); Welch's t-test and the paired t-test over seeds "
@@ -560,13 +574,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "family of one recipe and one metric (every DSRNA variant against every baseline; Holm's "
                   "step-down, family-wise error): read an unadjusted p < 0.05 as 'worth a look' and only a Holm "
                   "p < 0.05 as a finding. 0* = every difference the same (zero spread, t infinite): a p-value of "
-                  "0 by convention, not evidence of anything beyond those n values.", "",
-                  "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n |", "|---" * 9 + "|"]
+                  "0 by convention, not evidence of anything beyond those n values. 'seeds for 80%' plans the next "
+                  "run: the seeds per method at which Welch's test reaches 80% power at 0.05 / m (m = the "
+                  "family's tests; Holm's first threshold) if the observed difference and sds were the truth "
+                  "(simulated, `stats.seeds_for_power`); '>30' past 30. The observed values are themselves "
+                  "uncertain at n = 3, so read it as an order of magnitude.", "",
+                  "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n | seeds for 80% |",
+                  "|---" * 10 + "|"]
+        def seeds(t: Dict[str, Any]) -> str:
+            if t.get("seeds_80") is not None:
+                return str(t["seeds_80"])
+            return ">30" if t["welch_p"] is not None and not math.isnan(t["welch_p"]) and t["diff"] != 0 else "-"
+
         for t in tests:
             p = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v))
                  else "0*" if v == 0 and t.get("no_spread") else f"{v:.3g}")
             lines.append(f"| {t['recipe']} | {t['dsrna']} | {t['baseline']} | {t['metric']} | {t['diff']:+.3g} | "
-                         f"{p(t['welch_p'])} | {p(t['welch_p_holm'])} | {p(t['paired_p'])} | {t['n'][0]} vs {t['n'][1]} |")
+                         f"{p(t['welch_p'])} | {p(t['welch_p_holm'])} | {p(t['paired_p'])} | {t['n'][0]} vs {t['n'][1]} | "
+                         f"{seeds(t)} |")
     lines += paper_tables(data, srows)
     # ---- controls (bench/capacity_control.sh): a found cell retrained narrower
     controls = sorted(d for d in (OUT / "control").glob("*_c*") if (d / "train" / "summary.json").exists()) \

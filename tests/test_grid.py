@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dsrna_dist import stats
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import grid  # noqa: E402
@@ -294,7 +296,23 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert t["welch_p"] == pytest.approx(st.ttest_ind([85, 88], [80, 82], equal_var=False).pvalue)
     assert t["paired_p"] == pytest.approx(st.ttest_rel([85, 88], [80, 82]).pvalue)
     assert t["welch_p_holm"] == t["welch_p"]  # a family of one (one DSRNA variant, one baseline)
-    assert "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n |" in text
+    assert "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n | seeds for 80% |" in text
+    assert t["seeds_80"] == stats.seeds_for_power(5.5, *t["sd"], alpha=0.05 / 1)  # family of one: level 0.05
+    assert t["sd"] == [pytest.approx(2.1213203), pytest.approx(1.4142136)]
+
+
+def test_seeds_for_80_plans_at_holms_first_level_per_family():
+    def t(metric, diff, sd, p):
+        return {"recipe": "pbn", "dsrna": "dsrna_cb", "baseline": "darts", "metric": metric, "diff": diff,
+                "sd": sd, "welch_p": p}
+    tests = grid_report.seeds_for_80([t("clean", 2.0, [1.0, 1.0], 0.1), t("clean", 19.5, [7.7, 11.1], 0.07),
+                                      t("clean", 1.0, [1.0, 1.0], None), t("PGD-20", 2.0, [1.0, 1.0], 0.1),
+                                      t("PGD-20", 0.05, [1.0, 1.0], 0.9)])
+    got = [x["seeds_80"] for x in tests]
+    # clean has two tests (m = 2: level 0.025), PGD-20 two as well; the None p gets no plan
+    assert got[0] == stats.seeds_for_power(2.0, 1.0, 1.0, alpha=0.025) and got[0] > stats.seeds_for_power(2.0, 1.0, 1.0)
+    assert got[1] == stats.seeds_for_power(19.5, 7.7, 11.1, alpha=0.025)
+    assert got[2] is None and got[3] == got[0] and got[4] is None  # 0.05 sd apart: past 30
 
 
 def test_holm_families_are_one_recipe_and_one_metric():
