@@ -349,13 +349,15 @@ def seeds_for_80(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Add ``seeds_80``: the seeds per method at which Welch's test would have 80% power at
     0.05 / m (m tests in the Holm family: where Holm's procedure starts) if the observed
     difference and sds were the truth; None past 30 or where no Welch test ran. Plans the next run."""
+    def tested(t: Dict[str, Any]) -> bool:  # counted in its Holm family, as in holm_by_family
+        return t["welch_p"] is not None and not math.isnan(t["welch_p"])
+
     family: Dict[tuple, int] = {}
     for t in tests:
-        family[(t["recipe"], t["metric"])] = family.get((t["recipe"], t["metric"]), 0) + (t["welch_p"] is not None)
+        family[(t["recipe"], t["metric"])] = family.get((t["recipe"], t["metric"]), 0) + tested(t)
     for t in tests:
-        ok = t["welch_p"] is not None and not math.isnan(t["welch_p"])
         t["seeds_80"] = stats.seeds_for_power(t["diff"], *t["sd"], alpha=0.05 / family[(t["recipe"], t["metric"])]) \
-            if ok else None
+            if tested(t) else None
     return tests
 
 

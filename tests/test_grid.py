@@ -307,12 +307,13 @@ def test_seeds_for_80_plans_at_holms_first_level_per_family():
                 "sd": sd, "welch_p": p}
     tests = grid_report.seeds_for_80([t("clean", 2.0, [1.0, 1.0], 0.1), t("clean", 19.5, [7.7, 11.1], 0.07),
                                       t("clean", 1.0, [1.0, 1.0], None), t("PGD-20", 2.0, [1.0, 1.0], 0.1),
-                                      t("PGD-20", 0.05, [1.0, 1.0], 0.9)])
+                                      t("PGD-20", 0.05, [1.0, 1.0], 0.9), t("PGD-20", 1.0, [1.0, 1.0], float("nan"))])
     got = [x["seeds_80"] for x in tests]
     # clean has two tests (m = 2: level 0.025), PGD-20 two as well; the None p gets no plan
     assert got[0] == stats.seeds_for_power(2.0, 1.0, 1.0, alpha=0.025) and got[0] > stats.seeds_for_power(2.0, 1.0, 1.0)
     assert got[1] == stats.seeds_for_power(19.5, 7.7, 11.1, alpha=0.025)
     assert got[2] is None and got[3] == got[0] and got[4] is None  # 0.05 sd apart: past 30
+    assert got[5] is None  # a NaN p is no test and does not count in m (PGD-20 stays a family of two)
 
 
 def test_holm_families_are_one_recipe_and_one_metric():
