@@ -1,13 +1,14 @@
 #!/bin/bash
-# Diagnostic (b), issue 15: DSRNA-CB at the paper's gamma 0.01, seed 0, exactly the grid's search
+# Diagnostic (b), issue 15: DSRNA-CB at the paper's gamma 0.01, seed 0 (or the first argument), exactly the grid's search
 # command, but the arch optimizer's Adam state (exp_avg, exp_avg_sq, step) is cleared once, after
 # the first arch epoch (epoch 2): the search is killed once that epoch's checkpoint exists, the
 # state is cleared in the checkpoint (its statistics kept in adam_reset.json) and the same command
 # resumes it. Question: is it Adam's second moment that holds alpha after the first epoch?
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-RUN=results/diag/dsrna_cb_gamma_adamreset_s0
-CMD="python -m dsrna_dist.search --config=configs/search/fmnist_small_dsrna_cb.yaml --robustness.trade_off=gamma --arch_optim.schedule=cosine --arch_optim.lr=0.15 --run.out_dir=results/diag --run.name=dsrna_cb_gamma_adamreset_s0 --run.seed=0 --run.progress=false"
+S=${1:-0}  # the seed (argument; 0 by default)
+RUN=results/diag/dsrna_cb_gamma_adamreset_s$S
+CMD="python -m dsrna_dist.search --config=configs/search/fmnist_small_dsrna_cb.yaml --robustness.trade_off=gamma --arch_optim.schedule=cosine --arch_optim.lr=0.15 --run.out_dir=results/diag --run.name=dsrna_cb_gamma_adamreset_s$S --run.seed=$S --run.progress=false"
 export OMP_NUM_THREADS=1
 if [ ! -f $RUN/adam_reset.json ]; then
   $CMD & P=$!
@@ -16,9 +17,9 @@ if [ ! -f $RUN/adam_reset.json ]; then
     e=$(python -c "import torch; print(torch.load('$RUN/checkpoints/last.pt', weights_only=True)['epoch'])" 2>/dev/null)
     [ "$e" = "3" ] && { kill $P; wait $P; break; }
   done
-  python - <<'PY'
+  RUN=$RUN python - <<'PY'
 import json, os, torch
-run = "results/diag/dsrna_cb_gamma_adamreset_s0"
+run = os.environ["RUN"]
 ck = f"{run}/checkpoints/last.pt"
 c = torch.load(ck, map_location="cpu", weights_only=True)
 assert c["epoch"] == 3, c["epoch"]
