@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import List, Optional, Sequence
 
+import numpy as np
+
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
@@ -139,7 +141,6 @@ def holm(ps: Sequence[Optional[float]]) -> List[Optional[float]]:
     return out
 
 
-
 def t_two_sided_critical(alpha: float, df: float) -> float:
     """c with P(|T| >= c) = alpha for Student's t (bisection on ``t_two_sided_p``)."""
     if not 0.0 < alpha < 1.0 or df <= 0:
@@ -163,8 +164,6 @@ def welch_power(diff: float, sd_a: float, sd_b: float, n: int, alpha: float = 0.
     costs power. Each decision is exact: critical values are interpolated over Welch's df range
     [n - 1, 2n - 2] and every statistic within 1% of its interpolated critical value is decided
     by its own p-value. Monte Carlo sd <= 0.5 / sqrt(sims)."""
-    import numpy as np
-
     if n < 2:
         raise ValueError(f"Welch's test needs n >= 2 a side, got {n}")
     if sd_a == 0 and sd_b == 0:
