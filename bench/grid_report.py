@@ -332,6 +332,11 @@ def pair_test(recipe: str, d: str, b: str, metric: str, a: Dict[int, float],
             "pairs": len(common), "sd": [stats.std(list(a.values())), stats.std(list(bb.values()))]}
 
 
+def welch_tested(t: Dict[str, Any]) -> bool:
+    """A Welch p exists (not None, not NaN): the test counts in its Holm family."""
+    return t["welch_p"] is not None and not math.isnan(t["welch_p"])
+
+
 def holm_by_family(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Add ``welch_p_holm``: Welch's p adjusted (Holm) within its family, one recipe's one metric
     (every DSRNA variant against every baseline), the comparisons one claim rests on."""
@@ -339,7 +344,7 @@ def holm_by_family(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for t in tests:
         family.setdefault((t["recipe"], t["metric"]), []).append(t)
     for group in family.values():
-        ps = [None if t["welch_p"] is None or math.isnan(t["welch_p"]) else t["welch_p"] for t in group]
+        ps = [t["welch_p"] if welch_tested(t) else None for t in group]
         for t, h in zip(group, stats.holm(ps)):
             t["welch_p_holm"] = h
     return tests
@@ -349,15 +354,12 @@ def seeds_for_80(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Add ``seeds_80``: the seeds per method at which Welch's test would have 80% power at
     0.05 / m (m tests in the Holm family: where Holm's procedure starts) if the observed
     difference and sds were the truth; None past 30 or where no Welch test ran. Plans the next run."""
-    def tested(t: Dict[str, Any]) -> bool:  # counted in its Holm family, as in holm_by_family
-        return t["welch_p"] is not None and not math.isnan(t["welch_p"])
-
     family: Dict[tuple, int] = {}
     for t in tests:
-        family[(t["recipe"], t["metric"])] = family.get((t["recipe"], t["metric"]), 0) + tested(t)
+        family[(t["recipe"], t["metric"])] = family.get((t["recipe"], t["metric"]), 0) + welch_tested(t)
     for t in tests:
         t["seeds_80"] = stats.seeds_for_power(t["diff"], *t["sd"], alpha=0.05 / family[(t["recipe"], t["metric"])]) \
-            if tested(t) else None
+            if welch_tested(t) else None
     return tests
 
 
@@ -586,7 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         def seeds(t: Dict[str, Any]) -> str:
             if t.get("seeds_80") is not None:
                 return str(t["seeds_80"])
-            return ">30" if t["welch_p"] is not None and not math.isnan(t["welch_p"]) and t["diff"] != 0 else "-"
+            return ">30" if welch_tested(t) and t["diff"] != 0 else "-"
 
         for t in tests:
             p = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v))
