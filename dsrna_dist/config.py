@@ -196,6 +196,11 @@ class ArchOptimConfig:
                              "arch-active steps (short CPU-budget searches: late steps settle the genotype), "
                              "or cosine2, its square (3/4 of the step sum, far less of it at the end)")
     lr_min: float = fld(0.0, ge=0.0, help="cosine / cosine2 schedule: arch lr at the end of the search")
+    reset_state_at: Tuple[int, ...] = fld((), help="clear Adam's state (both moments, step count) at the start "
+                                                   "of each of these epochs: a first arch epoch whose metric "
+                                                   "gradient is ~1e5x the loss's leaves a second moment that "
+                                                   "freezes alpha for the rest of the search (DSRNA-CB at "
+                                                   "gamma 0.01: RESULTS.md, searches)")
 
 
 @dataclass(frozen=True)

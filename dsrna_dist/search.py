@@ -129,6 +129,10 @@ def check_config(cfg: SearchConfig) -> None:
     if cfg.model.partial_channels > 1 and cfg.model.init_channels % cfg.model.partial_channels:
         raise ConfigError(f"key 'model.partial_channels': init_channels={cfg.model.init_channels} "
                           f"is not divisible by K={cfg.model.partial_channels}")
+    bad = [e for e in cfg.arch_optim.reset_state_at if not 1 <= e < cfg.epochs]
+    if bad:
+        raise ConfigError(f"key 'arch_optim.reset_state_at': epoch(s) {bad} outside 1..{cfg.epochs - 1} "
+                          "(epoch 0 has no state to clear; the search has epochs 0..epochs-1)")
 
 
 def setup_supernet(rt: Runtime, cfg: SearchConfig, info: Any, metric: Any,
@@ -235,6 +239,9 @@ def run_search(rt: Runtime, arrays: Any = None) -> int:
         a_epoch, a_start, a_epochs = strategy.arch_lr_position(epoch)  # P-DARTS: the same
         lr = lr_at(cfg.optim, lr_epoch, 0, steps, lr_epochs)
         strategy.on_epoch_start(epoch)
+        if epoch in cfg.arch_optim.reset_state_at:  # also on resume at this epoch: the checkpoint predates it
+            a_optim.state.clear()
+            rt.print(f"epoch {epoch}: arch optimizer state cleared (arch_optim.reset_state_at)")
         train_loader.set_epoch(epoch)
         val_loader.set_epoch(epoch)
         sums: Dict[str, torch.Tensor] = {}

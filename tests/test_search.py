@@ -444,6 +444,34 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert any(t.startswith("arch/genotype") for t in tags["tensors"])
 
 
+def test_arch_state_reset_equals_clearing_the_checkpoint_between_epochs(tmp_path):
+    """``arch_optim.reset_state_at=[1]`` is the diagnostic it replaces (results/diag/diag_adam.sh):
+    kill the search after epoch 0's checkpoint, clear the arch optimizer's state in it, resume.
+    Both end bit-identical, and differ from the search without the reset."""
+    args = [*TINY_ARGS, "--epochs=2", "--arch_optim.lr=0.05"]
+    for name, extra in (("plain", []), ("reset", ["--arch_optim.reset_state_at=[1]"])):
+        r = run_cli([*args, *extra, f"--run.name={name}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "arch optimizer state cleared" in r.stdout + r.stderr
+    killed = run_cli([*args, "--run.name=manual"], tmp_path, {"DSRNA_STOP_AFTER_STEPS": "4"})
+    assert killed.returncode != 0
+    ck = tmp_path / "manual" / "checkpoints" / "last.pt"
+    state = torch.load(ck, weights_only=True)
+    assert state["epoch"] == 1 and state["optimizers"]["arch"]["state"]  # Adam has state to clear
+    state["optimizers"]["arch"]["state"] = {}
+    torch.save(state, ck)
+    resumed = run_cli([*args, "--run.name=manual"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = {n: torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True) for n in
+             ("plain", "reset", "manual")}
+    for k in ("arch.alphas_normal", "arch.alphas_reduce"):
+        assert torch.equal(final["reset"]["model"][k], final["manual"]["model"][k]), k
+        assert not torch.equal(final["reset"]["model"][k], final["plain"]["model"][k]), k
+    r = run_cli([*args, "--arch_optim.reset_state_at=[2]", "--run.name=bad"], tmp_path)
+    assert r.returncode == 2 and "arch_optim.reset_state_at" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # epoch 0 trains normally; epoch 1's lr (x1e38) blows the weights up within two steps
     args = [*TINY_ARGS, "--epochs=3", "--optim.schedule=step", "--optim.step_gamma=1e38",

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Diagnostic (b), issue 15: DSRNA-CB at the paper's gamma 0.01, seed 0 (or the first argument), exactly the grid's search
+# Diagnostic (b), issue 15 (now also a search option: --arch_optim.reset_state_at=[3]): DSRNA-CB at the paper's gamma 0.01, seed 0 (or the first argument), exactly the grid's search
 # command, but the arch optimizer's Adam state (exp_avg, exp_avg_sq, step) is cleared once, after
 # the first arch epoch (epoch 2): the search is killed once that epoch's checkpoint exists, the
 # state is cleared in the checkpoint (its statistics kept in adam_reset.json) and the same command
