@@ -409,11 +409,21 @@ def test_cli_help_and_bad_key(tmp_path):
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "bad").exists()  # nothing written
 
 
-def test_killed_search_resumes_to_the_same_result(tmp_path):
-    """A run killed mid-epoch 1 and restarted ends bit-identical to an uninterrupted run."""
-    args = [*TINY_ARGS, "--epochs=2", "--strategy.name=sdarts_rs", "--run.log_every=1"]
-    full = run_cli([*args, "--run.name=full"], tmp_path)
+RESUME_ARGS = [*TINY_ARGS, "--epochs=2", "--strategy.name=sdarts_rs", "--run.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def full_search(tmp_path_factory):
+    """One uninterrupted 2-epoch search (3 steps each), the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("search")
+    full = run_cli([*RESUME_ARGS, "--run.name=full"], out)
     assert full.returncode == 0, full.stderr[-2000:]
+    return out / "full"
+
+
+def test_killed_search_resumes_to_the_same_result(tmp_path, full_search):
+    """A run killed mid-epoch 1 and restarted ends bit-identical to an uninterrupted run."""
+    args = RESUME_ARGS
     killed = run_cli([*args, "--run.name=resumed"], tmp_path, {"DSRNA_STOP_AFTER_STEPS": "4"})
     assert killed.returncode != 0
     part = tmp_path / "resumed"
@@ -422,20 +432,20 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     resumed = run_cli([*args, "--run.name=resumed"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    a = torch.load(full_search / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for name in ("genotype.json", "alphas.jsonl", "genotypes/epoch_000.json", "genotypes/epoch_001.json"):
-        assert (tmp_path / "full" / name).read_text() == (part / name).read_text(), name
+        assert (full_search / name).read_text() == (part / name).read_text(), name
     hist = [json.loads(line) for line in (part / "alphas.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [0, 1]
     assert hist[-1]["alphas_normal"] == a["model"]["arch.alphas_normal"].tolist()
     # TensorBoard: losses, lr, throughput, the alpha heatmap and the genotype text
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(tmp_path / "full" / "tb"), size_guidance={"images": 0, "tensors": 0})
+    ea = EventAccumulator(str(full_search / "tb"), size_guidance={"images": 0, "tensors": 0})
     ea.Reload()
     tags = ea.Tags()
     assert {"epoch/train_loss", "epoch/val_loss", "epoch/lr", "epoch/throughput_img_per_s",
@@ -444,14 +454,13 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert any(t.startswith("arch/genotype") for t in tags["tensors"])
 
 
-def test_arch_state_reset_equals_clearing_the_checkpoint_between_epochs(tmp_path):
+def test_arch_state_reset_equals_clearing_the_checkpoint_between_epochs(tmp_path, full_search):
     """``arch_optim.reset_state_at=[1]`` is the diagnostic it replaces (results/diag/diag_adam.sh):
     kill the search after epoch 0's checkpoint, clear the arch optimizer's state in it, resume.
     Both end bit-identical, and differ from the search without the reset."""
-    args = [*TINY_ARGS, "--epochs=2", "--arch_optim.lr=0.05"]
-    for name, extra in (("plain", []), ("reset", ["--arch_optim.reset_state_at=[1]"])):
-        r = run_cli([*args, *extra, f"--run.name={name}"], tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
+    args = RESUME_ARGS
+    r = run_cli([*args, "--arch_optim.reset_state_at=[1]", "--run.name=reset"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert "arch optimizer state cleared" in r.stdout + r.stderr
     killed = run_cli([*args, "--run.name=manual"], tmp_path, {"DSRNA_STOP_AFTER_STEPS": "4"})
     assert killed.returncode != 0
@@ -462,8 +471,8 @@ def test_arch_state_reset_equals_clearing_the_checkpoint_between_epochs(tmp_path
     torch.save(state, ck)
     resumed = run_cli([*args, "--run.name=manual"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    final = {n: torch.load(tmp_path / n / "checkpoints" / "last.pt", weights_only=True) for n in
-             ("plain", "reset", "manual")}
+    final = {n: torch.load(d / "checkpoints" / "last.pt", weights_only=True) for n, d in
+             (("plain", full_search), ("reset", tmp_path / "reset"), ("manual", tmp_path / "manual"))}
     for k in ("arch.alphas_normal", "arch.alphas_reduce"):
         assert torch.equal(final["reset"]["model"][k], final["manual"]["model"][k]), k
         assert not torch.equal(final["reset"]["model"][k], final["plain"]["model"][k]), k
