@@ -6,7 +6,7 @@ Resumable, idempotent and runnable in parts, by several workers at once:
 
     OMP_NUM_THREADS=1 nohup python bench/grid.py > grid1.log 2>&1 &     # one worker per core
     OMP_NUM_THREADS=1 nohup python bench/grid.py > grid2.log 2>&1 &     # a second one (optional)
-    python bench/grid.py --status                                       # what is done, running, left
+    python bench/grid.py --status                                       # done, running, left; worker-hours left
     python bench/grid.py --stages search --methods darts pcdarts        # a part of the grid
 
 Every task (search of a method and seed; train / eval / certify of a network) is claimed with a
@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -305,14 +305,67 @@ def run_task(task: Task, env: Dict[str, str]) -> int:
     return rc
 
 
+def task_state(t: Task) -> str:
+    lock = OUT / ".locks" / f"{t.key}.lock"
+    return ("done" if t.done.exists() else "FAILED" if (OUT / ".failed" / t.key).exists()
+            else "running" if lock.exists() and pid_alive(int(lock.read_text() or 0)) else "todo")
+
+
+def cost_key(stage: str, info: Dict[str, object]) -> str:
+    """What a task's wall time depends on: the method for a search (4-30 min apart), else the
+    recipe (a PGD-AT net's attacks cost more than a natural one's)."""
+    if stage == "search":
+        methods = info.get("methods") or [info.get("method")]
+        return f"search {info.get('method') or methods[0]}"
+    return f"{stage} {info.get('recipe', '-')}"
+
+
+def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> List[str]:
+    """Per (stage, method or recipe): tasks done / running / to do, and the worker-hours left at
+    the mean wall time of that kind's finished tasks in grid_log.jsonl (one worker per core, as
+    they ran). A kind never run yet takes (marked '*') a rebuild's training time, else the same
+    stage's mean over the other recipes, else shows '?'. Running tasks count whole (a plan, not
+    a clock)."""
+    walls: Dict[str, List[float]] = {}
+    for rec in log:
+        if rec.get("rc") == 0 and "wall_s" in rec:
+            stage = str(rec.get("stage"))
+            walls.setdefault(cost_key(stage, rec), []).append(float(rec["wall_s"]))
+            if stage != "search":
+                walls.setdefault(f"{stage} *", []).append(float(rec["wall_s"]))
+
+    def minutes(key: str) -> Tuple[Optional[float], str]:
+        stage, what = key.split(" ", 1)
+        for k, mark in ((key, ""), (f"train {what}" if stage == "rebuild" else "", "*"), (f"{stage} *", "*")):
+            if k in walls:
+                return sum(walls[k]) / len(walls[k]) / 60, mark
+        return None, ""
+    rows: Dict[str, Dict[str, int]] = {}
+    for t, st in zip(ts, states):
+        c = rows.setdefault(cost_key(t.stage, t.info), {"done": 0, "running": 0, "todo": 0, "FAILED": 0})
+        c[st] += 1
+    out = [f"{'kind':34s} {'done':>5s} {'running':>8s} {'to do':>6s} {'min/task':>9s} {'worker-h left':>14s}"]
+    total, unknown = 0.0, 0
+    for key in sorted(rows):
+        c = rows[key]
+        left = c["running"] + c["todo"] + c["FAILED"]
+        per, mark = minutes(key)
+        hours = "-" if not left else f"{left * per / 60:.1f}" if per is not None else "?"
+        total += left * per / 60 if per is not None and left else 0.0
+        unknown += left if per is None else 0
+        out.append(f"{key:34s} {c['done']:5d} {c['running']:8d} {left - c['running']:6d} "
+                   f"{(f'{per:.1f}{mark}' if per is not None else '?'):>9s} {hours:>14s}")
+    out.append(f"worker-hours left: {total:.1f}" + (f" + {unknown} task(s) of a kind not yet run" if unknown else "")
+               + "  (*: from a rebuild's training or the stage's other recipes)")
+    return out
+
+
 def status(ts: List[Task]) -> None:
-    locks = OUT / ".locks"
-    for t in ts:
-        lock = locks / f"{t.key}.lock"
-        state = ("done" if t.done.exists() else "FAILED" if (OUT / ".failed" / t.key).exists()
-                 else "running" if lock.exists() and pid_alive(int(lock.read_text() or 0)) else "todo")
-        print(f"{state:8s} {t.key}")
-    print(f"{sum(t.done.exists() for t in ts)}/{len(ts)} visible tasks done (later tasks appear as their inputs land)")
+    states = [task_state(t) for t in ts]
+    for t, st in zip(ts, states):
+        print(f"{st:8s} {t.key}")
+    print(f"{sum(st == 'done' for st in states)}/{len(ts)} visible tasks done (later tasks appear as their inputs land)")
+    print("\n".join(plan(ts, states, read_jsonl(OUT / "grid_log.jsonl"))))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -223,6 +223,32 @@ def test_lock_claim_and_dead_worker_takeover(out):
     assert grid.claim(t) is not None  # a dead worker's lock is taken over
 
 
+def test_status_plans_worker_hours_from_the_logged_wall_times(out):
+    def task(key, stage, **info):
+        return grid.Task(key, stage, (0,), out / key, [], info)
+
+    ts = [task("search-a-s0", "search", method="darts", seed=0), task("search-a-s1", "search", method="darts", seed=1),
+          task("search-b-s0", "search", method="robnet", seed=0),
+          task("eval-adv-x-s0", "eval", recipe="adv"), task("eval-adv-y-s0", "eval", recipe="adv"),
+          task("eval-pbn-x-s0", "eval", recipe="pbn"), task("rebuild-adv-z-s0", "rebuild", recipe="adv")]
+    (out / "search-a-s0").write_text("")  # done
+    log = [{"stage": "search", "methods": ["darts"], "rc": 0, "wall_s": 600.0},
+           {"stage": "search", "methods": ["darts"], "rc": 0, "wall_s": 1200.0},
+           {"stage": "search", "methods": ["darts"], "rc": 1, "wall_s": 9e9},  # failed: not a cost
+           {"stage": "eval", "recipe": "adv", "rc": 0, "wall_s": 1800.0},
+           {"stage": "eval", "recipe": "nat", "rc": 0, "wall_s": 600.0},
+           {"stage": "train", "recipe": "adv", "rc": 0, "wall_s": 3600.0}]
+    states = [grid.task_state(t) for t in ts]
+    assert states == ["done"] + ["todo"] * 6
+    rows = {line.split()[0] + " " + line.split()[1]: line.split()[2:] for line in grid.plan(ts, states, log)[1:-1]}
+    assert rows["search darts"] == ["1", "0", "1", "15.0", "0.2"]  # (10 + 20) / 2 min, the failed run ignored
+    assert rows["search robnet"] == ["0", "0", "1", "?", "?"]
+    assert rows["eval adv"] == ["0", "0", "2", "30.0", "1.0"]
+    assert rows["eval pbn"] == ["0", "0", "1", "20.0*", "0.3"]  # no pbn record: all evals' mean, marked
+    assert rows["rebuild adv"] == ["0", "0", "1", "60.0*", "1.0"]  # a rebuild is a retraining
+    assert grid.plan(ts, states, log)[-1].startswith("worker-hours left: 2.6 + 1 task(s)")  # 0.25 + 1 + 1/3 + 1
+
+
 def test_report_tables_and_tests_from_finished_cells(out):
     found(out, "pcdarts", 0, CELL_A)
     found(out, "pcdarts", 1, CELL_A)
