@@ -325,7 +325,8 @@ def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> Lis
     the mean wall time of that kind's finished tasks in grid_log.jsonl (one worker per core, as
     they ran). A kind never run yet takes (marked '*') a rebuild's training time, else the same
     stage's mean over the other recipes, else shows '?'. Running tasks count whole (a plan, not
-    a clock)."""
+    a clock). A task resumed after a kill logs only its last part's time, so a kind with resumed
+    runs reads low (the core PGD-AT evals: 28 min logged, ~60 uninterrupted)."""
     walls: Dict[str, List[float]] = {}
     for rec in log:
         if rec.get("rc") == 0 and "wall_s" in rec:
