@@ -83,8 +83,8 @@ METHODS: Dict[str, tuple] = {
 #: so methods stay comparable; tests/test_grid.py checks these against the recorded config.yaml.
 SEARCH_ARCH_LR = {"darts": 0.075, "pcdarts": 0.15, "dsrna_jacobian": 0.075, "dsrna_cb": 0.15,
                   "sdarts_adv": 0.075, "pcdarts_adv": 0.15, "dsrna_jacobian_gamma": 0.075,
-                  "dsrna_cb_gamma": 0.15, "dsrna_cb_gamma_reset": 0.15, "pdarts": 0.15, "robnet": 0.075, "dartsplus": 0.075,
-                  "darts_2nd": 0.075, "sdarts_rs": 0.075}
+                  "dsrna_cb_gamma": 0.15, "dsrna_cb_gamma_reset": 0.15, "pdarts": 0.15, "robnet": 0.075,
+                  "dartsplus": 0.075, "darts_2nd": 0.075, "sdarts_rs": 0.075}
 
 
 def search_pin(method: str) -> tuple:

@@ -227,7 +227,8 @@ def test_status_plans_worker_hours_from_the_logged_wall_times(out):
     def task(key, stage, **info):
         return grid.Task(key, stage, (0,), out / key, [], info)
 
-    ts = [task("search-a-s0", "search", method="darts", seed=0), task("search-a-s1", "search", method="darts", seed=1),
+    ts = [task("search-a-s0", "search", method="darts", seed=0),
+          task("search-a-s1", "search", method="darts", seed=1),
           task("search-b-s0", "search", method="robnet", seed=0),
           task("eval-adv-x-s0", "eval", recipe="adv"), task("eval-adv-y-s0", "eval", recipe="adv"),
           task("eval-pbn-x-s0", "eval", recipe="pbn"), task("rebuild-adv-z-s0", "rebuild", recipe="adv")]
