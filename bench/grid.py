@@ -326,7 +326,7 @@ def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> Lis
     they ran). A kind never run yet takes (marked '*') a rebuild's training time, else the same
     stage's mean over the other recipes, else shows '?'. Running tasks count whole (a plan, not
     a clock). A task resumed after a kill logs only its last part's time, so a kind with resumed
-    runs reads low (the core PGD-AT evals: 28 min logged, ~60 uninterrupted)."""
+    runs reads low (the core PGD-AT evals: 28 min logged; group 2's, uninterrupted: 52)."""
     walls: Dict[str, List[float]] = {}
     for rec in log:
         if rec.get("rc") == 0 and "wall_s" in rec:
