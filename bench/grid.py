@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dsrna_dist import genotype as G  # noqa: E402
+from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 OUT = ROOT / "results" / "grid"
 
@@ -313,10 +314,10 @@ def task_state(t: Task) -> str:
 
 def cost_key(stage: str, info: Dict[str, object]) -> str:
     """What a task's wall time depends on: the method for a search (4-30 min apart), else the
-    recipe (a PGD-AT net's attacks cost more than a natural one's)."""
+    recipe (a PGD-AT net's attacks cost more than a natural one's). ``info``: a task's, or a
+    grid_log record (which names its search's method in ``methods``)."""
     if stage == "search":
-        methods = info.get("methods") or [info.get("method")]
-        return f"search {info.get('method') or methods[0]}"
+        return f"search {info.get('method') or (info.get('methods') or ['?'])[0]}"
     return f"{stage} {info.get('recipe', '-')}"
 
 
@@ -327,20 +328,23 @@ def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> Lis
     stage's mean over the other recipes, else shows '?'. Running tasks count whole (a plan, not
     a clock). A task resumed after a kill logs only its last part's time, so a kind with resumed
     runs reads low (the core PGD-AT evals: 28 min logged; group 2's, uninterrupted: 52)."""
-    walls: Dict[str, List[float]] = {}
+    by_kind: Dict[str, List[float]] = {}
+    by_stage: Dict[str, List[float]] = {}  # the fallback: every recipe's runs of a stage (not searches)
     for rec in log:
         if rec.get("rc") == 0 and "wall_s" in rec:
             stage = str(rec.get("stage"))
-            walls.setdefault(cost_key(stage, rec), []).append(float(rec["wall_s"]))
+            by_kind.setdefault(cost_key(stage, rec), []).append(float(rec["wall_s"]) / 60)
             if stage != "search":
-                walls.setdefault(f"{stage} *", []).append(float(rec["wall_s"]))
+                by_stage.setdefault(stage, []).append(float(rec["wall_s"]) / 60)
 
     def minutes(key: str) -> Tuple[Optional[float], str]:
         stage, what = key.split(" ", 1)
-        for k, mark in ((key, ""), (f"train {what}" if stage == "rebuild" else "", "*"), (f"{stage} *", "*")):
-            if k in walls:
-                return sum(walls[k]) / len(walls[k]) / 60, mark
-        return None, ""
+        if key in by_kind:
+            return stats.mean(by_kind[key]), ""
+        if stage == "rebuild" and f"train {what}" in by_kind:  # a rebuild is a retraining
+            return stats.mean(by_kind[f"train {what}"]), "*"
+        return (stats.mean(by_stage[stage]), "*") if stage in by_stage else (None, "")
+
     rows: Dict[str, Dict[str, int]] = {}
     for t, st in zip(ts, states):
         c = rows.setdefault(cost_key(t.stage, t.info), {"done": 0, "running": 0, "todo": 0, "FAILED": 0})
@@ -351,11 +355,12 @@ def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> Lis
         c = rows[key]
         left = c["running"] + c["todo"] + c["FAILED"]
         per, mark = minutes(key)
-        hours = "-" if not left else f"{left * per / 60:.1f}" if per is not None else "?"
-        total += left * per / 60 if per is not None and left else 0.0
+        hours = left * per / 60 if per is not None else None
+        total += hours or 0.0
         unknown += left if per is None else 0
         out.append(f"{key:34s} {c['done']:5d} {c['running']:8d} {left - c['running']:6d} "
-                   f"{(f'{per:.1f}{mark}' if per is not None else '?'):>9s} {hours:>14s}")
+                   f"{(f'{per:.1f}{mark}' if per is not None else '?'):>9s} "
+                   f"{'-' if not left else '?' if hours is None else f'{hours:.1f}':>14s}")
     out.append(f"worker-hours left: {total:.1f}" + (f" + {unknown} task(s) of a kind not yet run" if unknown else "")
                + "  (*: from a rebuild's training or the stage's other recipes)")
     return out
