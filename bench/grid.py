@@ -35,7 +35,8 @@ Results go to results/grid/: search/<method>_s<seed>/, net/<recipe>/<ghash>_s<se
 certify,crown,autoattack}/; light files are committed, and so is the one checkpoint a net's evaluations
 read (best.pt; last.pt for ibp; ~0.2-0.3 MB), since a machine reset once lost them (tb/, attacks.jsonl
 and the other checkpoints are git-ignored; a net whose checkpoint is missing is rebuilt: --rebuild);
-grid_log.jsonl has one record per finished task: rc, wall and CPU seconds, code version.
+grid_log.jsonl has one record per finished task: rc, wall seconds summed over the parts of a
+resumed task (since session 25), the last part's CPU seconds, code version.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dsrna_dist import genotype as G  # noqa: E402
 from dsrna_dist import stats  # noqa: E402
-from dsrna_dist.engine.io import read_jsonl  # noqa: E402
+from dsrna_dist.engine.io import atomic_write_json, read_jsonl  # noqa: E402
 OUT = ROOT / "results" / "grid"
 
 # method -> (search config, extra search args). Group A is the paper's core comparison.
@@ -287,17 +288,36 @@ def code_version() -> str:
         return "unknown"
 
 
-def run_task(task: Task, env: Dict[str, str]) -> int:
+def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
+    """Run one task and log it. Every ``beat_s`` the task's wall time so far goes to
+    .wall/<key>.json, so a run killed mid-task (a session's hard end) and resumed later logs the
+    sum over its parts (``wall_s``, ``parts``; a killed part counts to its last beat) instead of
+    its last part only. ``cpu_s`` is the last part's (a killed child's CPU time is not reported)."""
     print(f"[run ] {task.key}: {' '.join(task.argv)}", flush=True)
     code = code_version()  # the code the task starts with (it imports everything at start)
+    ledger = OUT / ".wall" / f"{task.key}.json"
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before = json.loads(ledger.read_text())
+        prior, parts = float(before["wall_s"]), int(before["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        prior, parts = 0.0, 0
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    rc = subprocess.call(task.argv, env=env, cwd=ROOT)
+    proc = subprocess.Popen(task.argv, env=env, cwd=ROOT)
+    while True:
+        try:
+            rc = proc.wait(timeout=beat_s)
+            break
+        except subprocess.TimeoutExpired:
+            atomic_write_json(str(ledger), {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1})
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, "wall_s": round(time.time() - t0, 1),
+    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc,
+           "wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1,
            "cpu_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
            "code": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(OUT / "grid_log.jsonl", "a") as f:
         f.write(json.dumps(rec, default=str) + "\n")
+    ledger.unlink(missing_ok=True)  # a retry of a failed task starts its clock afresh
     if rc != 0:
         (OUT / ".failed").mkdir(exist_ok=True)
         (OUT / ".failed" / task.key).write_text(json.dumps(rec) + "\n")
@@ -326,8 +346,8 @@ def plan(ts: List[Task], states: List[str], log: List[Dict[str, object]]) -> Lis
     the mean wall time of that kind's finished tasks in grid_log.jsonl (one worker per core, as
     they ran). A kind never run yet takes (marked '*') a rebuild's training time, else the same
     stage's mean over the other recipes, else shows '?'. Running tasks count whole (a plan, not
-    a clock). A task resumed after a kill logs only its last part's time, so a kind with resumed
-    runs reads low (the core PGD-AT evals: 28 min logged; group 2's, uninterrupted: 52)."""
+    a clock). Records without ``parts`` (before session 25) hold a resumed task's last part only,
+    so a kind with such runs reads low (the core PGD-AT evals: 28 min logged; group 2's: 52)."""
     by_kind: Dict[str, List[float]] = {}
     by_stage: Dict[str, List[float]] = {}  # the fallback: every recipe's runs of a stage (not searches)
     for rec in log:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,35 @@ def test_lock_claim_and_dead_worker_takeover(out):
     dead.wait()
     lock.write_text(str(dead.pid))
     assert grid.claim(t) is not None  # a dead worker's lock is taken over
+
+
+def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
+    """A worker killed mid-task (a session's hard end) leaves its clock in .wall/; the resumed run
+    logs the sum and the number of parts, and a finished task's clock is cleared."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import sys, pathlib; sys.path.insert(0, sys.argv[1]); import grid; grid.OUT = pathlib.Path(sys.argv[2]);"
+        f"grid.run_task(grid.Task('eval-x', 'eval', (0,), grid.OUT / 'x', {sleeper!r}, {{}}), {{}}, beat_s=0.2)"),
+        str(ROOT / "bench"), str(out)], start_new_session=True)
+    ledger = out / ".wall" / "eval-x.json"
+    for _ in range(600):
+        if ledger.exists() and json.loads(ledger.read_text())["wall_s"] >= 3.0:
+            break
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its child, as at a session's end
+    worker.wait()
+    killed = json.loads(ledger.read_text())
+    assert killed["parts"] == 1 and killed["wall_s"] >= 3.0
+    assert not (out / "grid_log.jsonl").exists()  # the killed part logged nothing itself
+
+    t = grid.Task("eval-x", "eval", (0,), out / "x", [sys.executable, "-c", "import time; time.sleep(0.5)"], {})
+    assert grid.run_task(t, dict(os.environ), beat_s=0.2) == 0
+    rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
+    assert rec["parts"] == 2 and killed["wall_s"] + 0.5 <= rec["wall_s"] < killed["wall_s"] + 5
+    assert not ledger.exists()
+    assert grid.run_task(t, dict(os.environ), beat_s=0.2) == 0  # a fresh run: one part, its own time
+    rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
+    assert rec["parts"] == 1 and 0.5 <= rec["wall_s"] < killed["wall_s"]
 
 
 def test_status_plans_worker_hours_from_the_logged_wall_times(out):
