@@ -252,6 +252,11 @@ def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
     assert grid.run_task(t, dict(os.environ), beat_s=0.2) == 0  # a fresh run: one part, its own time
     rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
     assert rec["parts"] == 1 and 0.5 <= rec["wall_s"] < killed["wall_s"]
+    recs = grid.read_jsonl(out / "grid_log.jsonl")  # the report's cost table: wall over parts, one resumed
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    row = next(line for line in (out / "r.md").read_text().splitlines() if line.startswith("| eval |"))
+    wall = sum(r["wall_s"] for r in recs) / 60
+    assert row.split(" | ")[1:3] == ["2", "1"] and row.endswith(f" | {wall / 2:.1f} | {wall:.1f} |")
 
 
 def test_status_plans_worker_hours_from_the_logged_wall_times(out):
