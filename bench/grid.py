@@ -303,13 +303,17 @@ def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         prior, parts = 0.0, 0
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(task.argv, env=env, cwd=ROOT)
-    while True:
+    with subprocess.Popen(task.argv, env=env, cwd=ROOT) as proc:
         try:
-            rc = proc.wait(timeout=beat_s)
-            break
-        except subprocess.TimeoutExpired:
-            atomic_write_json(str(ledger), {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1})
+            while True:
+                try:
+                    rc = proc.wait(timeout=beat_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    atomic_write_json(str(ledger), {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1})
+        except BaseException:  # as subprocess.call: the task does not outlive its worker's error
+            proc.kill()
+            raise
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc,
            "wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1,

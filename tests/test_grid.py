@@ -259,6 +259,22 @@ def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
     assert row.split(" | ")[1:3] == ["2", "1"] and row.endswith(f" | {wall / 2:.1f} | {wall:.1f} |")
 
 
+def test_a_worker_error_does_not_leave_its_task_running(out, monkeypatch):
+    pidfile = out / "child.pid"
+    argv = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+
+    def broken(*_):
+        if pidfile.exists() and pidfile.read_text():
+            raise OSError("disk full")
+
+    monkeypatch.setattr(grid, "atomic_write_json", broken)
+    t0 = time.time()
+    with pytest.raises(OSError, match="disk full"):
+        grid.run_task(grid.Task("eval-y", "eval", (0,), out / "y", argv, {}), dict(os.environ), beat_s=0.1)
+    assert time.time() - t0 < 30  # killed, not waited for (it sleeps 60 s)
+    assert not grid.pid_alive(int(pidfile.read_text()))
+
+
 def test_status_plans_worker_hours_from_the_logged_wall_times(out):
     def task(key, stage, **info):
         return grid.Task(key, stage, (0,), out / key, [], info)
