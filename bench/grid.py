@@ -303,6 +303,10 @@ def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         prior, parts = 0.0, 0
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def so_far() -> Dict[str, float]:
+        return {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1}
+
     with subprocess.Popen(task.argv, env=env, cwd=ROOT) as proc:
         try:
             while True:
@@ -310,13 +314,12 @@ def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
                     rc = proc.wait(timeout=beat_s)
                     break
                 except subprocess.TimeoutExpired:
-                    atomic_write_json(str(ledger), {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1})
+                    atomic_write_json(str(ledger), so_far())
         except BaseException:  # as subprocess.call: the task does not outlive its worker's error
             proc.kill()
             raise
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc,
-           "wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1,
+    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, **so_far(),
            "cpu_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
            "code": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(OUT / "grid_log.jsonl", "a") as f:
