@@ -10,6 +10,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# no pip wheel cache: the CUDA build of torch pulls ~3 GB of nvidia-* wheels from PyPI, and caching
+# them doubled the install's disk use (a CI box once ran out of space mid-install)
+export PIP_NO_CACHE_DIR ?= 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dataset-fashion-mnist
 APT_FFCV := pkg-config libopencv-dev libturbojpeg0-dev g++
