@@ -259,6 +259,20 @@ def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
     assert row.split(" | ")[1:3] == ["2", "1"] and row.endswith(f" | {wall / 2:.1f} | {wall:.1f} |")
 
 
+@pytest.mark.parametrize("ledger_text", ["", '{"wall_s": 12.0', '{"parts": 2}', '{"wall_s": null, "parts": 1}', "[1, 2]"])
+def test_a_corrupt_wall_ledger_reads_as_no_prior_part(out, ledger_text):
+    """A ledger cut short or garbled (a disk filled mid-write) must not block the task: it runs,
+    logs one part of its own time and clears the ledger."""
+    ledger = out / ".wall" / "eval-z.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(ledger_text)
+    t = grid.Task("eval-z", "eval", (0,), out / "z", [sys.executable, "-c", "import time; time.sleep(0.3)"], {})
+    assert grid.run_task(t, dict(os.environ), beat_s=0.1) == 0
+    rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
+    assert rec["parts"] == 1 and 0.3 <= rec["wall_s"] < 10
+    assert not ledger.exists()
+
+
 def test_a_worker_error_does_not_leave_its_task_running(out, monkeypatch):
     pidfile = out / "child.pid"
     argv = [sys.executable, "-c", f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
