@@ -36,7 +36,8 @@ certify,crown,autoattack}/; light files are committed, and so is the one checkpo
 read (best.pt; last.pt for ibp; ~0.2-0.3 MB), since a machine reset once lost them (tb/, attacks.jsonl
 and the other checkpoints are git-ignored; a net whose checkpoint is missing is rebuilt: --rebuild);
 grid_log.jsonl has one record per finished task: rc, wall seconds summed over the parts of a
-resumed task (since session 25), the last part's CPU seconds, code version.
+resumed task (since session 25), CPU seconds of the task's processes (summed over the parts since
+session 26; before, the last part's), code version.
 """
 from __future__ import annotations
 
@@ -288,11 +289,39 @@ def code_version() -> str:
         return "unknown"
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a live process and all its descendants (Linux /proc; 0.0 where
+    there is none): what a part costs before it ends, which getrusage reports only once reaped."""
+    try:
+        tick, names = os.sysconf("SC_CLK_TCK"), os.listdir("/proc")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    kids: Dict[int, List[int]] = {}
+    cpu: Dict[int, float] = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on: the name may hold spaces
+        kids.setdefault(int(fields[1]), []).append(int(name))
+        cpu[int(name)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += kids.get(p, [])
+    return total
+
+
 def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
-    """Run one task and log it. Every ``beat_s`` the task's wall time so far goes to
+    """Run one task and log it. Every ``beat_s`` the task's wall and CPU time so far go to
     .wall/<key>.json, so a run killed mid-task (a session's hard end) and resumed later logs the
-    sum over its parts (``wall_s``, ``parts``; a killed part counts to its last beat) instead of
-    its last part only. ``cpu_s`` is the last part's (a killed child's CPU time is not reported)."""
+    sums over its parts (``wall_s``, ``cpu_s``, ``parts``; a killed part counts to its last beat)
+    instead of its last part only."""
     print(f"[run ] {task.key}: {' '.join(task.argv)}", flush=True)
     code = code_version()  # the code the task starts with (it imports everything at start)
     ledger = OUT / ".wall" / f"{task.key}.json"
@@ -300,12 +329,14 @@ def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
     try:
         before = json.loads(ledger.read_text())
         prior, parts = float(before["wall_s"]), int(before["parts"])
+        prior_cpu = float(before.get("cpu_s", 0.0))  # a session-25 ledger has no cpu_s
     except (OSError, ValueError, KeyError, TypeError):
-        prior, parts = 0.0, 0
+        prior, parts, prior_cpu = 0.0, 0, 0.0
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
 
-    def so_far() -> Dict[str, float]:
-        return {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1}
+    def so_far(cpu_s: float) -> Dict[str, float]:
+        return {"wall_s": round(prior + time.time() - t0, 1), "parts": parts + 1,
+                "cpu_s": round(prior_cpu + cpu_s, 1)}
 
     with subprocess.Popen(task.argv, env=env, cwd=ROOT) as proc:
         try:
@@ -314,14 +345,14 @@ def run_task(task: Task, env: Dict[str, str], beat_s: float = 60.0) -> int:
                     rc = proc.wait(timeout=beat_s)
                     break
                 except subprocess.TimeoutExpired:
-                    atomic_write_json(str(ledger), so_far())
+                    atomic_write_json(str(ledger), so_far(tree_cpu_s(proc.pid)))
         except BaseException:  # as subprocess.call: the task does not outlive its worker's error
             proc.kill()
             raise
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, **so_far(),
-           "cpu_s": round((c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime), 1),
-           "code": code, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)  # the reaped part's, exact
+    rec = {"task": task.key, "stage": task.stage, **task.info, "rc": rc, **so_far(cpu), "code": code,
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(OUT / "grid_log.jsonl", "a") as f:
         f.write(json.dumps(rec, default=str) + "\n")
     ledger.unlink(missing_ok=True)  # a retry of a failed task starts its clock afresh

@@ -629,7 +629,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "CPU: the task's processes. Wall: with two workers on the two cores, which is what a session's "
                   "plan needs. A task killed and resumed logged only its last part until the twenty-fifth "
                   "session (records without `parts` in grid_log.jsonl), so those read low; since then wall is "
-                  "the sum over its parts (`resumed` counts such tasks), CPU still the last part's.", "",
+                  "the sum over its parts (`resumed` counts such tasks); CPU is summed over the parts since the "
+                  "twenty-sixth session (before, a resumed task's CPU is its last part's).", "",
                   "| stage | tasks | resumed (logged since s25) | CPU mean | CPU total | wall mean | wall total |",
                   "|---|---|---|---|---|---|---|"]
         for k, rs in by.items():

@@ -228,10 +228,10 @@ def test_lock_claim_and_dead_worker_takeover(out):
 def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
     """A worker killed mid-task (a session's hard end) leaves its clock in .wall/; the resumed run
     logs the sum and the number of parts, and a finished task's clock is cleared."""
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    burner = [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 60: pass"]
     worker = subprocess.Popen([sys.executable, "-c", (
         "import sys, pathlib; sys.path.insert(0, sys.argv[1]); import grid; grid.OUT = pathlib.Path(sys.argv[2]);"
-        f"grid.run_task(grid.Task('eval-x', 'eval', (0,), grid.OUT / 'x', {sleeper!r}, {{}}), {{}}, beat_s=0.2)"),
+        f"grid.run_task(grid.Task('eval-x', 'eval', (0,), grid.OUT / 'x', {burner!r}, {{}}), {{}}, beat_s=0.2)"),
         str(ROOT / "bench"), str(out)], start_new_session=True)
     ledger = out / ".wall" / "eval-x.json"
     for _ in range(600):
@@ -242,21 +242,48 @@ def test_a_task_killed_and_resumed_logs_the_wall_time_of_both_parts(out):
     worker.wait()
     killed = json.loads(ledger.read_text())
     assert killed["parts"] == 1 and killed["wall_s"] >= 3.0
+    assert 0.3 <= killed["cpu_s"] <= killed["wall_s"] + 0.5  # the burning child's CPU, counted while it ran
     assert not (out / "grid_log.jsonl").exists()  # the killed part logged nothing itself
 
     t = grid.Task("eval-x", "eval", (0,), out / "x", [sys.executable, "-c", "import time; time.sleep(0.5)"], {})
     assert grid.run_task(t, dict(os.environ), beat_s=0.2) == 0
     rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
     assert rec["parts"] == 2 and killed["wall_s"] + 0.5 <= rec["wall_s"] < killed["wall_s"] + 5
+    assert killed["cpu_s"] <= rec["cpu_s"] <= killed["cpu_s"] + 1.0  # + the sleeping part's own
     assert not ledger.exists()
     assert grid.run_task(t, dict(os.environ), beat_s=0.2) == 0  # a fresh run: one part, its own time
     rec = grid.read_jsonl(out / "grid_log.jsonl")[-1]
-    assert rec["parts"] == 1 and 0.5 <= rec["wall_s"] < killed["wall_s"]
+    assert rec["parts"] == 1 and 0.5 <= rec["wall_s"] < killed["wall_s"] and rec["cpu_s"] < killed["cpu_s"]
     recs = grid.read_jsonl(out / "grid_log.jsonl")  # the report's cost table: wall over parts, one resumed
     assert grid_report.main(["--out", str(out / "r.md")]) == 0
     row = next(line for line in (out / "r.md").read_text().splitlines() if line.startswith("| eval |"))
     wall = sum(r["wall_s"] for r in recs) / 60
     assert row.split(" | ")[1:3] == ["2", "1"] and row.endswith(f" | {wall / 2:.1f} | {wall:.1f} |")
+
+
+def test_tree_cpu_s_counts_a_live_task_and_its_children(tmp_path):
+    """Against each process's own clock (time.process_time): a task and a child it started both
+    burn CPU, then idle; the live tree's /proc sum equals the sum of their own clocks."""
+    burn = ("import sys, time\nwhile time.process_time() < 0.6: pass\n"
+            "open(sys.argv[1], 'w').write(repr(time.process_time()))\ntime.sleep(60)")
+    parent = ("import subprocess, sys\n"
+              f"kid = subprocess.Popen([sys.executable, '-c', {burn!r}, sys.argv[2]])\n"
+              f"exec({burn!r})")
+    task = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path / "p"), str(tmp_path / "k")],
+                            start_new_session=True)
+    try:
+        for _ in range(600):
+            if all((tmp_path / n).exists() and (tmp_path / n).read_text() for n in "pk"):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        own = sum(float((tmp_path / n).read_text()) for n in "pk")
+        assert own >= 1.0  # each burned CPU, or the comparison proves nothing
+        assert abs(grid.tree_cpu_s(task.pid) - own) < 0.1
+        assert grid.tree_cpu_s(2 ** 22 + 1) == 0.0  # no such process
+    finally:
+        os.killpg(task.pid, signal.SIGKILL)
+        task.wait()
 
 
 @pytest.mark.parametrize("ledger_text", ["", '{"wall_s": 12.0', '{"parts": 2}', '{"wall_s": null, "parts": 1}', "[1, 2]"])
