@@ -1,5 +1,5 @@
 """Small-sample statistics for comparing methods over seeds: mean, sample std, Welch's and the
-paired t-test with two-sided p-values, the exact McNemar test for paired yes/no outcomes,
+paired t-test with two-sided p-values, Spearman's rank correlation, the exact McNemar test for paired yes/no outcomes,
 Holm's step-down adjustment for a family of tests, and the seeds per method a Welch test needs for
 a given power (to plan the next run from a pilot's differences and spreads).
 
@@ -75,8 +75,8 @@ def t_two_sided_p(t: float, df: float) -> float:
 
 @dataclass(frozen=True)
 class TTest:
-    kind: str            # "welch" or "paired"
-    diff: float          # mean(a) - mean(b)
+    kind: str            # "welch", "paired" or "spearman"
+    diff: float          # mean(a) - mean(b); Spearman's r for "spearman"
     t: float
     df: float
     p: float
@@ -126,6 +126,42 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
+def ranks(xs: Sequence[float]) -> List[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[TTest]:
+    """Spearman's rank correlation (Pearson's r on tie-averaged ranks) in ``diff``, with the
+    two-sided p of t = r sqrt((n - 2) / (1 - r^2)) on n - 2 df (scipy.stats.spearmanr's). None
+    below 3 pairs or where a side has a single value (r undefined). Many tied values (radii of 0)
+    are allowed: that is what the average ranks are for."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
+    if len(x) < 3:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    mx, my = mean(rx), mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    r = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+    df = float(len(x) - 2)
+    t = math.copysign(math.inf, r) if abs(r) == 1.0 else r * math.sqrt(df / (1.0 - r * r))
+    return TTest("spearman", r, t, df, t_two_sided_p(t, df), len(x), len(y))
 
 
 def holm(ps: Sequence[Optional[float]]) -> List[Optional[float]]:

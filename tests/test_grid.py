@@ -634,3 +634,26 @@ def test_search_table_shows_the_largest_epoch_grad_share(out):
     pc = next(ln for ln in text.splitlines() if ln.startswith("| pcdarts | 0 |")).split(" | ")
     assert cb[head.index("grad_share")] == "0.06" and cb[head.index("max grad_share")] == "9.3e+05"
     assert pc[head.index("max grad_share")] == "-"
+
+
+def test_radius_against_convolutions_counts_each_net_once_and_matches_scipy():
+    from scipy import stats as st
+    # (method, seed) -> (cell hash, parameter-free ops of 12); darts and pcdarts found one cell with seed 0
+    cells = {("darts", 0): ("aa", 4), ("pcdarts", 0): ("aa", 4), ("darts", 1): ("bb", 6),
+             ("dsrna_cb", 0): ("cc", 11), ("dsrna_cb", 1): ("dd", 9), ("pcdarts", 1): ("ee", 7)}
+    srows = [{"method": m, "seed": s, "ghash": g, "param_free": [pf, 0]} for (m, s), (g, pf) in cells.items()]
+    radius = {("darts", 0): 0.0, ("pcdarts", 0): 0.0, ("darts", 1): 0.0, ("dsrna_cb", 0): 2e-4,
+              ("dsrna_cb", 1): 1e-6, ("pcdarts", 1): 3e-8}
+    key = "radius crown-ibp l_inf (n=200)"
+    data = {"pbn": {}}
+    for (m, s), v in radius.items():
+        data["pbn"].setdefault(m, []).append({"seed": s, key: v, f"{key[:-8]}random target (n=200)": 1.0})
+    rows = grid_report.radius_vs_convs(data, srows)
+    assert [r["radius"] for r in rows] == [key]  # the random-target twin is not read
+    r = rows[0]
+    assert r["n"] == 5  # the shared cell once
+    convs = [8, 6, 1, 3, 5]
+    radii = [0.0, 0.0, 2e-4, 1e-6, 3e-8]
+    want = st.spearmanr(convs, radii)
+    assert r["spearman_r"] == pytest.approx(want.statistic) and r["p"] == pytest.approx(want.pvalue)
+    assert r["certifying_by_convs"] == {1: [1, 1], 3: [1, 1], 5: [1, 1], 6: [0, 1], 8: [0, 1]}

@@ -120,3 +120,24 @@ def test_seeds_for_power_is_the_first_n_that_reaches_it(diff, sd_a, sd_b, alpha)
         assert stats.welch_power(diff, sd_a, sd_b, n - 1, alpha) < 0.8
     assert stats.seeds_for_power(0.1, 1.0, 1.0, 0.05, n_max=30) is None  # z-test bound: 1570 a side
     assert stats.seeds_for_power(0.0, 1.0, 1.0) is None and stats.seeds_for_power(1.0, 0.0, 0.0) == 2
+
+
+@pytest.mark.parametrize("seed,n,ties", [(0, 5, False), (1, 12, False), (2, 24, True), (3, 8, True)])
+def test_spearman_matches_scipy_with_and_without_ties(seed, n, ties):
+    r = random.Random(seed)
+    x = [float(r.randint(1, 9)) if ties else r.gauss(0, 1) for _ in range(n)]
+    # many zeros, as radii that certify nothing, plus a monotone-ish dependence on x
+    y = [0.0 if ties and r.random() < 0.5 else math.exp(-xi) * (1 + 0.3 * r.random()) for xi in x]
+    got, want = stats.spearman(x, y), scipy_stats.spearmanr(x, y)
+    assert got.diff == pytest.approx(want.statistic, abs=1e-12)
+    assert got.p == pytest.approx(want.pvalue, rel=1e-6, abs=1e-12)
+
+
+def test_spearman_degenerate_cases():
+    assert stats.spearman([1, 2], [3, 4]) is None                   # < 3 pairs
+    assert stats.spearman([1, 2, 3], [0, 0, 0]) is None             # a constant side: r undefined
+    perfect = stats.spearman([1, 2, 3, 4], [0.1, 0.2, 0.5, 9.0])
+    assert perfect.diff == 1.0 and perfect.p == 0.0
+    assert stats.ranks([5.0, 0.0, 0.0, 2.0]) == [4.0, 1.5, 1.5, 3.0]
+    with pytest.raises(ValueError):
+        stats.spearman([1, 2, 3], [1, 2])
