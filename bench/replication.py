@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from dsrna_dist import stats
 
@@ -98,8 +98,10 @@ def score(plan: Dict[str, Any], series: Dict[tuple, Dict[str, Dict[int, float]]]
     return rows
 
 
-def lines(plan: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[str]:
-    """The report section."""
+def lines(plan: Dict[str, Any], rows: List[Dict[str, Any]],
+          searches: Sequence[Dict[str, Any]] = ()) -> List[str]:
+    """The report section; ``searches``: the plan's seeds' search rows (method, seed, converged),
+    whose convergence it counts (every cell counts in the tests, converged or not)."""
     f = (lambda v, fmt: "-" if v is None else format(v, fmt))
     out = ["", "## Replication on fresh seeds (plan fixed before their data)", "",
            f"`results/grid/replication_plan.json` ({plan.get('fixed', 'undated')}): seeds "
@@ -115,4 +117,11 @@ def lines(plan: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[str]:
                    f"{f(r['diff'], '+.3g')} | {f(r['welch_p'], '.3g')} | {f(r.get('holm_p'), '.3g')} | "
                    f"{r['n'][0]} vs {r['n'][1]} | {r['verdict']} | {f(a['diff'], '+.3g')}, {f(a['welch_p'], '.3g')}, "
                    f"{a['n'][0]} vs {a['n'][1]} |")
+    conv: Dict[str, List[bool]] = {}
+    for r in searches:
+        if r.get("converged") is not None:
+            conv.setdefault(r["method"], []).append(bool(r["converged"]))
+    if conv:
+        out += ["", "Converged on these seeds (every cell counts in the tests above, converged or not): " +
+                "; ".join(f"{m} {sum(v)} of {len(v)}" for m, v in conv.items()) + "."]
     return out

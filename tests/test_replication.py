@@ -95,11 +95,13 @@ def test_the_report_carries_the_replication_section(tmp_path, monkeypatch):
     monkeypatch.setattr(grid_report, "OUT", tmp_path)
     cell = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
             "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]], "reduce_concat": [2]}
-    clean = {("darts", 3): 90.0, ("darts", 4): 91.0, ("dsrna_cb", 3): 88.0, ("dsrna_cb", 4): 88.5}
+    clean = {("darts", 3): 90.0, ("darts", 4): 91.0, ("dsrna_cb", 3): 88.0, ("dsrna_cb", 4): 88.5,
+             ("darts", 0): 80.0, ("darts", 1): 81.0, ("dsrna_cb", 0): 85.0, ("dsrna_cb", 1): 87.0}
     for (m, s), a in clean.items():
         d = tmp_path / "search" / f"{m}_s{s}"
         d.mkdir(parents=True)
-        c = {**cell, "normal": [["sep_conv_3x3" if m == "darts" else "avg_pool_3x3", 0], ["skip_connect", 1]]}
+        second = ["skip_connect", "max_pool_3x3", None, "avg_pool_3x3", "sep_conv_5x5"][s]  # a cell per seed
+        c = {**cell, "normal": [["sep_conv_3x3" if m == "darts" else "avg_pool_3x3", 0], [second, 1]]}
         (d / "genotype.json").write_text(json.dumps(c))
         (d / "summary.json").write_text(json.dumps({"convergence": {"converged": True}}))
         ev = tmp_path / "net" / "pbn" / f"{grid.genotype_hash(d / 'genotype.json')}_s{s}" / "eval"
@@ -110,6 +112,15 @@ def test_the_report_carries_the_replication_section(tmp_path, monkeypatch):
     text = (tmp_path / "r.md").read_text()
     assert "## Replication on fresh seeds (plan fixed before their data)" in text
     assert "| primary | pbn | dsrna_cb | darts | AutoAttack @0.02 (200) | - | - | - | 0 vs 0 | interim" in text
-    rows = json.loads((tmp_path / "grid.json").read_text())["replication"]
+    res = json.loads((tmp_path / "grid.json").read_text())
+    rows = res["replication"]
     assert rows[1]["metric"] == "clean" and rows[1]["diff"] == pytest.approx(-2.25) and rows[1]["complete"]
     assert rows[1]["welch_p"] == pytest.approx(st.ttest_ind([88, 88.5], [90, 91], equal_var=False).pvalue)
+    assert rows[1]["all_seeds"]["n"] == [4, 4]
+    # the fresh seeds stay out of the main tables and tests: those are seeds 0-1 alone
+    main = [t for t in res["tests"] if t["recipe"] == "pbn" and t["metric"] == "clean"]
+    assert [t["n"] for t in main] == [[2, 2]] and main[0]["diff"] == pytest.approx(5.5)
+    assert sorted(r["seed"] for r in res["nets"]["pbn"]["darts"]) == [0, 1]
+    assert sorted(r["seed"] for r in res["replication_nets"]["pbn"]["darts"]) == [3, 4]
+    assert "| darts | 3 |" in text  # the search list shows every seed
+    assert "Converged on these seeds (every cell counts in the tests above, converged or not): " in text
