@@ -4,8 +4,8 @@ Seeds 0-2 suggested the grid's leads (DSRNA-CB's AutoAttack lead over DARTS on p
 testing a lead on the seeds that suggested it overstates it. ``results/grid/replication_plan.json``
 names, before any of the new seeds ran, the seeds, the one primary test and the secondary ones
 (Holm among themselves); this module reads it and scores the new seeds alone. A test's verdict
-is read only once every planned seed has its value on both sides: before that it is an interim
-count, not a p-value to act on (no peeking at a half-finished replication).
+is read only once every planned seed has its value on both sides: before that the test is blinded,
+a count with no estimate and no p (no peeking at, or stopping on, a half-finished replication).
 """
 from __future__ import annotations
 
@@ -66,29 +66,38 @@ def _welch(a: Dict[int, float], b: Dict[int, float]) -> Optional[stats.TTest]:
 
 def score(plan: Dict[str, Any], series: Dict[tuple, Dict[str, Dict[int, float]]]) -> List[Dict[str, Any]]:
     """One row per planned test. ``series[(recipe, metric)][method][seed]`` holds every finished
-    value (all seeds); the test uses the plan's seeds only, and the same comparison over all
-    seeds sits beside it for reference."""
+    value (all seeds); the test uses the plan's seeds only. Until every planned seed is in on both
+    sides the test is blinded (no estimate, no p), so nobody reads, or stops on, an interim value.
+    Beside it, for reference: the same comparison on the seeds outside the plan (the ones that
+    suggested the lead) while it is interim, over every seed once it is complete."""
     seeds = list(plan["seeds"])
     rows = []
     planned = [("primary", plan["primary"])] + [("secondary", t) for t in plan.get("secondary") or []]
     for role, t in planned:
         by = series.get((t["recipe"], t["metric"]), {})
         a, b = _values(by, t["dsrna"], seeds), _values(by, t["baseline"], seeds)
-        w = _welch(a, b)
-        allw = _welch(by.get(t["dsrna"]) or {}, by.get(t["baseline"]) or {})
+        complete = len(a) == len(b) == len(seeds)
+        w = _welch(a, b) if complete else None
+        ref_d, ref_b = by.get(t["dsrna"]) or {}, by.get(t["baseline"]) or {}
+        if not complete:
+            ref_d = {s: v for s, v in ref_d.items() if s not in seeds}
+            ref_b = {s: v for s, v in ref_b.items() if s not in seeds}
+        ref = _welch(ref_d, ref_b)
         rows.append({"role": role, **{k: t[k] for k in KEYS}, "n": [len(a), len(b)], "planned_n": len(seeds),
-                     "complete": len(a) == len(b) == len(seeds),
-                     "diff": w.diff if w else None, "welch_p": w.p if w else None,
-                     "all_seeds": {"n": [len(by.get(t["dsrna"]) or {}), len(by.get(t["baseline"]) or {})],
-                                   "diff": allw.diff if allw else None, "welch_p": allw.p if allw else None}})
+                     "complete": complete, "diff": w.diff if w else None, "welch_p": w.p if w else None,
+                     "reference": {"over": "all seeds" if complete else "seeds outside the plan",
+                                   "n": [len(ref_d), len(ref_b)],
+                                   "diff": ref.diff if ref else None, "welch_p": ref.p if ref else None}})
+    # Holm over the planned family: a secondary with no test (or not yet complete) counts as p = 1,
+    # so the family size is the plan's, never shrunk by a degenerate test.
     sec = [r for r in rows if r["role"] == "secondary"]
-    for r, h in zip(sec, stats.holm([r["welch_p"] for r in sec])):
-        r["holm_p"] = h
+    for r, h in zip(sec, stats.holm([1.0 if r["welch_p"] is None else r["welch_p"] for r in sec])):
+        r["holm_p"] = None if r["welch_p"] is None else h
     alpha = float(plan["alpha"])
     for r in rows:
         p = r["welch_p"] if r["role"] == "primary" else r.get("holm_p")
         if not r["complete"]:
-            r["verdict"] = f"interim ({r['n'][0]} vs {r['n'][1]} of {r['planned_n']} seeds): not read"
+            r["verdict"] = f"interim ({r['n'][0]} vs {r['n'][1]} of {r['planned_n']} seeds): blinded"
         elif p is None:
             r["verdict"] = "no test (no spread or too few values)"
         elif p < alpha:
@@ -107,15 +116,17 @@ def lines(plan: Dict[str, Any], rows: List[Dict[str, Any]],
            f"`results/grid/replication_plan.json` ({plan.get('fixed', 'undated')}): seeds "
            f"{', '.join(map(str, plan['seeds']))} only, Welch's two-sided t-test at alpha {plan['alpha']:g}; the "
            "primary test alone, the secondary ones Holm-adjusted among themselves. A verdict is read only "
-           "when every planned seed has its value on both sides. 'All seeds' is the same comparison over "
-           "every finished seed (including the ones that suggested the lead), for reference only.", "",
-           "| role | recipe | DSRNA | baseline | metric | diff | Welch p | Holm | n | verdict | all seeds: diff, p, n |",
+           "when every planned seed has its value on both sides; until then the test is blinded (no estimate, "
+           "no p). Holm counts every planned secondary test (one with no test as p = 1). 'Reference' is the "
+           "same comparison, for reference only: on the seeds outside the plan (the ones that suggested the "
+           "lead) while the test is interim, on every seed once it is complete.", "",
+           "| role | recipe | DSRNA | baseline | metric | diff | Welch p | Holm | n | verdict | reference: over, diff, p, n |",
            "|---" * 11 + "|"]
     for r in rows:
-        a = r["all_seeds"]
+        a = r["reference"]
         out.append(f"| {r['role']} | {r['recipe']} | {r['dsrna']} | {r['baseline']} | {r['metric']} | "
                    f"{f(r['diff'], '+.3g')} | {f(r['welch_p'], '.3g')} | {f(r.get('holm_p'), '.3g')} | "
-                   f"{r['n'][0]} vs {r['n'][1]} | {r['verdict']} | {f(a['diff'], '+.3g')}, {f(a['welch_p'], '.3g')}, "
+                   f"{r['n'][0]} vs {r['n'][1]} | {r['verdict']} | {a['over']}: {f(a['diff'], '+.3g')}, {f(a['welch_p'], '.3g')}, "
                    f"{a['n'][0]} vs {a['n'][1]} |")
     conv: Dict[str, List[bool]] = {}
     for r in searches:

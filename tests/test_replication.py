@@ -38,7 +38,8 @@ def test_only_the_planned_seeds_are_tested_and_match_scipy():
     assert row["welch_p"] == pytest.approx(want.pvalue) and row["diff"] == pytest.approx(-0.5)
     assert row["verdict"].startswith("not replicated")
     allp = st.ttest_ind(list(cb.values()), list(darts.values()), equal_var=False).pvalue
-    assert row["all_seeds"]["welch_p"] == pytest.approx(allp) and row["all_seeds"]["n"] == [6, 6]
+    ref = row["reference"]  # once complete, the reference pools every seed
+    assert ref["over"] == "all seeds" and ref["welch_p"] == pytest.approx(allp) and ref["n"] == [6, 6]
 
 
 @pytest.mark.parametrize("cb, verdict", [({3: 60.0, 4: 62.0, 5: 61.0}, "replicated: DSRNA higher"),
@@ -49,11 +50,16 @@ def test_a_clear_difference_on_the_new_seeds_gets_its_direction(cb, verdict):
     assert row["welch_p"] < 0.05 and row["verdict"] == verdict
 
 
-def test_no_verdict_before_every_planned_seed_is_in():
-    cb, darts = {3: 60.0, 4: 62.0, 5: 61.0}, {3: 40.0, 4: 41.5}
+def test_an_interim_test_is_blinded_and_its_reference_uses_only_the_earlier_seeds():
+    cb, darts = {0: 70.0, 1: 72.0, 3: 60.0, 4: 62.0, 5: 61.0}, {0: 50.0, 1: 53.0, 3: 40.0, 4: 41.5}
     row = replication.score(plan(), series(cb, darts))[0]
-    assert not row["complete"] and row["verdict"] == "interim (3 vs 2 of 3 seeds): not read"
-    assert row["welch_p"] is not None  # computed and shown, but not read as a verdict
+    assert not row["complete"] and row["verdict"] == "interim (3 vs 2 of 3 seeds): blinded"
+    assert row["diff"] is None and row["welch_p"] is None  # nothing to read, or stop on, yet
+    ref = row["reference"]
+    assert ref["over"] == "seeds outside the plan" and ref["n"] == [2, 2]
+    assert ref["welch_p"] == pytest.approx(st.ttest_ind([70, 72], [50, 53], equal_var=False).pvalue)
+    text = "\n".join(replication.lines(plan(), [row]))
+    assert "| - | - | - | 3 vs 2 | interim (3 vs 2 of 3 seeds): blinded | seeds outside the plan: +19.5," in text
 
 
 def test_zero_spread_on_both_sides_is_no_test():
@@ -72,6 +78,15 @@ def test_secondary_tests_are_holm_adjusted_among_themselves_not_with_the_primary
     assert sorted(r["holm_p"] for r in rows[1:]) == pytest.approx(holm)
     assert "holm_p" not in rows[0]  # the primary is tested alone, at alpha
     assert rows[0]["verdict"] == "replicated: DSRNA higher"
+
+
+def test_holm_counts_a_secondary_with_no_test_in_the_family():
+    s = {("pbn", "PGD-20 @0.02"): {"dsrna_cb": {3: 30.0, 4: 33.0, 5: 31.0}, "darts": {3: 25.0, 4: 27.5, 5: 26.0}},
+         ("pbn", "clean"): {"dsrna_cb": {3: 90.0, 4: 90.0, 5: 90.0}, "darts": {3: 91.0, 4: 91.0, 5: 91.0}}}
+    rows = replication.score(plan(), s)
+    p = st.ttest_ind([30, 33, 31], [25, 27.5, 26], equal_var=False).pvalue
+    assert rows[2]["welch_p"] is None and rows[2]["holm_p"] is None
+    assert rows[1]["holm_p"] == pytest.approx(min(1.0, 2 * p))  # m = 2 planned, not the 1 defined
 
 
 @pytest.mark.parametrize("bad, field", [({"seeds": [3]}, "'seeds'"), ({"seeds": [3, 3]}, "'seeds'"),
@@ -116,7 +131,7 @@ def test_the_report_carries_the_replication_section(tmp_path, monkeypatch):
     rows = res["replication"]
     assert rows[1]["metric"] == "clean" and rows[1]["diff"] == pytest.approx(-2.25) and rows[1]["complete"]
     assert rows[1]["welch_p"] == pytest.approx(st.ttest_ind([88, 88.5], [90, 91], equal_var=False).pvalue)
-    assert rows[1]["all_seeds"]["n"] == [4, 4]
+    assert rows[1]["reference"]["n"] == [4, 4] and rows[1]["reference"]["over"] == "all seeds"
     # the fresh seeds stay out of the main tables and tests: those are seeds 0-1 alone
     main = [t for t in res["tests"] if t["recipe"] == "pbn" and t["metric"] == "clean"]
     assert [t["n"] for t in main] == [[2, 2]] and main[0]["diff"] == pytest.approx(5.5)
