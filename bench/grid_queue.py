@@ -1,0 +1,71 @@
+"""The rest of issue #15's grid, in the planned order (RESULTS.md, "What remains"), as one command.
+
+Each step is one ``bench/grid.py`` invocation; a step ends when its every task is done or claimed
+by a live worker that finished it (grid.py waits on the others' locks), so two workers started
+30 s apart walk the queue together, and a killed worker resumes where the step's tasks stopped.
+Done tasks are skipped, so the queue is idempotent: rerun it after any stop.
+
+    OMP_NUM_THREADS=1 nohup python bench/grid_queue.py > w1.log 2>&1 &   # one per core
+    python bench/grid_queue.py --list                                      # the steps, run nothing
+    python bench/grid_queue.py --from group2-autoattack                    # start at a named step
+
+Not in the queue: the capacity controls (``bench/capacity_control.sh``; the width per seed is
+chosen by hand to match the DSRNA-CB cell's parameter count).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402
+
+CORE = ["darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"]
+GROUP2 = ["sdarts_adv", "pcdarts_adv", "dsrna_jacobian_gamma", "dsrna_cb_gamma"]
+GROUP3 = ["pdarts", "robnet", "dsrna_cb_gamma_reset"]
+GROUP4 = ["dartsplus", "darts_2nd", "sdarts_rs"]
+ALL_STAGES = ["search", "train", "eval", "certify", "autoattack"]
+
+#: (name, grid.py arguments): the order of RESULTS.md's "What remains" table
+STEPS: Tuple[Tuple[str, List[str]], ...] = (
+    ("replication", ["--methods", "darts", "dsrna_cb", "--seeds", *"3456789", "--recipes", "pbn",
+                     "--stages", *ALL_STAGES]),
+    ("group2-autoattack", ["--methods", *GROUP2, "--stages", "autoattack"]),
+    ("core-pbn-crown", ["--methods", *CORE, "--recipes", "pbn", "--stages", "crown"]),
+    ("core-adv-rebuild", ["--methods", *CORE, "--recipes", "adv", "--rebuild", "adopt",
+                          "--stages", "eval", "certify", "autoattack"]),
+    ("group3", ["--methods", *GROUP3, "--stages", *ALL_STAGES]),
+    ("group4-search", ["--methods", *GROUP4, "--stages", "search"]),
+    ("crown-rest", ["--methods", *CORE, *GROUP2, *GROUP3, "--stages", "crown"]),
+)
+
+
+def select(start: Optional[str]) -> List[Tuple[str, List[str]]]:
+    """The steps from ``start`` on (all when None); an unknown name is an error naming it."""
+    names = [n for n, _ in STEPS]
+    if start is not None and start not in names:
+        raise SystemExit(f"grid_queue.py: --from: no step '{start}' (steps: {', '.join(names)})")
+    return list(STEPS[names.index(start):] if start else STEPS)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="start", default=None, help="start at this step (see --list)")
+    ap.add_argument("--list", action="store_true", help="print the steps and their grid.py arguments")
+    args = ap.parse_args(argv)
+    steps = select(args.start)
+    if args.list:
+        for name, a in steps:
+            print(f"{name}: python bench/grid.py {' '.join(a)}")
+        return 0
+    failed = 0
+    for name, a in steps:
+        print(f"[queue] {name}: grid.py {' '.join(a)}", flush=True)
+        failed += grid.main(a) != 0  # a failed task is marked in .failed/ and skipped; go on
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
