@@ -514,6 +514,14 @@ def margin_text(m: Optional[Dict[str, Any]]) -> str:
     return f"{m['margin']:.2g} ({m['where'].replace('normal', 'N').replace('reduce', 'R')})"
 
 
+def param_free_series(rows: List[Dict[str, Any]]) -> Dict[str, Dict[int, float]]:
+    """method -> seed -> parameter-free ops in the found cell (of 12): the search-level metric."""
+    out: Dict[str, Dict[int, float]] = {}
+    for r in rows:
+        out.setdefault(r["method"], {})[r["seed"]] = float(sum(r["param_free"]))
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(OUT / "report.md"))
@@ -591,9 +599,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              "ibp": "certified (IBP) training (l_inf 0.05; last.pt, first 1000 test images)",
              "pbn": "natural training and precise BN (BN statistics averaged over 100 training batches)"}
     tests: List[Dict[str, Any]] = []
-    search_metric = {r["method"]: {} for r in srows}
-    for r in srows:
-        search_metric[r["method"]][r["seed"]] = float(sum(r["param_free"]))
+    search_metric = param_free_series(srows)
     for d in DSRNA:
         for b in BASELINES:
             if search_metric.get(d) and search_metric.get(b):
@@ -664,10 +670,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += radius_conv_lines(rconv)
     rep_rows: List[Dict[str, Any]] = []
     if plan:
-        series: Dict[tuple, Dict[str, Dict[int, float]]] = {}
-        for r in allrows:
-            series.setdefault(("search", "param-free ops (of 12)"), {}).setdefault(r["method"], {})[r["seed"]] = \
-                float(sum(r["param_free"]))
+        series: Dict[tuple, Dict[str, Dict[int, float]]] = {("search", "param-free ops (of 12)"):
+                                                           param_free_series(allrows)}
         for part in (data, fresh_data):
             for recipe, per in part.items():
                 for method, rs in per.items():
