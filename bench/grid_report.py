@@ -29,7 +29,7 @@ from dsrna_dist import genotype as G  # noqa: E402
 from dsrna_dist import stats  # noqa: E402
 from dsrna_dist.engine.io import read_jsonl  # noqa: E402
 from dsrna_dist.strategies.convergence import alpha_stats, record_alphas, run_convergence  # noqa: E402
-from grid import GROUPS, METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
+from grid import METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
 import replication  # noqa: E402
 
 DSRNA = [m for m in METHODS if m.startswith("dsrna")]

@@ -174,7 +174,6 @@ def ops_net(seed, affine=False, c_in=1, dtype=DT):
 
 def linear_jacobian_box(f, x, eps, norm):
     """Exact extremes of an affine f over the clipped ball: autograd Jacobian + box/ball value."""
-    B = x.shape[0]
     J = torch.autograd.functional.jacobian(lambda z: f(z).sum(0), x).flatten(2)  # [K, B, n]
     J = J.permute(1, 0, 2)
     f0 = f(x).flatten(1)

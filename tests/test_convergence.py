@@ -16,6 +16,7 @@ import torch
 from dsrna_dist import genotype as G
 from dsrna_dist import plots as P
 from dsrna_dist.strategies.convergence import (GenotypeTracker, alpha_stats, convergence, stable_window)
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMS = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
@@ -283,8 +284,8 @@ def test_search_logs_convergence_per_epoch_and_in_the_summary(tmp_path):
     """One arch step per epoch: the per-step tracker must agree with comparing the per-epoch
     genotype files, and summary.json with convergence() recomputed from alphas.jsonl."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *TINY, f"--run.out_dir={tmp_path}",
-                        "--run.name=s"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.search", *TINY, f"--run.out_dir={tmp_path}",
+                 "--run.name=s"], env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "s"
     hist = [json.loads(x) for x in (run / "alphas.jsonl").read_text().splitlines()]

@@ -1,7 +1,6 @@
 """DARTS+ early stopping on constructed alpha histories, and in the search stage."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from dsrna_dist.config import SearchConfig, StoppingConfig
 from dsrna_dist.space.supernet import derive_genotype, num_edges
 from dsrna_dist.strategies.dartsplus import DartsPlusStopping, edge_rankings, is_learnable
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 PRIMS = SearchConfig().model.primitives
 NODES = 4
@@ -111,8 +111,8 @@ def test_search_stage_stops_early_logs_the_reason_and_a_rerun_stays_stopped(tmp_
             "--stopping.name=dartsplus", "--stopping.patience=1", "--stopping.max_skip=5",
             "--arch_optim.lr=1e-9", f"--run.out_dir={tmp_path}", "--run.name=s"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
-                       env=env, timeout=600)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.search", *args],
+                 env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "search stopped early: DARTS+ criterion 2 at epoch 1" in r.stdout + r.stderr
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
@@ -120,8 +120,8 @@ def test_search_stage_stops_early_logs_the_reason_and_a_rerun_stays_stopped(tmp_
     g1 = (tmp_path / "s" / "genotype.json").read_text()
     assert g1 == (tmp_path / "s" / "genotypes" / "epoch_001.json").read_text()
     # the same command again resumes, sees the recorded reason, trains nothing
-    r2 = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
-                        env=env, timeout=600)
+    r2 = run_proc([sys.executable, "-m", "dsrna_dist.search", *args],
+                  env=env, timeout=600)
     assert r2.returncode == 0 and "search stopped early" in r2.stdout + r2.stderr
     assert "epoch 2:" not in r2.stdout + r2.stderr
     assert (tmp_path / "s" / "genotype.json").read_text() == g1

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import nn
 from dsrna_dist.attacks import build_attack
 from dsrna_dist.attacks.certify import certify_batch, min_adversarial_eps, random_targets
 from dsrna_dist.config import AttackConfig, EvalConfig, TrainConfig, load_config, to_dict
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def write_yaml(tmp_path: Path, cfg: EvalConfig) -> Path:
 def run_cli(*args, extra_env=None, torchrun=0, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else [PY]
-    return subprocess.run([*launcher, "-m", "dsrna_dist.evaluate", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_proc([*launcher, "-m", "dsrna_dist.evaluate", *map(str, args)], cwd=ROOT, env=env,
+                    timeout=timeout)
 
 
 def jsonl(p: Path):

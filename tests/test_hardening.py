@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from dsrna_dist.config import ConfigError, RunConfig, SearchConfig, TrainConfig, load_config, replace
+from dsrna_dist.config import ConfigError, SearchConfig, TrainConfig, load_config, replace
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from dsrna_dist.config import RobustnessConfig, SupernetConfig, replace
+from dsrna_dist.config import RobustnessConfig, SupernetConfig
 from dsrna_dist.robustness import build_metric, metric_config
 from dsrna_dist.robustness.jacobian import jacobian_rows
 from dsrna_dist.space.supernet import Supernet

@@ -5,13 +5,13 @@ the file and the line (it used to be skipped silently by two of the three reader
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from dsrna_dist.engine.io import JSONLError, read_jsonl
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECS = [{"index": i, "epoch": i, "x": 0.1 * i} for i in range(4)]
@@ -88,7 +88,7 @@ def test_report_cli_names_a_damaged_file(tmp_path):
     write(run / "metrics.jsonl", [{"epoch": 0, "test_top1": 10.0}])
     out = tmp_path / "r.md"
     cmd = [sys.executable, "-m", "dsrna_dist.report", f"--runs={tmp_path / 'runs'}", f"--out={out}", "--plots=false"]
-    assert subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120).returncode == 0
+    assert run_proc(cmd, cwd=ROOT, timeout=120).returncode == 0
     (run / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo\n{"epoch": 1, "test_top1": 10.0}\n')
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_proc(cmd, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "metrics.jsonl: line 2" in r.stderr, r.stderr

@@ -3,7 +3,6 @@ op lists in the supernet, and the search stage across a stage change (kill + res
 import json
 import math
 import os
-import subprocess
 import sys
 import types
 
@@ -18,6 +17,7 @@ from dsrna_dist.space.cells import MixedOp
 from dsrna_dist.space.supernet import Supernet, derive_genotype, num_edges
 from dsrna_dist.strategies import SearchContext, build_strategy
 from dsrna_dist.strategies.pdarts import prune_ops
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 PRIMS = SearchConfig().model.primitives
@@ -323,7 +323,7 @@ def launch(args, env_extra=None, ranks=1):
         accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(ranks), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "dsrna_dist.search", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return run_proc(cmd, env=env, timeout=600)
 
 
 def check_kill_and_resume_across_stage_change(tmp_path, ranks, stop_at):

@@ -20,6 +20,7 @@ from dsrna_dist.training.precise_bn import bn_layers, bn_stats, load_bn_stats, p
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import ROOT, env, load, metrics, torchrun, write_cfg  # noqa: E402
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 
@@ -135,8 +136,8 @@ def _bn_loader_batches(cfg, rank: int, world: int):
 
 
 def _train(cfg: Path, extra_env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsrna_dist.train", "--config", str(cfg)], cwd=ROOT,
-                          env=env(**(extra_env or {})), capture_output=True, text=True, timeout=300)
+    return run_proc([sys.executable, "-m", "dsrna_dist.train", "--config", str(cfg)], cwd=ROOT,
+                    env=env(**(extra_env or {})), timeout=300)
 
 
 def _is_bn_stat(key: str, model: dict) -> bool:

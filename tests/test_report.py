@@ -3,7 +3,6 @@ numbers match a mean/std computed here, independently, from the per-example reco
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from dsrna_dist import genotype as G
 from dsrna_dist.config import EvalConfig, ReportConfig, SearchConfig, TrainConfig, load_config, to_dict
 from dsrna_dist.evaluate import build_attacks, summarize
 from dsrna_dist.report import discover, method_name, write_report
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMS = list(SearchConfig().model.primitives)
@@ -207,15 +207,15 @@ def test_discover_links_runs(tree):
 def test_cli(tree, tmp_path):
     root, _ = tree
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(root), "--out",
-                        str(tmp_path / "r.md"), "--plots=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.report", "--runs", str(root), "--out",
+                 str(tmp_path / "r.md"), "--plots=false"], cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r.md").is_file()
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--runs", str(tmp_path / "missing"), "--out",
-                        str(tmp_path / "r2.md")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.report", "--runs", str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "r2.md")], cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "missing" in r.stderr and not (tmp_path / "r2.md").exists()
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.report", "--help"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.report", "--help"], cwd=ROOT, env=env,
+                 timeout=120)
     assert r.returncode == 0 and "--std_ddof" in r.stdout
 
 

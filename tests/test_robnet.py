@@ -3,7 +3,6 @@ whose answer is known analytically, exact restore between candidates, and the se
 import itertools
 import json
 import os
-import subprocess
 import sys
 import types
 from collections import Counter
@@ -19,6 +18,7 @@ from dsrna_dist.search import build_optimizers, check_config
 from dsrna_dist.space.supernet import Supernet
 from dsrna_dist.strategies import SearchContext, build_strategy
 from dsrna_dist.strategies.robnet import cell_weights, sample_genotype
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 
@@ -188,8 +188,8 @@ def test_robnet_search_writes_a_genotype_the_train_stage_accepts(tmp_path):
             "--steps_per_epoch=2", "--run.tensorboard=false", "--epochs=1", "--strategy.name=robnet",
             "--robnet.samples=3", "--robnet.finetune_steps=1", "--robnet.eval_batches=1",
             "--robnet.train_steps=2", "--robnet.eval_steps=2", f"--run.out_dir={tmp_path}", "--run.name=r"]
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.search", *args],
+                 env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     ranking = json.loads((tmp_path / "r" / "robnet_ranking.json").read_text())["ranking"]
     assert len(ranking) == 3

@@ -11,6 +11,7 @@ import pytest
 
 from dsrna_dist.config import OptimConfig, SearchConfig, TrainConfig, load_config
 from dsrna_dist.engine.schedule import lr_at
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPE = 7  # steps per epoch: any value; the per-epoch part must not depend on it
@@ -104,7 +105,6 @@ def test_search_loop_sets_the_per_step_lr(tmp_path):
     """search.py itself: with a 1-epoch warm-up over 3 steps the last step of epoch 0 runs at the
     full lr (the old per-epoch rule held lr / 2 for the whole epoch), epoch 1 at the cosine value."""
     import os
-    import subprocess
     import sys
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -114,8 +114,8 @@ def test_search_loop_sets_the_per_step_lr(tmp_path):
             "--model.nodes=2", "--run.progress=false", "--steps_per_epoch=3", "--epochs=2",
             "--optim.lr=0.04", "--optim.lr_min=0.0", "--optim.warmup_epochs=1", "--run.name=s",
             f"--run.out_dir={tmp_path}"]
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=ROOT)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.search", *args],
+                 env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     ea = EventAccumulator(str(tmp_path / "s" / "tb"))
     ea.Reload()

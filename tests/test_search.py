@@ -16,6 +16,7 @@ from dsrna_dist.space.supernet import Supernet
 from dsrna_dist.strategies import STRATEGIES, NonFiniteLossError, SearchContext, build_strategy
 from dsrna_dist.strategies.perturb import clip_to_simplex, linf_pgd, ramp_eps, step_generator
 from dsrna_dist.engine.schedule import lr_at
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 
@@ -392,9 +393,8 @@ TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthe
 
 def run_cli(args, tmp_path, env_extra=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args,
-                           f"--run.out_dir={tmp_path}"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return run_proc([sys.executable, "-m", "dsrna_dist.search", *args, f"--run.out_dir={tmp_path}"],
+                    env=env, timeout=600)
 
 
 def test_cli_help_and_bad_key(tmp_path):

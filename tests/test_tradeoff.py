@@ -22,6 +22,7 @@ from dsrna_dist.robustness import build_metric
 from dsrna_dist.robustness.base import RobustnessMetric
 from dsrna_dist.space.supernet import Supernet
 from dsrna_dist.strategies import SearchContext, build_strategy
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 PC = {"strategy.name": "pcdarts", "model.partial_channels": 2, "model.edge_normalization": True}
@@ -268,7 +269,6 @@ def test_share_mode_two_ranks_identical_alpha(tmp_path):
 def test_search_logs_grad_share_eps_and_gap_to_tensorboard_and_summary(tmp_path):
     """A real search run (CLI, synthetic data): grad_share (= the configured share), eps and
     the bound gap reach the step scalars in TensorBoard and the summary's epoch means."""
-    import subprocess
     import sys
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -280,8 +280,8 @@ def test_search_logs_grad_share_eps_and_gap_to_tensorboard_and_summary(tmp_path)
             "--robustness.name=certified", "--robustness.certified.reduction=min", "--robustness.certified.eps_rule=log",
             "--robustness.certified.eps_min=1e-6", "--robustness.trade_off=share", "--robustness.share=0.25",
             "--run.name=s", f"--run.out_dir={tmp_path}"]
-    r = subprocess.run([sys.executable, "-m", "dsrna_dist.search", *args], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    r = run_proc([sys.executable, "-m", "dsrna_dist.search", *args],
+                 env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     means = summary["last_epoch_means"]

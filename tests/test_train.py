@@ -14,6 +14,7 @@ import yaml
 from dsrna_dist.config import OptimConfig, TrainConfig, load_config
 from dsrna_dist.engine.schedule import lr_at
 from dsrna_dist.train import effective_lr
+from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,8 +180,7 @@ def test_single_process_run_checkpoint_and_load_trained(tmp_path):
 
 # --------------------------------------------------------------------------- CLI / bad input
 def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "dsrna_dist.train", *args], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_proc([PY, "-m", "dsrna_dist.train", *args], cwd=ROOT, env=env(), timeout=timeout)
 
 
 def test_help_is_real_help():

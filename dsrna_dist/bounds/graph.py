@@ -935,7 +935,6 @@ def _others(y: Tensor, K: int) -> Tensor:
 
 def margin_spec(y: Tensor, K: int, target: Optional[Tensor] = None) -> Tensor:
     """C with rows ``e_y - e_j``: [B, K-1, K] over j != y, or [B, 1, K] for one target each."""
-    B = y.shape[0]
     eye = torch.eye(K, device=y.device)
     if target is not None:
         if (target == y).any():
