@@ -34,10 +34,9 @@ _server_env: Dict[str, str] = {}
 
 def _context():
     global _ctx, _server_env
-    if _ctx is None:
+    if _ctx is None:  # the server starts, with the environment of this moment, on first use
         _ctx = multiprocessing.get_context("forkserver")
         _ctx.set_forkserver_preload(PRELOAD)
-    if not _server_env:  # the server starts, with the environment of this moment, on first use
         _server_env = dict(os.environ)
     return _ctx
 
