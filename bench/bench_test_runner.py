@@ -20,11 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from _proc import run as run_proc  # noqa: E402
+from _tiny import tiny_search_args  # noqa: E402
 
-ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
-        "--data.synthetic_classes=4", "--data.batch_size=8", "--model.init_channels=4",
-        "--model.layers=3", "--model.nodes=2", "--run.progress=false", "--steps_per_epoch=3",
-        "--epochs=1", "--run.name=bench"]
+ARGS = [*tiny_search_args(layers=3), "--epochs=1", "--run.name=bench"]
 
 
 def once(forked: bool) -> tuple:

@@ -18,6 +18,7 @@ from dsrna_dist.space.supernet import Supernet, derive_genotype, num_edges
 from dsrna_dist.strategies import SearchContext, build_strategy
 from dsrna_dist.strategies.pdarts import prune_ops
 from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
+from _tiny import tiny_search_args  # noqa: E402
 
 torch.set_num_threads(1)
 PRIMS = SearchConfig().model.primitives
@@ -304,10 +305,7 @@ def test_stage_change_prunes_deepens_and_keeps_searching_with_a_metric():
                                     for k in ("normal", "reduce"))
 
 
-TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
-             "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
-             "--model.init_channels=4", "--model.layers=2", "--model.nodes=2",
-             "--run.progress=false", "--steps_per_epoch=3", "--run.tensorboard=false",
+TINY_ARGS = [*tiny_search_args(layers=2), "--run.tensorboard=false",
              "--strategy.name=pdarts", "--epochs=4", "--pdarts.stage_layers=[3,4]",
              "--pdarts.stage_epochs=[2,2]", "--pdarts.keep_ops=[3]", "--pdarts.skip_dropout=[0.1,0.4]",
              "--pdarts.arch_start_epoch=1"]

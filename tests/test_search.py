@@ -17,6 +17,7 @@ from dsrna_dist.strategies import STRATEGIES, NonFiniteLossError, SearchContext,
 from dsrna_dist.strategies.perturb import clip_to_simplex, linf_pgd, ramp_eps, step_generator
 from dsrna_dist.engine.schedule import lr_at
 from _proc import run as run_proc  # noqa: E402  (tests/: forked CLI runs)
+from _tiny import tiny_search_args  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -385,10 +386,7 @@ def test_two_ranks_keep_alpha_and_weights_bit_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------- the stage (CLI)
-TINY_ARGS = ["--data.name=synthetic", "--data.synthetic_size=96", "--data.synthetic_shape=[3,8,8]",
-             "--data.synthetic_classes=4", "--data.batch_size=8", "--data.crop_padding=1",
-             "--model.init_channels=4", "--model.layers=3", "--model.nodes=2",
-             "--run.progress=false", "--steps_per_epoch=3"]
+TINY_ARGS = tiny_search_args(layers=3)
 
 
 def run_cli(args, tmp_path, env_extra=None):
