@@ -8,6 +8,7 @@ Done tasks are skipped, so the queue is idempotent: rerun it after any stop.
     OMP_NUM_THREADS=1 nohup python bench/grid_queue.py > w1.log 2>&1 &   # one per core
     python bench/grid_queue.py --list                                      # the steps, run nothing
     python bench/grid_queue.py --from group2-autoattack                    # start at a named step
+    nohup bash bench/grid_commit.sh 600 > commit.log 2>&1 &               # commit stages as they land
 
 Not in the queue: the capacity controls (``bench/capacity_control.sh``; the width per seed is
 chosen by hand to match the DSRNA-CB cell's parameter count).

@@ -2,6 +2,9 @@
 and an unknown step name is refused with the name."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +42,32 @@ def test_list_prints_the_commands_and_runs_nothing(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert [l.split(":")[0] for l in out] == [n for n, _ in grid_queue.STEPS]
     assert out[0].endswith("--seeds 3 4 5 6 7 8 9 --recipes pbn --stages search train eval certify autoattack")
+
+
+def _run(repo: Path, *cmd: str) -> "subprocess.CompletedProcess[str]":
+    """``cmd`` in ``repo`` with a committer identity (a bare CI machine has none)."""
+    ident = {k: v for k in ("AUTHOR", "COMMITTER") for k, v in ((f"GIT_{k}_NAME", "t"), (f"GIT_{k}_EMAIL", "t@t"))}
+    return subprocess.run(list(cmd), cwd=repo, env=dict(os.environ, **ident), capture_output=True, text=True)
+
+
+def test_grid_commit_commits_finished_stages_only(tmp_path):
+    """bench/grid_commit.sh: a stage with a summary is committed with the grid log; a running
+    one (no summary yet) is left alone; a second call finds nothing to do."""
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "grid_commit.sh", tmp_path / "bench")
+    _run(tmp_path, "git", "init", "-q")
+    net = tmp_path / "results" / "grid" / "net" / "pbn"
+    for run, name in (("a_s0", "summary.json"), ("b_s0", "partial.json")):
+        (net / run / "autoattack").mkdir(parents=True)
+        (net / run / "autoattack" / name).write_text("{}")
+    (tmp_path / "results" / "grid" / "grid_log.jsonl").write_text('{"task": "a"}\n')
+    r = _run(tmp_path, "bash", "bench/grid_commit.sh")
+    assert r.returncode == 0 and "committed net/pbn/a_s0/autoattack" in r.stdout, r.stderr
+    log = lambda: _run(tmp_path, "git", "log", "--format=%s").stdout.splitlines()  # noqa: E731
+    assert log() == ["#15 grid: net/pbn/a_s0/autoattack"]
+    files = _run(tmp_path, "git", "ls-files").stdout.split()
+    assert "results/grid/grid_log.jsonl" in files and not any("b_s0" in f for f in files)
+    r = _run(tmp_path, "bash", "bench/grid_commit.sh")
+    assert r.returncode == 0 and r.stdout == "" and len(log()) == 1
+    r = _run(tmp_path, "bash", "bench/grid_commit.sh", "10m")
+    assert r.returncode == 2 and "interval must be whole seconds, got '10m'" in r.stderr
