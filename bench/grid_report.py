@@ -559,9 +559,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in allrows:
         f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
         g = (lambda v: "-" if v is None else f"{v:.2g}")
+        n = (lambda v: "-" if v is None else str(v))  # a one-shot search (RobNet) has no alpha history
         lines.append(f"| {r['method']} | {r['seed']} | {'n/a' if r['converged'] is None else 'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
-                     f"{f(r['entropy'])} | {r['changes']} | {r['last_change']} / {r['arch_steps']} | "
-                     f"{r['late_changes']} / {r['late_diff']} | {margin_text(r['margin'])} | "
+                     f"{f(r['entropy'])} | {n(r['changes'])} | {n(r['last_change'])} / {n(r['arch_steps'])} | "
+                     f"{n(r['late_changes'])} / {n(r['late_diff'])} | {margin_text(r['margin'])} | "
                      f"{f(r['grad_share'], 2)} | {g(r['grad_share_max'])} | {g(r['eps'])} | "
                      f"{f(r['gap'], 2)} | {f((r['cpu_s'] or 0) / 60, 1)} | `{r['ghash']}` |")
     figs = plots(srows, list(RECIPES))
