@@ -4,7 +4,8 @@ RESULTS.md quotes the report's tables, each followed by its reading; after ``gri
 regenerates the report, this puts the new tables in place so the two never disagree. A table is
 matched by its section (RESULTS.md's ``###`` heading to the report's ``##`` one, by the prefixes
 in ``SECTIONS``) and its position in the section, and is replaced only when its first column
-header is the same in both; anything that does not match is listed and left alone.
+header is the same in both; anything that does not match is listed and left alone. The report's
+one-line summaries named in ``LINES`` are copied too, where each occurs once on both sides.
 
     python bench/sync_results.py            # list what would change
     python bench/sync_results.py --write    # write RESULTS.md (atomically)
@@ -34,6 +35,10 @@ SECTIONS: Dict[str, str] = {
     "The paper's tables in its form": "The paper's tables in its form",
     "Certified radius against the cell's convolutions": "Certified radius against the cell's convolutions",
 }
+
+
+#: report lines (by prefix) that RESULTS.md quotes verbatim beside the tables
+LINES = ("Parameter-free ops (pools, skip) in the found cells", "Converged per method:")
 
 
 def sections(lines: List[str], level: int, lo: int = 0, hi: Optional[int] = None) -> Dict[str, List[int]]:
@@ -109,6 +114,13 @@ def plan(results: List[str], report: List[str]) -> Tuple[List[Tuple[int, int, Li
             new = report[c:d + 1]
             if new != results[a:b + 1]:
                 repl.append((a, b, new))
+    for prefix in LINES:
+        ours_l = [i for i in range(lo, hi) if results[i].startswith(prefix)]
+        theirs_l = [l for l in report if l.startswith(prefix)]
+        if len(ours_l) != 1 or len(theirs_l) != 1:
+            notes.append(f"line '{prefix}': {len(ours_l)} in RESULTS.md, {len(theirs_l)} in the report")
+        elif results[ours_l[0]] != theirs_l[0]:
+            repl.append((ours_l[0], ours_l[0], theirs_l))
     return repl, notes
 
 
@@ -127,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in notes:
         print(f"left alone: {note}")
     for a, b, new in repl:
-        print(f"table at line {a + 1}: {b - a + 1} -> {len(new)} lines ({results[a][:60]}...)")
+        print(f"at line {a + 1}: {b - a + 1} -> {len(new)} lines ({results[a][:60]}...)")
     if args.write and repl:
         for a, b, new in sorted(repl, reverse=True):
             results[a:b + 1] = new
@@ -136,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fh.write("\n".join(results))
         os.chmod(tmp, os.stat(args.results).st_mode & 0o7777)
         os.replace(tmp, args.results)
-    print(f"{len(repl)} table(s) {'updated' if args.write else 'to update'}")
+    print(f"{len(repl)} table(s) or line(s) {'updated' if args.write else 'to update'}")
     return 0
 
 

@@ -23,6 +23,8 @@ RESULTS = """# RESULTS
 |---|---|---|
 | darts | 0 | yes |
 
+Converged per method: darts 1 of 1.
+
 Reading: DARTS converged.
 
 ### DSRNA against each baseline
@@ -51,6 +53,8 @@ REPORT = """# report
 | darts | 0 | yes |
 | pdarts | 0 | yes |
 
+Converged per method: darts 1 of 1; pdarts 1 of 1.
+
 ## DSRNA against each baseline
 
 | recipe | diff |
@@ -75,16 +79,17 @@ def test_tables_replaced_prose_and_other_parts_kept(files, capsys):
     r, p = files
     assert sync_results.main(["--results", str(r), "--report", str(p)]) == 0
     assert r.read_text() == RESULTS  # without --write nothing is touched
-    assert "2 table(s) to update" in capsys.readouterr().out
+    assert "3 table(s) or line(s) to update" in capsys.readouterr().out
     assert sync_results.main(["--results", str(r), "--report", str(p), "--write"]) == 0
     out = r.read_text()
-    assert "| pdarts | 0 | yes |\n\nReading: DARTS converged." in out and "| pbn | +2 |" in out
+    assert "| pdarts | 0 | yes |\n\nConverged per method: darts 1 of 1; pdarts 1 of 1.\n\nReading" in out
+    assert "| pbn | +2 |" in out
     assert "| a | 1 |" in out and "| a | 2 |" not in out  # first column differs: left alone
     assert "first column differs" in capsys.readouterr().out
     assert out.count("| kept | - | - |") == 1 and "a table above the quoted part" in out
-    assert out.replace("| pdarts | 0 | yes |\n", "").replace("+2", "+1") == RESULTS
+    assert out.replace("| pdarts | 0 | yes |\n", "").replace("+2", "+1").replace("; pdarts 1 of 1", "") == RESULTS
     sync_results.main(["--results", str(r), "--report", str(p), "--write"])
-    assert r.read_text() == out and "0 table(s) updated" in capsys.readouterr().out
+    assert r.read_text() == out and "0 table(s) or line(s) updated" in capsys.readouterr().out
 
 
 def test_missing_file_and_missing_part_are_named(files):
