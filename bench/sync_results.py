@@ -13,14 +13,14 @@ one-line summaries named in ``LINES`` are copied too, where each occurs once on 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dsrna_dist.engine.io import atomic_write_text  # noqa: E402
 PART = "## Results so far"  # the part of RESULTS.md that quotes the report
 
 #: RESULTS.md section heading prefix -> report section heading prefix (the longest prefix wins)
@@ -60,19 +60,14 @@ def sections(lines: List[str], level: int, lo: int = 0, hi: Optional[int] = None
 
 def tables(lines: List[str], idx: List[int]) -> List[Tuple[int, int]]:
     """(first, last) line of each markdown table among the lines ``idx``."""
-    out, start, prev = [], None, None
+    out: List[Tuple[int, int]] = []
     for i in idx:
-        if lines[i].startswith("|"):
-            if start is None or i != prev + 1:
-                if start is not None:
-                    out.append((start, prev))
-                start = i
-            prev = i
-        elif start is not None:
-            out.append((start, prev))
-            start = None
-    if start is not None:
-        out.append((start, prev))
+        if not lines[i].startswith("|"):
+            continue
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
     return out
 
 
@@ -133,8 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for f in (args.results, args.report):
         if not Path(f).is_file():
             raise SystemExit(f"sync_results.py: no such file: {f}")
-    text = Path(args.results).read_text()
-    results, report = text.split("\n"), Path(args.report).read_text().split("\n")
+    results = Path(args.results).read_text().split("\n")
+    report = Path(args.report).read_text().split("\n")
     repl, notes = plan(results, report)
     for note in notes:
         print(f"left alone: {note}")
@@ -143,11 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.write and repl:
         for a, b, new in sorted(repl, reverse=True):
             results[a:b + 1] = new
-        fd, tmp = tempfile.mkstemp(dir=str(Path(args.results).parent), prefix=".RESULTS.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(results))
-        os.chmod(tmp, os.stat(args.results).st_mode & 0o7777)
-        os.replace(tmp, args.results)
+        atomic_write_text(args.results, "\n".join(results))
     print(f"{len(repl)} table(s) or line(s) {'updated' if args.write else 'to update'}")
     return 0
 
