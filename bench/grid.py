@@ -132,6 +132,14 @@ STAGES = ("search", "train", "eval", "certify", "crown", "autoattack")
 #: reproduce an old one's floats: measured, bench/rebuild_checkpoint.py)
 REBUILD_MODES = ("exact", "adopt")
 LATE = ("crown", "autoattack")  # hours per network on a CPU core: after everything else
+#: opt-in (``--stages control``), not in STAGES: capacity controls, a found cell retrained narrower
+#: with the recipe's config, seed and first evaluation, to tell "this cell" from "a net this small".
+#: search run -> init channels, chosen by hand so the net has about the parameters of the DSRNA-CB
+#: cell of the same seed (14.2k, 15.6k at C = 8): the DARTS seed-0 cell at C = 5 has 14.1k, the
+#: seed-1 cell 13.6k (C = 6 would be 18.1k). DSRNA-CB seed 2's cell is in the baselines' accuracy
+#: range and needs none. Results: control/<run>_c<C>[_<recipe>]/{train,eval} (nat: no suffix).
+CONTROLS = {"darts_s0": 5, "darts_s1": 5}
+CONTROL = "control"
 
 
 @dataclass
@@ -235,7 +243,41 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
                             net / stage / "summary.json",
                             launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
                                       f"--checkpoint={best}", *common], info))
+    if CONTROL in stages:
+        out += control_tasks(methods, seeds, recipes, launch)
     return sorted(out, key=lambda t: (tier(t), t.prio))
+
+
+def control_dir(run: str, channels: int, recipe: str) -> Path:
+    return OUT / "control" / (f"{run}_c{channels}" + ("" if recipe == "nat" else f"_{recipe}"))
+
+
+def control_tasks(methods: Sequence[str], seeds: Sequence[int], recipes: Sequence[str],
+                  launch: List[str]) -> List[Task]:
+    """The CONTROLS' train and (once trained) eval tasks of the selected methods, seeds, recipes."""
+    out: List[Task] = []
+    for run, channels in CONTROLS.items():
+        method, s = run.rsplit("_s", 1)
+        seed = int(s)
+        gpath = OUT / "search" / run / "genotype.json"
+        if method not in methods or seed not in seeds or not gpath.exists():
+            continue
+        gi = next(i for i, g in enumerate(GROUPS) if method in g)
+        for recipe in (r for r in RECIPES if r in recipes):
+            d = control_dir(run, channels, recipe)
+            name, rk = d.name, list(RECIPES).index(recipe)
+            info = {"recipe": recipe, "seed": seed, "methods": [method], "control": name}
+            common = [f"--run.out_dir={d}", f"--run.seed={seed}", "--run.progress=false"]
+            out.append(Task(f"control-train-{name}", "train", (1 + gi, 0, seed, rk, 99), d / "train" / "summary.json",
+                            launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=train",
+                                      f"--model.genotype={gpath}", f"--model.init_channels={channels}", *common],
+                            info))
+            if (d / "train" / "summary.json").exists():
+                best = d / "train" / "checkpoints" / RECIPE_CHECKPOINT[recipe]
+                out.append(Task(f"control-eval-{name}", "eval", (1 + gi, 2, seed, rk, 99), d / "eval" / "summary.json",
+                                launch + ["dsrna_dist.evaluate", f"--config={RECIPE_EVALS[recipe][0][1]}",
+                                          "--run.name=eval", f"--checkpoint={best}", *common], info))
+    return out
 
 
 def tier(t: Task) -> int:
@@ -436,7 +478,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=[*STAGES, CONTROL],
+                    help=f"'{CONTROL}' (opt-in): the capacity controls of CONTROLS")
     ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES),
                     help="retraining recipes whose networks to train, attack and certify (ibp: "
                     "certified training, opt-in, ~95 CPU-min per net)")

@@ -10,8 +10,8 @@ Done tasks are skipped, so the queue is idempotent: rerun it after any stop.
     python bench/grid_queue.py --from group2-autoattack                    # start at a named step
     nohup bash bench/grid_commit.sh 600 > commit.log 2>&1 &               # commit stages as they land
 
-Not in the queue: the capacity controls (``bench/capacity_control.sh``; the width per seed is
-chosen by hand to match the DSRNA-CB cell's parameter count).
+The capacity controls (``grid.py --stages control``: the widths of ``grid.CONTROLS`` are chosen
+by hand to match the DSRNA-CB cell's parameter count) are the step after the searches.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ STEPS: Tuple[Tuple[str, List[str]], ...] = (
     # for both groups), and each gives the convergence table a method it lacks
     ("group3-search", ["--methods", *GROUP3, "--stages", "search"]),
     ("group4-search", ["--methods", *GROUP4, "--stages", "search"]),
+    # claim (2)'s accuracy deficit of DSRNA-CB's seed-0 / seed-1 cells: the cell, or the width?
+    ("capacity-control", ["--methods", "darts", "--seeds", "0", "1", "--stages", grid.CONTROL]),
     ("core-pbn-crown", ["--methods", *CORE, "--recipes", "pbn", "--stages", "crown"]),
     ("core-adv-rebuild", ["--methods", *CORE, "--recipes", "adv", "--rebuild", "adopt",
                           "--stages", "eval", "certify", "autoattack"]),

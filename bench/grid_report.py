@@ -682,7 +682,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 series.setdefault((recipe, k), {}).setdefault(method, {})[res["seed"]] = float(v)
         rep_rows = replication.score(plan, series)
         lines += replication.lines(plan, rep_rows, [r for r in allrows if r["seed"] in fresh])
-    # ---- controls (bench/capacity_control.sh): a found cell retrained narrower
+    # ---- capacity controls (grid.py --stages control): a found cell retrained narrower
     controls = sorted(d for d in (OUT / "control").glob("*_c*") if (d / "train" / "summary.json").exists()) \
         if (OUT / "control").exists() else []
     if controls:
@@ -690,10 +690,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cols = [k for k in next(iter(r for _, r in rows)) if k != "masking_flagged"]
         for _, r in rows[1:]:
             cols += [k for k in r if k not in cols and k != "masking_flagged"]
-        lines += ["", "## Capacity controls (`bench/capacity_control.sh`)", "",
-                  "A found cell retrained at a narrower width (`<search run>_c<init channels>`; `_adv`: "
-                  "PGD adversarial training, else natural), same recipe, seed and evaluation as the grid's "
-                  "networks of that recipe; one run each.", "",
+        lines += ["", "## Capacity controls (`bench/grid.py --stages control`)", "",
+                  "A found cell retrained at a narrower width (`<search run>_c<init channels>_<recipe>`; no "
+                  "suffix: `nat`, natural training with EMA BN statistics), same recipe, seed and evaluation "
+                  "as the grid's networks of that recipe; one run each.", "",
                   "| control | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, r in rows:
             lines.append(f"| {name} | " + " | ".join(

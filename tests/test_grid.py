@@ -73,6 +73,30 @@ def test_tasks_appear_as_inputs_land_and_networks_are_shared(out):
     assert any(f"--checkpoint={train[0].done.parent / 'checkpoints' / 'best.pt'}" in t.argv for t in ev)
 
 
+def test_capacity_controls_are_opt_in_and_retrain_the_cell_narrower(out, monkeypatch):
+    monkeypatch.setattr(grid, "CONTROLS", {"darts_s0": 5, "darts_s1": 4})
+    found(out, "darts", 0, CELL_B)
+    assert not any("control" in t.info for t in grid.tasks(["darts"], [0, 1], grid.STAGES, 1))  # opt-in
+    ts = grid.tasks(["darts"], [0, 1], [grid.CONTROL], 1, recipes=["pbn", "nat"])
+    # only darts_s0's cell exists: its control per recipe (nat keeps the first sessions' unsuffixed name)
+    assert [t.key for t in ts] == ["control-train-darts_s0_c5", "control-train-darts_s0_c5_pbn"]
+    tr = ts[1]
+    assert f"--config={grid.RECIPES['pbn']}" in tr.argv and "--model.init_channels=5" in tr.argv
+    assert f"--model.genotype={out / 'search' / 'darts_s0' / 'genotype.json'}" in tr.argv
+    assert f"--run.out_dir={out / 'control' / 'darts_s0_c5_pbn'}" in tr.argv and "--run.seed=0" in tr.argv
+    assert tr.done == out / "control" / "darts_s0_c5_pbn" / "train" / "summary.json"
+    assert grid.tasks(["pcdarts"], [0], [grid.CONTROL], 1, recipes=["pbn"]) == []  # method filter
+    tr.done.parent.mkdir(parents=True)
+    tr.done.write_text("{}")
+    ev = [t for t in grid.tasks(["darts"], [0], [grid.CONTROL], 1, recipes=["pbn"]) if t.stage == "eval"]
+    assert [t.key for t in ev] == ["control-eval-darts_s0_c5_pbn"]
+    assert f"--config={grid.RECIPE_EVALS['pbn'][0][1]}" in ev[0].argv
+    assert f"--checkpoint={out / 'control' / 'darts_s0_c5_pbn' / 'train' / 'checkpoints' / 'best.pt'}" in ev[0].argv
+    found(out, "darts", 1, CELL_A)
+    assert "control-train-darts_s1_c4_adv" in [t.key for t in grid.tasks(["darts"], [1], [grid.CONTROL], 1)]
+    assert not any("s1" in t.key for t in grid.tasks(["darts"], [0], [grid.CONTROL], 1))  # seed filter
+
+
 def test_recipes_restrict_the_networks(out):
     found(out, "darts", 0, CELL_B)
     nat = grid.tasks(["darts"], [0], grid.STAGES, 1, recipes=["nat"])
