@@ -51,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -474,7 +474,14 @@ def status(ts: List[Task]) -> None:
     print("\n".join(plan(ts, states, read_jsonl(OUT / "grid_log.jsonl"))))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+class Outcome(NamedTuple):
+    ran: int      # tasks this worker ran
+    failed: int   # of those, how many exited non-zero
+    waiting: int  # tasks left claimed by other live workers (only with --no-wait; else 0)
+
+
+def work(argv: Optional[Sequence[str]] = None) -> Outcome:
+    """Run the selected part of the grid as one worker (``main``'s arguments); see ``main``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -490,17 +497,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "evaluations unless identical (adopt)")
     ap.add_argument("--max-tasks", type=int, default=0, help="stop after this many tasks (0: until none is left)")
     ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="return when every task left is claimed by another live worker (exit 3) instead "
+                    "of waiting for them: bench/grid_queue.py then takes the next step's tasks")
     ap.add_argument("--status", action="store_true", help="list the visible tasks and their state, run nothing")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.status:
         status(tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes, args.rebuild))
-        return 0
+        return Outcome(0, 0, 0)
     if args.retry_failed:
         for f in (OUT / ".failed").glob("*"):
             f.unlink()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(ROOT))
-    ran = failed = 0
+    ran = failed = waiting = 0
     while not args.max_tasks or ran < args.max_tasks:
         todo = [t for t in tasks(args.methods, args.seeds, args.stages, args.nproc, args.recipes, args.rebuild)
                 if not t.done.exists() and not (OUT / ".failed" / t.key).exists()]
@@ -516,6 +526,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if task is None:
             if not todo:
                 break
+            if args.no_wait:
+                waiting = len(todo)
+                break
             time.sleep(30)  # everything left is claimed by live workers or waits on their outputs
             continue
         try:
@@ -523,8 +536,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             lock.unlink(missing_ok=True)
         ran += 1
-    print(f"grid: {ran} tasks run, {failed} failed", flush=True)
-    return 1 if failed else 0
+    print(f"grid: {ran} tasks run, {failed} failed" + (f", {waiting} left to other workers" if waiting else ""),
+          flush=True)
+    return Outcome(ran, failed, waiting)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit 0 when the selected tasks are done, 1 when one failed, 3 (--no-wait) when tasks are
+    left that other live workers hold."""
+    out = work(argv)
+    return 1 if out.failed else 3 if out.waiting else 0
 
 
 if __name__ == "__main__":

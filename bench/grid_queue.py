@@ -1,9 +1,12 @@
 """The rest of issue #15's grid, in the planned order (RESULTS.md, "What remains"), as one command.
 
-Each step is one ``bench/grid.py`` invocation; a step ends when its every task is done or claimed
-by a live worker that finished it (grid.py waits on the others' locks), so two workers started
-30 s apart walk the queue together, and a killed worker resumes where the step's tasks stopped.
-Done tasks are skipped, so the queue is idempotent: rerun it after any stop.
+Each step is one ``bench/grid.py --no-wait`` invocation; a worker leaves a step when every task
+of it left is done or held by another live worker, and takes the next step's tasks instead of
+idling; after the last step it walks the queue again from the first (a step's tasks appear as
+their inputs land, and a held task may fail or its worker die), until a pass finds nothing held
+by others and nothing to run. So two workers started 30 s apart walk the queue together, the
+queue's order is the order of work, and a killed worker resumes where the tasks stopped. Done
+tasks are skipped, so the queue is idempotent: rerun it after any stop.
 
     OMP_NUM_THREADS=1 nohup python bench/grid_queue.py > w1.log 2>&1 &   # one per core
     python bench/grid_queue.py --list                                      # the steps, run nothing
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -56,7 +60,7 @@ def select(start: Optional[str]) -> List[Tuple[str, List[str]]]:
     return list(STEPS[names.index(start):] if start else STEPS)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, poll_s: float = 60.0) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="start", default=None, help="start at this step (see --list)")
     ap.add_argument("--list", action="store_true", help="print the steps and their grid.py arguments")
@@ -67,10 +71,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name}: python bench/grid.py {' '.join(a)}")
         return 0
     failed = 0
-    for name, a in steps:
-        print(f"[queue] {name}: grid.py {' '.join(a)}", flush=True)
-        failed += grid.main(a) != 0  # a failed task is marked in .failed/ and skipped; go on
-    return 1 if failed else 0
+    while True:
+        ran = waiting = 0
+        for name, a in steps:
+            print(f"[queue] {name}: grid.py {' '.join(a)}", flush=True)
+            out = grid.work([*a, "--no-wait"])
+            failed += out.failed  # a failed task is marked in .failed/ and skipped; go on
+            ran, waiting = ran + out.ran, waiting + out.waiting
+        if not waiting:
+            return 1 if failed else 0
+        if not ran:  # everything left is held by other workers: look again in a while
+            time.sleep(poll_s)
 
 
 if __name__ == "__main__":

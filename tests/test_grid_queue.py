@@ -1,5 +1,6 @@
 """bench/grid_queue.py: every step is a valid grid.py invocation, steps run in order from --from,
-and an unknown step name is refused with the name."""
+a worker moves on while others hold a step's last tasks, and an unknown step name is refused
+with the name."""
 from __future__ import annotations
 
 import os
@@ -25,19 +26,49 @@ def test_each_step_is_a_valid_grid_invocation(tmp_path, monkeypatch, capsys, nam
 
 def test_the_queue_runs_its_steps_in_order_from_the_named_one(monkeypatch):
     seen = []
-    monkeypatch.setattr(grid, "main", lambda a: seen.append(list(a)) or (1 if "crown" in a else 0))
+    monkeypatch.setattr(grid, "work", lambda a: seen.append(list(a)) or grid.Outcome(1, int("crown" in a), 0))
     assert grid_queue.main(["--from", "group2-autoattack"]) == 1  # a failed step is reported, the rest still run
-    assert seen == [a for _, a in grid_queue.STEPS[1:]]
+    assert seen == [[*a, "--no-wait"] for _, a in grid_queue.STEPS[1:]]  # one pass: nothing held by others
+
+
+def test_a_worker_takes_the_next_steps_tasks_and_walks_again_while_others_hold_some(monkeypatch):
+    """A step whose last tasks other workers hold does not stop this worker: it goes on to the
+    next steps, then walks the queue again (after a pause only when it ran nothing) until no step
+    has a task held elsewhere."""
+    passes = [{"capacity-control": grid.Outcome(0, 0, 1), "group3": grid.Outcome(2, 0, 0)},  # ran: no pause
+              {"capacity-control": grid.Outcome(0, 0, 1)},                                    # ran nothing: pause
+              {}]
+    names = [n for n, _ in grid_queue.STEPS]
+    calls, sleeps = [], []
+
+    def work(a):
+        calls.append(names[[x for _, x in grid_queue.STEPS].index(a[:-1])])
+        return passes[(len(calls) - 1) // len(names)].get(calls[-1], grid.Outcome(0, 0, 0))
+    monkeypatch.setattr(grid, "work", work)
+    monkeypatch.setattr(grid_queue.time, "sleep", sleeps.append)
+    assert grid_queue.main([], poll_s=7) == 0
+    assert calls == names * 3 and sleeps == [7]
+
+
+def test_no_wait_returns_when_the_tasks_left_are_held_by_a_live_worker(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grid, "OUT", tmp_path)
+    held = [t.key for t in grid.tasks(["darts"], [0], ["search"], 1)]
+    (tmp_path / ".locks").mkdir()
+    (tmp_path / ".locks" / f"{held[0]}.lock").write_text(str(os.getppid()))  # a live process, not ours
+    monkeypatch.setattr(grid.time, "sleep", lambda s: pytest.fail("waited on the other worker"))
+    assert grid.main(["--methods", "darts", "--seeds", "0", "--stages", "search", "--no-wait"]) == 3
+    assert "0 tasks run, 0 failed, 1 left to other workers" in capsys.readouterr().out
+    assert grid.work(["--methods", "darts", "--seeds", "0", "--stages", "search", "--no-wait"]) == (0, 0, 1)
 
 
 def test_an_unknown_step_is_refused_by_name(monkeypatch):
-    monkeypatch.setattr(grid, "main", lambda a: pytest.fail("ran a step"))
+    monkeypatch.setattr(grid, "work", lambda a: pytest.fail("ran a step"))
     with pytest.raises(SystemExit, match="no step 'grop3'"):
         grid_queue.main(["--from", "grop3"])
 
 
 def test_list_prints_the_commands_and_runs_nothing(monkeypatch, capsys):
-    monkeypatch.setattr(grid, "main", lambda a: pytest.fail("ran a step"))
+    monkeypatch.setattr(grid, "work", lambda a: pytest.fail("ran a step"))
     assert grid_queue.main(["--list"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [l.split(":")[0] for l in out] == [n for n, _ in grid_queue.STEPS]
