@@ -178,6 +178,19 @@ def launcher(nproc: int) -> List[str]:
     return [sys.executable, "-m"]
 
 
+def train_cmd(launch: List[str], recipe: str, genotype: Path, common: List[str], name: str = "train",
+              extra: Sequence[str] = ()) -> List[str]:
+    """The retraining command of a cell with ``recipe`` (``common``: out dir, seed, progress)."""
+    return launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", f"--run.name={name}",
+                     f"--model.genotype={genotype}", *extra, *common]
+
+
+def eval_cmd(launch: List[str], cfg: str, stage: str, checkpoint: Path, common: List[str]) -> List[str]:
+    """The evaluation command of one stage on a trained checkpoint."""
+    return launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
+                     f"--checkpoint={checkpoint}", *common]
+
+
 def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], nproc: int,
           recipes: Sequence[str] = DEFAULT_RECIPES, rebuild: str = "exact") -> List[Task]:
     """Every task whose inputs exist now, in priority order (later calls see more tasks).
@@ -216,8 +229,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
         if "train" in stages:
             out.append(Task(f"train-{recipe}-{gh}-s{seed}", "train", (1 + gi, 0, seed, rk, mi),
                             net / "train" / "summary.json",
-                            launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=train",
-                                      f"--model.genotype={n['genotype']}", *common], info))
+                            train_cmd(launch, recipe, n["genotype"], common), info))
         if not (net / "train" / "summary.json").exists():
             continue
         evals = []
@@ -229,8 +241,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
         pending = [e for e in evals if not (net / e[0] / "summary.json").exists()]
         if pending and not best.exists():
             # trained before checkpoints were committed, weights gone: train again (--rebuild)
-            train_argv = launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=rebuild",
-                                   f"--model.genotype={n['genotype']}", *common]
+            train_argv = train_cmd(launch, recipe, n["genotype"], common, name="rebuild")
             code = train_code(f"train-{recipe}-{gh}-s{seed}") if rebuild == "exact" else None
             how = ["--adopt", *(st for st, _ in RECIPE_EVALS[recipe])] if rebuild == "adopt" else []
             out.append(Task(f"rebuild-{recipe}-{gh}-s{seed}", "rebuild", pending[0][2], best,
@@ -241,8 +252,7 @@ def tasks(methods: Sequence[str], seeds: Sequence[int], stages: Sequence[str], n
         for stage, cfg, prio in evals:
             out.append(Task(f"{stage}-{recipe}-{gh}-s{seed}", stage, prio,
                             net / stage / "summary.json",
-                            launch + ["dsrna_dist.evaluate", f"--config={cfg}", f"--run.name={stage}",
-                                      f"--checkpoint={best}", *common], info))
+                            eval_cmd(launch, cfg, stage, best, common), info))
     if CONTROL in stages:
         out += control_tasks(methods, seeds, recipes, launch)
     return sorted(out, key=lambda t: (tier(t), t.prio))
@@ -269,14 +279,12 @@ def control_tasks(methods: Sequence[str], seeds: Sequence[int], recipes: Sequenc
             info = {"recipe": recipe, "seed": seed, "methods": [method], "control": name}
             common = [f"--run.out_dir={d}", f"--run.seed={seed}", "--run.progress=false"]
             out.append(Task(f"control-train-{name}", "train", (1 + gi, 0, seed, rk, 99), d / "train" / "summary.json",
-                            launch + ["dsrna_dist.train", f"--config={RECIPES[recipe]}", "--run.name=train",
-                                      f"--model.genotype={gpath}", f"--model.init_channels={channels}", *common],
+                            train_cmd(launch, recipe, gpath, common, extra=[f"--model.init_channels={channels}"]),
                             info))
             if (d / "train" / "summary.json").exists():
                 best = d / "train" / "checkpoints" / RECIPE_CHECKPOINT[recipe]
                 out.append(Task(f"control-eval-{name}", "eval", (1 + gi, 2, seed, rk, 99), d / "eval" / "summary.json",
-                                launch + ["dsrna_dist.evaluate", f"--config={RECIPE_EVALS[recipe][0][1]}",
-                                          "--run.name=eval", f"--checkpoint={best}", *common], info))
+                                eval_cmd(launch, RECIPE_EVALS[recipe][0][1], "eval", best, common), info))
     return out
 
 

@@ -556,10 +556,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               "| method | seed | converged | mean max softmax | entropy | genotype changes | last change / arch steps "
               "| late | smallest decision margin | grad_share | max grad_share | eps (CB) | gap (CB) | CPU min | cell |",
               "|---" * 15 + "|"]
+    f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
+    g = (lambda v: "-" if v is None else f"{v:.2g}")
+    n = (lambda v: "-" if v is None else str(v))  # a one-shot search (RobNet) has no alpha history
     for r in allrows:
-        f = (lambda v, d=3: "-" if v is None else f"{v:.{d}f}")
-        g = (lambda v: "-" if v is None else f"{v:.2g}")
-        n = (lambda v: "-" if v is None else str(v))  # a one-shot search (RobNet) has no alpha history
         lines.append(f"| {r['method']} | {r['seed']} | {'n/a' if r['converged'] is None else 'yes' if r['converged'] else 'NO'} | {f(r['max_softmax'])} | "
                      f"{f(r['entropy'])} | {n(r['changes'])} | {n(r['last_change'])} / {n(r['arch_steps'])} | "
                      f"{n(r['late_changes'])} / {n(r['late_diff'])} | {margin_text(r['margin'])} | "
