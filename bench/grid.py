@@ -508,6 +508,8 @@ def work(argv: Optional[Sequence[str]] = None) -> Outcome:
     ap.add_argument("--no-wait", action="store_true",
                     help="return when every task left is claimed by another live worker (exit 3) instead "
                     "of waiting for them: bench/grid_queue.py then takes the next step's tasks")
+    ap.add_argument("--quiet", action="store_true",
+                    help="print no summary line when no task ran (bench/grid_queue.py's idle polling)")
     ap.add_argument("--status", action="store_true", help="list the visible tasks and their state, run nothing")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -544,8 +546,9 @@ def work(argv: Optional[Sequence[str]] = None) -> Outcome:
         finally:
             lock.unlink(missing_ok=True)
         ran += 1
-    print(f"grid: {ran} tasks run, {failed} failed" + (f", {waiting} left to other workers" if waiting else ""),
-          flush=True)
+    if ran or not args.quiet:
+        print(f"grid: {ran} tasks run, {failed} failed" + (f", {waiting} left to other workers" if waiting else ""),
+              flush=True)
     return Outcome(ran, failed, waiting)
 
 

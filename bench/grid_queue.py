@@ -70,18 +70,22 @@ def main(argv: Optional[Sequence[str]] = None, poll_s: float = 60.0) -> int:
         for name, a in steps:
             print(f"{name}: python bench/grid.py {' '.join(a)}")
         return 0
-    failed = 0
+    failed, idle = 0, False
     while True:
         ran = waiting = 0
         for name, a in steps:
-            print(f"[queue] {name}: grid.py {' '.join(a)}", flush=True)
-            out = grid.work([*a, "--no-wait"])
+            if not idle:  # a worker polling on other workers' tasks logs only what it runs
+                print(f"[queue] {name}: grid.py {' '.join(a)}", flush=True)
+            out = grid.work([*a, "--no-wait", *(["--quiet"] if idle else [])])
             failed += out.failed  # a failed task is marked in .failed/ and skipped; go on
             ran, waiting = ran + out.ran, waiting + out.waiting
         if not waiting:
             return 1 if failed else 0
         if not ran:  # everything left is held by other workers: look again in a while
+            if not idle:
+                print(f"[queue] {waiting} tasks left, all held by other workers: polling every {poll_s:g} s", flush=True)
             time.sleep(poll_s)
+        idle = not ran
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_the_queue_runs_its_steps_in_order_from_the_named_one(monkeypatch):
     assert seen == [[*a, "--no-wait"] for _, a in grid_queue.STEPS[1:]]  # one pass: nothing held by others
 
 
-def test_a_worker_takes_the_next_steps_tasks_and_walks_again_while_others_hold_some(monkeypatch):
+def test_a_worker_takes_the_next_steps_tasks_and_walks_again_while_others_hold_some(monkeypatch, capsys):
     """A step whose last tasks other workers hold does not stop this worker: it goes on to the
     next steps, then walks the queue again (after a pause only when it ran nothing) until no step
     has a task held elsewhere."""
@@ -41,13 +41,21 @@ def test_a_worker_takes_the_next_steps_tasks_and_walks_again_while_others_hold_s
     names = [n for n, _ in grid_queue.STEPS]
     calls, sleeps = [], []
 
+    flags = []
+
     def work(a):
-        calls.append(names[[x for _, x in grid_queue.STEPS].index(a[:-1])])
+        k = a.index("--no-wait")
+        calls.append(names[[x for _, x in grid_queue.STEPS].index(a[:k])])
+        flags.append(a[k:])
         return passes[(len(calls) - 1) // len(names)].get(calls[-1], grid.Outcome(0, 0, 0))
     monkeypatch.setattr(grid, "work", work)
     monkeypatch.setattr(grid_queue.time, "sleep", sleeps.append)
     assert grid_queue.main([], poll_s=7) == 0
     assert calls == names * 3 and sleeps == [7]
+    # the pass after one that ran nothing polls quietly: no step headers, no empty summaries
+    assert flags == [["--no-wait"]] * (2 * len(names)) + [["--no-wait", "--quiet"]] * len(names)
+    out = capsys.readouterr().out
+    assert out.count("[queue] group3:") == 2 and out.count("held by other workers: polling every 7 s") == 1
 
 
 def test_no_wait_returns_when_the_tasks_left_are_held_by_a_live_worker(tmp_path, monkeypatch, capsys):
@@ -59,6 +67,9 @@ def test_no_wait_returns_when_the_tasks_left_are_held_by_a_live_worker(tmp_path,
     assert grid.main(["--methods", "darts", "--seeds", "0", "--stages", "search", "--no-wait"]) == 3
     assert "0 tasks run, 0 failed, 1 left to other workers" in capsys.readouterr().out
     assert grid.work(["--methods", "darts", "--seeds", "0", "--stages", "search", "--no-wait"]) == (0, 0, 1)
+    capsys.readouterr()
+    assert grid.work(["--methods", "darts", "--seeds", "0", "--stages", "search", "--no-wait", "--quiet"]) == (0, 0, 1)
+    assert capsys.readouterr().out == ""  # an idle poll prints nothing
 
 
 def test_an_unknown_step_is_refused_by_name(monkeypatch):
