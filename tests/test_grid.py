@@ -603,28 +603,46 @@ def test_certified_vs_pgd_check_counts_violations(tmp_path):
     assert chk.main([str(tmp_path), "0.05"]) == 2
 
 
-def test_grid_searches_keep_the_recorded_arch_schedule(out):
-    """Every grid search runs with one arch schedule: the pinned one equals what the grid's
-    finished searches recorded (results/grid/search/*/config.yaml), for every method."""
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_grid_searches_keep_the_recorded_config(out):
+    """Every grid search, finished or still to run, runs one config per method: the config the
+    grid plans now (the method's yaml, its extra arguments, the pinned arch schedule) equals, field
+    by field, what each of the grid's finished searches recorded (results/grid/search/*/config.yaml),
+    except run.* and fields added to the code after the record. A yaml edited for users (e.g.
+    DARTS+'s min_epochs, the arch schedule) must come with a pin in bench/grid.py."""
+    import dataclasses
+
     import yaml
 
     from dsrna_dist.config import SearchConfig, load_config
 
-    recorded = {}
-    for cfg_path in sorted((ROOT / "results" / "grid" / "search").glob("*_s*/config.yaml")):
-        method = cfg_path.parent.name.rsplit("_s", 1)[0]
-        recorded.setdefault(method, []).append(yaml.safe_load(cfg_path.read_text())["arch_optim"])
-    assert {"darts", "pcdarts", "dsrna_jacobian", "dsrna_cb"} <= set(recorded)
-    for t in grid.tasks(list(grid.METHODS), [0], ["search"], 1):
+    records = sorted((ROOT / "results" / "grid" / "search").glob("*_s*/config.yaml"))
+    assert len(records) >= 12
+    compared = set()
+    for t in grid.tasks(list(grid.METHODS), sorted({int(p.parent.name.rsplit("_s", 1)[1]) for p in records}),
+                        ["search"], 1):
         argv = t.argv[t.argv.index("dsrna_dist.search") + 1:]
         path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
         over = {a[2:].split("=", 1)[0]: yaml.safe_load(a.split("=", 1)[1]) for a in argv
                 if a.startswith("--") and not a.startswith(("--config=", "--run."))}
-        arch = load_config(SearchConfig, str(ROOT / path), over).arch_optim
+        cfg = load_config(SearchConfig, str(ROOT / path), over)
         method = t.info["method"]
-        assert arch.schedule == "cosine" and arch.lr == grid.SEARCH_ARCH_LR[method], method
-        for rec in recorded.get(method, []):
-            assert (rec["schedule"], rec["lr"], rec["lr_min"]) == (arch.schedule, arch.lr, arch.lr_min), method
+        assert cfg.arch_optim.schedule == "cosine" and cfg.arch_optim.lr == grid.SEARCH_ARCH_LR[method], method
+        rec_path = ROOT / "results" / "grid" / "search" / f"{method}_s{t.info['seed']}" / "config.yaml"
+        if not rec_path.exists():
+            continue
+        planned = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
+        recorded = _flat(yaml.safe_load(rec_path.read_text()))
+        diff = {k: (v, planned.get(k)) for k, v in recorded.items() if not k.startswith("run.") and planned.get(k) != v}
+        assert not diff, f"{rec_path.parent.name}: recorded vs planned {diff}"
+        compared.add(method)
+    assert {"darts", "pcdarts", "dsrna_jacobian", "dsrna_cb", "dartsplus"} <= compared
 
 
 def test_search_table_shows_the_largest_epoch_grad_share(out):
