@@ -234,6 +234,18 @@ def max_softmax_series(rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
     return out
 
 
+def radius_panels(per: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, List[float]]]:
+    """One recipe's per-net mean l_inf radii (untargeted), per bound column, then per method in
+    the grid's method order; methods without that bound left out."""
+    cols = [c for rs in per.values() for res in rs for c in res
+            if c.startswith("radius") and " l_inf (n=" in c and "target" not in c]
+    panels: Dict[str, Dict[str, List[float]]] = {}
+    for c in dict.fromkeys(cols):
+        col = {m: [float(res[c]) for res in per[m] if isinstance(res.get(c), (int, float))] for m in METHODS if m in per}
+        panels[c[len("radius "):]] = {m: v for m, v in col.items() if v}
+    return panels
+
+
 def plots(rows: List[Dict[str, Any]], recipes: List[str]) -> Dict[str, str]:
     """The report's figures (file names under results/grid/), for whatever has finished."""
     from dsrna_dist.plots import eps_sweep, series_plot
@@ -625,6 +637,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             lines.append(f"| {method}{f' ({nc} not converged)' if nc else ''} | " + " | ".join(cells) + f" | {flags} |")
         if recipe in figs:
             lines += ["", f"![PGD-20 eps sweep, {names[recipe]}]({figs[recipe]})"]
+        panels = radius_panels(per)
+        if any(v > 0 for p in panels.values() for vs in p.values() for v in vs):
+            from dsrna_dist.plots import radius_strip
+
+            fig = radius_strip(panels, f"certified l_inf radius per net, {recipe} retraining", OUT / f"radius_{recipe}.png")
+            lines += ["", f"![certified radius per net, {names[recipe]}]({fig.name})"]
         # every mean radius (not its random-target twin, bracket or margin left: resolution, not results)
         # each AutoAttack column after the PGD-20 run on its images, then their gap
         aa = [k for c in cols if c.startswith("AutoAttack") for k in (pgd_twin(c), c, f"PGD-20 - {c}")]

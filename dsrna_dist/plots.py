@@ -248,3 +248,32 @@ def radius_histogram(data: Mapping[str, Sequence[float]], title: str, xlabel: st
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def radius_strip(panels: Mapping[str, Mapping[str, Sequence[float]]], title: str, path: Path) -> Path:
+    """Per-net mean certified radii, one panel per bound, one column of points per method, log
+    axis: the radii of one comparison span decades, and a mean ± std bar would hide that one net
+    can carry a method's mean. Nets that certify nothing (radius 0) sit on a marked floor line a
+    decade below the panel's smallest positive radius, so they are seen, not dropped."""
+    if not any(v > 0 for p in panels.values() for vs in p.values() for v in vs):
+        raise ValueError("no positive radius: say 'nothing certified' instead of drawing a strip plot")
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.8, 3.2 * len(panels) + 1.2), 3.8), constrained_layout=True,
+                             squeeze=False)
+    for ax, (bound, per) in zip(axes[0], panels.items()):
+        pos = [v for vs in per.values() for v in vs if v > 0]
+        floor = (min(pos) if pos else 1e-6) / 10
+        for i, vs in enumerate(per.values()):
+            v = np.asarray(vs, dtype=float)
+            x = i + np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.full(len(v), float(i))
+            ax.scatter(x, np.where(v > 0, v, floor), marker="o", s=22,
+                       facecolors=["C0" if r > 0 else "none" for r in v], edgecolors="C0")
+        ax.axhline(floor, color="gray", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(per)), list(per), rotation=35, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(per) - 0.4)
+        ax.set_title(bound, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("mean certified radius of the net")
+    fig.suptitle(f"{title}\n(open circles: radius 0, drawn on the dotted floor)", fontsize=9)
+    return _save(fig, path)

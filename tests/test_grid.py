@@ -543,6 +543,27 @@ def test_report_compares_precise_bn_with_the_same_nets_natural_runs(out):
     assert form.split("\n\n")[1].splitlines()[2] == "| darts | 91.00 (n=1) | - | 2.50 (n=1) | - | - | - |"
 
 
+def test_radius_figure_shows_every_net_per_bound_and_refuses_an_empty_one(tmp_path):
+    """One panel per untargeted l_inf mean-radius column, methods in the grid's order, every net's
+    radius (zeros kept: they are drawn on a floor line, not dropped); nothing certified anywhere is
+    an error, not an empty figure."""
+    from dsrna_dist.plots import radius_strip
+
+    per = {"dsrna_cb": [{"seed": 0, "radius crown-ibp l_inf (n=200)": 2e-4, "radius crown l_inf (n=5)": 7e-3,
+                         "radius crown-ibp l_2 (n=200)": 4e-4, "radius crown-ibp l_inf random target (n=200)": 3e-4}],
+           "darts": [{"seed": 0, "radius crown-ibp l_inf (n=200)": 0.0, "radius crown l_inf (n=5)": 4e-4},
+                     {"seed": 1, "radius crown-ibp l_inf (n=200)": 1e-7}],
+           "pcdarts": [{"seed": 0, "clean": 90.0}]}
+    panels = grid_report.radius_panels(per)
+    assert panels == {"crown-ibp l_inf (n=200)": {"darts": [0.0, 1e-7], "dsrna_cb": [2e-4]},
+                      "crown l_inf (n=5)": {"darts": [4e-4], "dsrna_cb": [7e-3]}}
+    assert list(panels["crown-ibp l_inf (n=200)"]) == [m for m in grid.METHODS if m in ("darts", "dsrna_cb")]
+    assert radius_strip(panels, "t", tmp_path / "r.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no positive radius"):
+        radius_strip({"b": {"darts": [0.0, 0.0]}}, "t", tmp_path / "z.png")
+    assert not (tmp_path / "z.png").exists()
+
+
 def test_report_figures_average_over_seeds_on_common_points(out):
     """The eps-sweep and max-softmax figures: mean and sample std over seeds, only on the eps
     values every seed has, curves cut to the shortest search, RobNet-like runs (no criterion)
