@@ -495,6 +495,20 @@ def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):
     # diffs +3, -1: mean +1, sd 2*sqrt(2) = 2.83, per retraining 2.00
     assert "n = 2 pairs: mean difference +1.00, mean |difference| 2.00, sd of the differences 2.83" in text
     assert "sd ~2.00 points" in text
+    assert "recipe nat, n = 2" not in text  # one recipe: no per-recipe line repeating the pooled one
+    # a second recipe's pairs get their own line (its noise is not the natural recipe's)
+    for m, s, old, new in (("darts", 0, 80.0, 80.5), ("dsrna_cb", 1, 77.0, 76.9)):
+        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+        tr = out / "net" / "pbn" / f"{gh}_s{s}" / "train"
+        tr.mkdir(parents=True)
+        (tr / "summary.json").write_text(json.dumps({"test_top1": new}))
+        (tr / "rebuilt.json").write_text(json.dumps({"identical": False, "superseded": {"test_top1": old}}))
+    assert grid_report.main(["--out", str(out / "r.md")]) == 0
+    text = (out / "r.md").read_text()
+    assert "\nn = 4 pairs: mean difference +0.60" in text
+    assert "recipe nat, n = 2 pairs: mean difference +1.00, mean |difference| 2.00, sd of the differences 2.83" in text
+    # pbn: +0.5, -0.1: mean +0.20, sd 0.6 / sqrt 2 = 0.42
+    assert "recipe pbn, n = 2 pairs: mean difference +0.20, mean |difference| 0.30, sd of the differences 0.42" in text
 
 
 def test_report_compares_precise_bn_with_the_same_nets_natural_runs(out):
