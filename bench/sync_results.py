@@ -34,6 +34,7 @@ SECTIONS: Dict[str, str] = {
     "DSRNA against each baseline": "DSRNA against each baseline",
     "The paper's tables in its form": "The paper's tables in its form",
     "Certified radius against the cell's convolutions": "Certified radius against the cell's convolutions",
+    "Certified radius on the log scale": "Certified radius on the log scale",
 }
 
 

@@ -4,6 +4,7 @@ taken over, and the report's statistics come from the finished cells only."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -734,3 +735,25 @@ def test_radius_against_convolutions_counts_each_net_once_and_matches_scipy():
     want = st.spearmanr(convs, radii)
     assert r["spearman_r"] == pytest.approx(want.statistic) and r["p"] == pytest.approx(want.pvalue)
     assert r["certifying_by_convs"] == {1: [1, 1], 3: [1, 1], 5: [1, 1], 6: [0, 1], 8: [0, 1]}
+
+
+def test_log_radius_tests_use_logs_skip_uncertified_nets_and_match_scipy():
+    from scipy import stats as st
+    key = "radius crown l_inf (n=5)"
+    cb, darts, pc = [6.9e-3, 5.6e-3, 1.0e-3], [4.4e-4, 7.1e-5, 6.4e-5], [3.1e-4, 0.0, 3.3e-4]
+    left = "radius crown l_inf margin left (median, unbracketed)"  # resolution, not a radius: not tested
+    data = {"pbn": {"dsrna_cb": [{"seed": s, key: v, left: 0.5} for s, v in enumerate(cb)],
+                    "darts": [{"seed": s, key: v, left: 0.1} for s, v in enumerate(darts)],
+                    "pcdarts": [{"seed": s, key: v} for s, v in enumerate(pc)]}}
+    rows = grid_report.log_radius_tests(data)
+    # pcdarts has a net certifying nothing (no log): only dsrna_cb against darts
+    assert [(r["dsrna"], r["baseline"], r["radius"]) for r in rows] == [("dsrna_cb", "darts", key)]
+    r = rows[0]
+    la, lb = [math.log10(v) for v in cb], [math.log10(v) for v in darts]
+    assert r["welch_p_log"] == pytest.approx(st.ttest_ind(la, lb, equal_var=False).pvalue)
+    geo = math.prod(cb) ** (1 / 3) / math.prod(darts) ** (1 / 3)
+    assert r["ratio"] == pytest.approx(geo)
+    assert r["mann_whitney_p"] == pytest.approx(0.1)  # complete separation, 3 against 3
+    lines = "\n".join(grid_report.log_radius_lines(rows))
+    assert f"| pbn | crown l_inf (n=5) | dsrna_cb | darts | {geo:.3g}x |" in lines
+    assert grid_report.log_radius_lines([]) == []

@@ -1,6 +1,7 @@
 """The comparison tables' t-tests against scipy.stats (an independent implementation)."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -131,6 +132,31 @@ def test_spearman_matches_scipy_with_and_without_ties(seed, n, ties):
     got, want = stats.spearman(x, y), scipy_stats.spearmanr(x, y)
     assert got.diff == pytest.approx(want.statistic, abs=1e-12)
     assert got.p == pytest.approx(want.pvalue, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed,n,m", [(0, 3, 3), (1, 3, 4), (2, 5, 2), (3, 7, 7), (4, 1, 5)])
+def test_mann_whitney_exact_matches_scipy_without_ties(seed, n, m):
+    r = random.Random(seed)
+    a = [r.lognormvariate(0, 2) for _ in range(n)]
+    b = [r.lognormvariate(0.5, 2) for _ in range(m)]
+    want = scipy_stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue
+    assert stats.mann_whitney_exact(a, b) == pytest.approx(want, rel=1e-12)
+
+
+def test_mann_whitney_exact_by_hand_and_with_ties():
+    # 3 against 3, complete separation: 1 split of 20 as extreme on each side -> 2 / 20
+    assert stats.mann_whitney_exact([4e-3, 5e-3, 7e-3], [1e-4, 2e-4, 3e-4]) == pytest.approx(0.1)
+    assert stats.mann_whitney_exact([1e-4, 2e-4, 3e-4], [4e-3, 5e-3, 7e-3]) == pytest.approx(0.1)
+    # ties (radii of 0): the permutation p over the tie-averaged ranks, checked by brute force
+    a, b = [0.0, 0.0, 3.0], [0.0, 1.0, 2.0, 5.0]
+    pooled = stats.ranks(a + b)
+    sums = [sum(pooled[i] for i in c) for c in itertools.combinations(range(7), 3)]
+    r = sum(pooled[:3])
+    want = min(1.0, 2 * min(sum(s <= r for s in sums), sum(s >= r for s in sums)) / len(sums))
+    assert stats.mann_whitney_exact(a, b) == pytest.approx(want)
+    assert stats.mann_whitney_exact([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert stats.mann_whitney_exact([], [1.0]) is None
+    assert stats.mann_whitney_exact(list(range(30)), list(range(30)), max_splits=1000) is None
 
 
 def test_spearman_degenerate_cases():
