@@ -314,25 +314,79 @@ def paper_tables(data: Dict[str, Dict[str, List[Dict[str, Any]]]], srows: List[D
     return out
 
 
+def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
+    """(method, seed) -> (cell hash, convolutions among the cell's 12 ops)."""
+    return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows}
+
+
+def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple], key: str) -> List[tuple]:
+    """(convolutions, value of ``key``, parameters in k or None) per distinct net of a recipe: a
+    cell two methods found with one seed is one net, counted once."""
+    nets: Dict[tuple, tuple] = {}
+    for method, rs in per.items():
+        for r in rs:
+            ghash, c = convs.get((method, r["seed"]), (None, None))
+            if ghash is not None and isinstance(r.get(key), (int, float)):
+                nets[(ghash, r["seed"])] = (c, float(r[key]), r.get("params (k)"))
+    return list(nets.values())
+
+
+#: the accuracy columns read against the cell's convolutions (with any AutoAttack column)
+CONV_METRICS = ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "C&W")
+
+
+def metrics_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
+                     srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per recipe and accuracy column: Spearman's r of a net's value against its cell's
+    convolutions and against its parameters, over the distinct nets (a reading after the fact,
+    beside :func:`radius_vs_convs`: whether what the searches change -- how many convolutions a
+    cell has -- orders the nets' accuracy and robustness regardless of method). The two counts
+    go together (more convolutions, more parameters), so neither is the cause on its own."""
+    convs = cell_convs(srows)
+    out = []
+    for recipe, per in data.items():
+        cols = {k for rs in per.values() for r in rs for k in r}
+        keys = [k for k in CONV_METRICS if k in cols] + sorted(k for k in cols if k.startswith("AutoAttack"))
+        for k in keys:
+            nets = distinct_nets(per, convs, k)
+            by_c = stats.spearman([c for c, _, _ in nets], [v for _, v, _ in nets])
+            sized = [(p, v) for _, v, p in nets if isinstance(p, (int, float))]
+            by_p = stats.spearman([p for p, _ in sized], [v for _, v in sized]) if len(sized) == len(nets) else None
+            if by_c is None:
+                continue
+            out.append({"recipe": recipe, "metric": k, "n": len(nets), "r_convs": by_c.diff, "p_convs": by_c.p,
+                        "r_params": by_p.diff if by_p else None, "p_params": by_p.p if by_p else None})
+    return out
+
+
+def metric_conv_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    if not rows:
+        return []
+    lines = ["", "## Accuracy and robustness against the cell's convolutions (a reading after the fact)", "",
+             "Spearman's r between a net's accuracy (%) and the convolutions among its cell's 12 ops, and "
+             "against its parameters, over the distinct nets of every method (as the radius table above). "
+             "Convolutions and parameters go together, so neither is the cause on its own. Not a planned "
+             "test.", "",
+             "| recipe | metric | nets | r (convolutions) | p | r (parameters) | p |", "|---" * 7 + "|"]
+    for r in rows:
+        rp = "- | -" if r["r_params"] is None else f"{r['r_params']:+.2f} | {r['p_params']:.2g}"
+        lines.append(f"| {r['recipe']} | {r['metric']} | {r['n']} | {r['r_convs']:+.2f} | {r['p_convs']:.2g} | {rp} |")
+    return lines
+
+
 def radius_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
                     srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per recipe and untargeted mean-radius column: Spearman's r between a net's radius and the
     number of convolutions in its cell (12 - parameter-free ops), over the distinct nets (a cell
     two methods share with a seed counts once). A reading after the fact: whether the bound
     separates cells by how many convolutions it relaxes through rather than by method."""
-    convs = {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows}
+    convs = cell_convs(srows)
     out = []
     for recipe, per in data.items():
         keys = sorted({k for rs in per.values() for r in rs for k in r
                        if k.startswith("radius") and "(n=" in k and "target" not in k})
         for k in keys:
-            nets: Dict[tuple, tuple] = {}
-            for method, rs in per.items():
-                for r in rs:
-                    ghash, c = convs.get((method, r["seed"]), (None, None))
-                    if ghash is not None and isinstance(r.get(k), (int, float)):
-                        nets[(ghash, r["seed"])] = (c, float(r[k]))
-            pairs = sorted(nets.values())
+            pairs = sorted((c, v) for c, v, _ in distinct_nets(per, convs, k))
             rho = stats.spearman([c for c, _ in pairs], [v for _, v in pairs])
             if rho is None:
                 continue
@@ -739,6 +793,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += paper_tables(data, srows)
     rconv = radius_vs_convs(data, srows)
     lines += radius_conv_lines(rconv)
+    mconv = metrics_vs_convs(data, srows)
+    lines += metric_conv_lines(mconv)
     logr = log_radius_tests(data)
     lines += log_radius_lines(logr)
     rep_rows: List[Dict[str, Any]] = []
@@ -799,7 +855,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Path(args.out).write_text("\n".join(lines) + "\n")
     (OUT / "grid.json").write_text(json.dumps({"searches": allrows, "nets": data, "tests": tests, "rebuild_noise": noise,
                                              "precise_bn": pbn, "replication": rep_rows,
-                                             "radius_vs_convs": rconv, "log_radius": logr,
+                                             "radius_vs_convs": rconv, "metrics_vs_convs": mconv, "log_radius": logr,
                                              "replication_nets": fresh_data}, indent=1) + "\n")
     print(f"report: {args.out}")
     return 0

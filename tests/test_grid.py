@@ -757,3 +757,32 @@ def test_log_radius_tests_use_logs_skip_uncertified_nets_and_match_scipy():
     lines = "\n".join(grid_report.log_radius_lines(rows))
     assert f"| pbn | crown l_inf (n=5) | dsrna_cb | darts | {geo:.3g}x |" in lines
     assert grid_report.log_radius_lines([]) == []
+
+
+def test_metrics_against_convolutions_count_each_net_once_and_match_scipy():
+    from scipy import stats as st
+    cells = {("darts", 0): ("aa", 4), ("pcdarts", 0): ("aa", 4), ("darts", 1): ("bb", 6),
+             ("dsrna_cb", 0): ("cc", 11), ("dsrna_cb", 1): ("dd", 9), ("pcdarts", 1): ("ee", 7)}
+    srows = [{"method": m, "seed": s, "ghash": g, "param_free": [pf, 0]} for (m, s), (g, pf) in cells.items()]
+    clean = {("darts", 0): 81.0, ("pcdarts", 0): 81.0, ("darts", 1): 80.0, ("dsrna_cb", 0): 76.0,
+             ("dsrna_cb", 1): 77.5, ("pcdarts", 1): 79.0}
+    params = {("darts", 0): 30.0, ("pcdarts", 0): 30.0, ("darts", 1): 28.0, ("dsrna_cb", 0): 14.0,
+              ("dsrna_cb", 1): 16.0, ("pcdarts", 1): 41.0}
+    data = {"adv": {}}
+    for (m, s), v in clean.items():
+        row = {"seed": s, "clean": v, "params (k)": params[(m, s)], "radius crown-ibp l_inf (n=200)": 0.0}
+        if m != "darts":
+            row["AutoAttack @0.1 (200)"] = v - 15
+        data["adv"].setdefault(m, []).append(row)
+    rows = grid_report.metrics_vs_convs(data, srows)
+    assert [r["metric"] for r in rows] == ["clean", "AutoAttack @0.1 (200)"]  # radii are not accuracy
+    r = rows[0]
+    assert r["n"] == 5  # the cell darts and pcdarts share with seed 0 counts once
+    convs, vals, ps = [8, 6, 1, 3, 5], [81.0, 80.0, 76.0, 77.5, 79.0], [30.0, 28.0, 14.0, 16.0, 41.0]
+    assert r["r_convs"] == pytest.approx(st.spearmanr(convs, vals).statistic)
+    assert r["p_convs"] == pytest.approx(st.spearmanr(convs, vals).pvalue)
+    assert r["r_params"] == pytest.approx(st.spearmanr(ps, vals).statistic)
+    aa = rows[1]
+    assert aa["n"] == 4  # darts has no AutoAttack: its seed-1 net is absent, seed 0's comes from pcdarts
+    text = "\n".join(grid_report.metric_conv_lines(rows))
+    assert f"| adv | clean | 5 | {r['r_convs']:+.2f} | {r['p_convs']:.2g} | {r['r_params']:+.2f} |" in text
