@@ -314,6 +314,13 @@ def paper_tables(data: Dict[str, Dict[str, List[Dict[str, Any]]]], srows: List[D
     return out
 
 
+def radius_keys(per: Dict[str, List[Dict[str, Any]]]) -> List[str]:
+    """A recipe's untargeted mean-radius columns (not their random-target twins, brackets or
+    margins left: those are resolution, not results)."""
+    return sorted({k for rs in per.values() for r in rs for k in r
+                   if k.startswith("radius") and "(n=" in k and "target" not in k})
+
+
 def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
     """(method, seed) -> (cell hash, convolutions among the cell's 12 ops)."""
     return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows}
@@ -350,10 +357,10 @@ def metrics_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
         for k in keys:
             nets = distinct_nets(per, convs, k)
             by_c = stats.spearman([c for c, _, _ in nets], [v for _, v, _ in nets])
-            sized = [(p, v) for _, v, p in nets if isinstance(p, (int, float))]
-            by_p = stats.spearman([p for p, _ in sized], [v for _, v in sized]) if len(sized) == len(nets) else None
             if by_c is None:
                 continue
+            sized = [(p, v) for _, v, p in nets if isinstance(p, (int, float))]
+            by_p = stats.spearman([p for p, _ in sized], [v for _, v in sized]) if len(sized) == len(nets) else None
             out.append({"recipe": recipe, "metric": k, "n": len(nets), "r_convs": by_c.diff, "p_convs": by_c.p,
                         "r_params": by_p.diff if by_p else None, "p_params": by_p.p if by_p else None})
     return out
@@ -383,8 +390,7 @@ def radius_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
     convs = cell_convs(srows)
     out = []
     for recipe, per in data.items():
-        keys = sorted({k for rs in per.values() for r in rs for k in r
-                       if k.startswith("radius") and "(n=" in k and "target" not in k})
+        keys = radius_keys(per)
         for k in keys:
             pairs = sorted((c, v) for c, v, _ in distinct_nets(per, convs, k))
             rho = stats.spearman([c for c, _ in pairs], [v for _, v in pairs])
@@ -424,8 +430,7 @@ def log_radius_tests(data: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> List[D
     certifies something (a radius of 0 has no logarithm)."""
     out = []
     for recipe, per in data.items():
-        keys = sorted({k for rs in per.values() for r in rs for k in r
-                       if k.startswith("radius") and "(n=" in k and "target" not in k})
+        keys = radius_keys(per)
         for k in keys:
             for d in DSRNA:
                 for b in BASELINES:
