@@ -476,12 +476,16 @@ def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):
     found(out, "darts", 0, CELL_A)
     found(out, "pcdarts", 0, CELL_A)   # the same cell and seed: one net, both methods named
     found(out, "dsrna_cb", 1, CELL_B)
-    for m, s, old, new in (("darts", 0, 90.0, 93.0), ("dsrna_cb", 1, 88.0, 87.0)):
-        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
-        tr = out / "net" / "nat" / f"{gh}_s{s}" / "train"
-        tr.mkdir(parents=True)
-        (tr / "summary.json").write_text(json.dumps({"test_top1": new}))
-        (tr / "rebuilt.json").write_text(json.dumps({"identical": False, "superseded": {"test_top1": old}}))
+
+    def rebuilt(recipe: str, runs: tuple) -> None:
+        for m, s, old, new in runs:
+            gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
+            tr = out / "net" / recipe / f"{gh}_s{s}" / "train"
+            tr.mkdir(parents=True)
+            (tr / "summary.json").write_text(json.dumps({"test_top1": new}))
+            (tr / "rebuilt.json").write_text(json.dumps({"identical": False, "superseded": {"test_top1": old}}))
+
+    rebuilt("nat", (("darts", 0, 90.0, 93.0), ("dsrna_cb", 1, 88.0, 87.0)))
     # a bit-identical rebuild (same CPU) is no noise sample
     ident = out / "net" / "adv" / f"{grid.genotype_hash(out / 'search' / 'darts_s0' / 'genotype.json')}_s0" / "train"
     ident.mkdir(parents=True)
@@ -498,12 +502,7 @@ def test_report_measures_retraining_noise_from_the_rebuilt_nets(out):
     assert "sd ~2.00 points" in text
     assert "recipe nat, n = 2" not in text  # one recipe: no per-recipe line repeating the pooled one
     # a second recipe's pairs get their own line (its noise is not the natural recipe's)
-    for m, s, old, new in (("darts", 0, 80.0, 80.5), ("dsrna_cb", 1, 77.0, 76.9)):
-        gh = grid.genotype_hash(out / "search" / f"{m}_s{s}" / "genotype.json")
-        tr = out / "net" / "pbn" / f"{gh}_s{s}" / "train"
-        tr.mkdir(parents=True)
-        (tr / "summary.json").write_text(json.dumps({"test_top1": new}))
-        (tr / "rebuilt.json").write_text(json.dumps({"identical": False, "superseded": {"test_top1": old}}))
+    rebuilt("pbn", (("darts", 0, 80.0, 80.5), ("dsrna_cb", 1, 77.0, 76.9)))
     assert grid_report.main(["--out", str(out / "r.md")]) == 0
     text = (out / "r.md").read_text()
     assert "\nn = 4 pairs: mean difference +0.60" in text
