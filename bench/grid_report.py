@@ -234,11 +234,17 @@ def max_softmax_series(rows: List[Dict[str, Any]]) -> Dict[str, tuple]:
     return out
 
 
+def is_mean_radius(col: str) -> bool:
+    """An untargeted mean-radius column (not its random-target twin, bracket or margin left:
+    those are resolution, not results)."""
+    return col.startswith("radius") and "(n=" in col and "target" not in col
+
+
 def radius_panels(per: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, List[float]]]:
     """One recipe's per-net mean l_inf radii (untargeted), per bound column, then per method in
     the grid's method order; methods without that bound left out."""
     cols = [c for rs in per.values() for res in rs for c in res
-            if c.startswith("radius") and " l_inf (n=" in c and "target" not in c]
+            if is_mean_radius(c) and " l_inf (n=" in c]
     panels: Dict[str, Dict[str, List[float]]] = {}
     for c in dict.fromkeys(cols):
         col = {m: [float(res[c]) for res in per[m] if isinstance(res.get(c), (int, float))] for m in METHODS if m in per}
@@ -315,10 +321,8 @@ def paper_tables(data: Dict[str, Dict[str, List[Dict[str, Any]]]], srows: List[D
 
 
 def radius_keys(per: Dict[str, List[Dict[str, Any]]]) -> List[str]:
-    """A recipe's untargeted mean-radius columns (not their random-target twins, brackets or
-    margins left: those are resolution, not results)."""
-    return sorted({k for rs in per.values() for r in rs for k in r
-                   if k.startswith("radius") and "(n=" in k and "target" not in k})
+    """A recipe's untargeted mean-radius columns, sorted."""
+    return sorted({k for rs in per.values() for r in rs for k in r if is_mean_radius(k)})
 
 
 def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
@@ -759,7 +763,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         aa = [k for c in cols if c.startswith("AutoAttack") for k in (pgd_twin(c), c, f"PGD-20 - {c}")]
         keys = [k for k in dict.fromkeys(["test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "FGSM", "C&W",
                                           *aa, "verified ibp @0.05"]) if k in cols] + \
-            [c for c in cols if c.startswith("radius") and "(n=" in c and "target" not in c]
+            [c for c in cols if is_mean_radius(c)]
         for d in DSRNA:
             for b in BASELINES:
                 if d not in per or b not in per:
