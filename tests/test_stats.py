@@ -159,6 +159,20 @@ def test_mann_whitney_exact_by_hand_and_with_ties():
     assert stats.mann_whitney_exact(list(range(30)), list(range(30)), max_splits=1000) is None
 
 
+@pytest.mark.parametrize("a,b", [([0.0, 0.0, 3.0], [0.0, 1.0, 2.0, 5.0]),          # radii of 0 tied
+                                 ([0.0, 0.0, 2e-4, 1e-4], [0.0, 0.0, 0.0]),
+                                 ([1.0, 2.0, 2.0], [2.0, 3.0, 3.0])])
+def test_mann_whitney_exact_with_ties_matches_scipys_exact_permutation_test(a, b):
+    import numpy as np
+
+    def rank_sum(x, y):  # a's rank sum in the pooled sample, ties averaged (scipy's rankdata)
+        return scipy_stats.rankdata(np.concatenate([x, y]))[:len(x)].sum()
+
+    want = scipy_stats.permutation_test((a, b), rank_sum, permutation_type="independent", vectorized=False,
+                                        n_resamples=np.inf, alternative="two-sided").pvalue
+    assert stats.mann_whitney_exact(a, b) == pytest.approx(want, rel=1e-9)
+
+
 def test_spearman_degenerate_cases():
     assert stats.spearman([1, 2], [3, 4]) is None                   # < 3 pairs
     assert stats.spearman([1, 2, 3], [0, 0, 0]) is None             # a constant side: r undefined
