@@ -474,3 +474,23 @@ def test_unknown_dataset_lists_valid_names():
 def test_rank_validation():
     with pytest.raises(DataError, match="rank 2"):
         rank_indices(10, 2, 2)
+
+
+def test_gpu_prepare_truncated_copy_equals_first_records_of_the_real_files(tmp_path):
+    """bench/gpu_prepare.py's small copy (what travels to a device machine) is the real data's head."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "gpu_prepare", os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        mod.truncate_idx(os.path.join(FMNIST, name), tmp_path / name, 300)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        mod.truncate_idx(os.path.join(FMNIST, name), tmp_path / name, 50)
+    full, small = DataConfig(name="fashion_mnist"), DataConfig(name="fashion_mnist", root=str(tmp_path))
+    for split, n in (("train", 300), ("test", 50)):
+        got = load_arrays(small, split)
+        ref = load_arrays(replace(full, **{f"{split}_subset": n}), split)
+        assert len(got) == n and torch.equal(got.images, ref.images) and torch.equal(got.labels, ref.labels)
+    with pytest.raises(SystemExit, match="fewer than"):
+        mod.truncate_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", tmp_path / "x.gz", 51)
