@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 EX="$(git rev-parse --git-path info/exclude)"; LINE=/results/grid/
 case "${1:-}" in
   hide)
-    if pgrep -f "grid_commit.sh" > /dev/null; then
+    if pgrep -f "${GPU_SLIM_GUARD:-grid_commit.sh}" > /dev/null; then
       echo "gpu_slim: bench/grid_commit.sh is running; stop it first (its commits would delete the grid)" >&2; exit 1; fi
     if ! git diff --cached --quiet -- results/grid; then
       echo "gpu_slim: results/grid has staged changes; commit or unstage them first" >&2; exit 1; fi
