@@ -29,6 +29,7 @@ help_before_imports(__name__, "evaluate", DOC)  # before torch: `--help` < 1 s
 
 import hashlib  # noqa: E402  (the heavy imports below come after the --help fast path)
 import json
+import logging
 import math
 import os
 import statistics
@@ -61,6 +62,9 @@ class Plan:
     sweep_label: str
     fingerprint: Dict[str, Any]
     data: Any = None  # the TestSet, opened by preflight (a missing dataset fails before any write)
+
+
+_log = logging.getLogger("dsrna_dist")   # the runtime's logger: INFO on rank 0 only
 
 
 def _sha256(path: str) -> str:
@@ -291,9 +295,13 @@ class TestSet:
 
 
 def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                   batch: int, cpu_s: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
-    """One record per example per attack; ``cpu_s`` (label -> process CPU seconds) accumulates
-    what each attack cost, so the summary can say which attack the evaluation time went to."""
+                   batch: int, cpu_s: Optional[Dict[str, float]] = None,
+                   wall_s: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """One record per example per attack; ``cpu_s`` (label -> process CPU seconds) and ``wall_s``
+    (label -> wall seconds, device synchronised by reading the predictions) accumulate what each
+    attack cost, so the summary can say which attack the evaluation time went to (CPU seconds
+    alone miss a GPU's work). Each attack on each batch is logged: a stage that stalls on one
+    device says on which attack."""
     recs: List[Dict[str, Any]] = []
     for s in range(0, len(idx), batch):
         xb, yb, ib = x[s:s + batch], y[s:s + batch], list(idx[s:s + batch])
@@ -305,17 +313,21 @@ def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, 
                 continue
             if len(sel) < len(ib):  # a check attack on the first N examples only
                 recs += attack_records(model, [(label, atk, {**meta, "max_index": None})], xb[sel], yb[sel],
-                                       [ib[k] for k in sel], batch, cpu_s)
+                                       [ib[k] for k in sel], batch, cpu_s, wall_s)
                 continue
             if atk is None:
                 adv = clean
             else:
-                t0 = time.process_time()
+                t0, w0 = time.process_time(), time.perf_counter()
                 xa = atk(model, xb, yb, ib)
                 with torch.no_grad():
-                    adv = model(xa).argmax(1)
+                    adv = model(xa).argmax(1).cpu()   # the copy waits for the device
+                dt, dw = time.process_time() - t0, time.perf_counter() - w0
                 if cpu_s is not None:
-                    cpu_s[label] = cpu_s.get(label, 0.0) + time.process_time() - t0
+                    cpu_s[label] = cpu_s.get(label, 0.0) + dt
+                if wall_s is not None:
+                    wall_s[label] = wall_s.get(label, 0.0) + dw
+                _log.info("attack %s on %d examples: %.2f s wall, %.2f s CPU", label, len(ib), dw, dt)
             for k, i in enumerate(ib):
                 c, a, t = int(clean[k]), int(adv[k]), int(yb[k])
                 recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
@@ -501,11 +513,13 @@ def run_eval(rt: Any, plan: Plan) -> int:
     chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
     all_att = [r for i in sorted(done_att) for r in done_att[i]]
     cpu_s: Dict[str, float] = {}
+    wall_s: Dict[str, float] = {}
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
         x, y = data.x(idx, rt.device), data.y(idx, rt.device)
-        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cpu_s) if idx else []
+        recs = (attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cpu_s, wall_s)
+                if idx else [])
         recs = gather_objects(recs, key=None)
         order = {lab: k for k, lab in enumerate(labels_wanted)}
         recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
@@ -514,8 +528,9 @@ def run_eval(rt: Any, plan: Plan) -> int:
         all_att += recs
         tick()
     t_att = time.perf_counter() - t0
-    per_rank = gather_objects([cpu_s], key=None)   # COLLECTIVE: every rank
-    att_cpu = {lab: sum(d.get(lab, 0.0) for d in per_rank) for lab in labels_wanted if any(lab in d for d in per_rank)}
+    per_rank = gather_objects([(cpu_s, wall_s)], key=None)   # COLLECTIVE: every rank
+    att_cpu, att_wall = ({lab: sum(d[k].get(lab, 0.0) for d in per_rank) for lab in labels_wanted
+                          if any(lab in d[k] for d in per_rank)} for k in (0, 1))
 
     # ---- phase 2: certification of the first N correctly classified examples
     cert_recs: List[Dict[str, Any]] = [r for i in sorted(done_cert) for r in done_cert[i]]
@@ -572,7 +587,8 @@ def run_eval(rt: Any, plan: Plan) -> int:
             "timing": {"attack_s": t_att, "attack_examples_per_s": len(todo) / t_att if t_att > 0 and todo else None,
                        "certify_s": t_cert, "certify_examples_per_s": n_cert_new / t_cert if t_cert > 0 else None,
                        "peak_memory_mb": peak_memory_mb(rt.device),
-                       "attack_cpu_s": att_cpu},   # process CPU seconds per attack, summed over ranks, this session
+                       # process CPU / wall seconds per attack, summed over ranks, this session
+                       "attack_cpu_s": att_cpu, "attack_wall_s": att_wall},
         })
         if not todo and not n_cert_new and summary_path.is_file():  # nothing new: keep the measured timing
             try:

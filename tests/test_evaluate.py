@@ -241,6 +241,9 @@ def test_summary_aggregates_the_records(full_run, ckpt):
     assert s["timing"]["attack_examples_per_s"] > 0 and s["timing"]["peak_memory_mb"] > 0
     cpu = s["timing"]["attack_cpu_s"]
     assert set(cpu) == {r["attack"] for r in recs} - {"clean"} and all(v > 0 for v in cpu.values())
+    wall = s["timing"]["attack_wall_s"]
+    assert set(wall) == set(cpu) and all(v > 0 for v in wall.values())
+    assert sum(wall.values()) <= s["timing"]["attack_s"]   # the per-attack parts of the attack phase
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tb"))
