@@ -160,6 +160,25 @@ def test_float32_bounds_match_a_float64_spot_check():
     assert ((m32 - m64).abs() <= 1e-4 * scale).all(), (m32 - m64)
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_bounds_under_bf16_autocast_are_the_fp32_bounds(method):
+    """A bf16 caller (the arch step or certified training with mixed_precision=bf16) gets the
+    fp32 bounds: bf16 rounding is no part of the relaxation. Before the guard, CPU autocast
+    broke the IBP tensordot with mixed dtypes; the C a caller builds in bf16 is taken too."""
+    net, x, y = _trained_cnn(0)
+    bm = BoundedModel(copy.deepcopy(net).float())
+    x = x.float()
+    C = torch.eye(3)[y][:, None, :] - torch.eye(3)[(y + 1) % 3][:, None, :]
+    want = bm.bounds(x, 0.01, "inf", method, C)
+    want_m = bm.margin_lower_bound(x, y, 0.01, "inf", method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bm.bounds(x, 0.01, "inf", method, C.bfloat16())
+        got_m = bm.margin_lower_bound(x, y, 0.01, "inf", method)
+    for g, w in ((got[0], want[0]), (got[1], want[1]), (got_m, want_m)):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 def test_fast_crown_radius_without_warm_start_from_a_far_eps():
     """No bracket and a first pass far above the radius (eps_init 0.2, radii ~0.01): the
     one-backward probes below the failed pass, then a pass lower down, still find a radius

@@ -781,6 +781,13 @@ class BoundedModel:
 
     def _bounds(self, x, eps, norm, method, make_C, x_min, x_max, need_upper, bn_stats=None,
                 prior=None, keep=None, prior_lin=None, keep_lin=None, frozen=False):
+        if torch.is_autocast_enabled(x.device.type):
+            # a caller's mixed precision (the bf16 arch step, bf16 certified training) stops here:
+            # bounds are propagated in fp32, as reduced-precision rounding is no part of the
+            # relaxation (and CPU bf16 autocast mixed dtypes in the IBP tensordot: a crash)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._bounds(x.float(), eps, norm, method, lambda out: _fp32(make_C(out)), x_min,
+                                    x_max, need_upper, bn_stats, prior, keep, prior_lin, keep_lin, frozen)
         B = x.shape[0]
         ex_c = self._forward_examples(x, bn_stats) if (B > 1 and self.uses_forward(method, frozen)) else B
         if ex_c >= B:
@@ -925,6 +932,10 @@ class BoundedModel:
         return out.scatter(1, _others(y, K), lb)
 
     __call__ = bounds
+
+
+def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if t is not None and t.is_floating_point() else t
 
 
 def _others(y: Tensor, K: int) -> Tensor:
