@@ -458,6 +458,10 @@ def run_eval(rt: Any, plan: Plan) -> int:
     from .space.network import count_parameters
 
     cfg = plan.cfg
+    # no cudnn autotuning here: PGD steps only the examples it has not broken, so the batch size
+    # changes almost every step and each new shape would be tuned anew (train's first epoch spent
+    # ~20 s tuning on the H200; the GPU check's evaluate stalled, BENCHMARKS "GPU check")
+    torch.backends.cudnn.benchmark = False
     # the model's layout for the attacks is the configured one (channels_last: ~2x cheaper on
     # CPU, BENCHMARKS "CPU layout"); certification runs contiguous, the layout of the radii before
     model = plan.model.to(rt.device, memory_format=memory_format(cfg.dist)).eval()
