@@ -204,6 +204,34 @@ def test_fused_finite_difference_equals_own_forward(train):
     assert torch.equal(fd_inputs(x[:1], 1, 0.0), x[:1])
 
 
+def test_finite_difference_metric_under_bf16_autocast_is_the_fp32_value():
+    """A bf16 arch step (mixed_precision=bf16) gets the fp32 finite-difference estimate: the
+    fused path steps aside and the metric's own forward runs in fp32. Logits the size of a
+    trained net's (the head scaled up) make bf16 rounding visible at h = 0.01: differencing
+    bf16 logits moved the estimate by several percent before."""
+    from dsrna_dist.robustness.base import metric_forward
+    torch.manual_seed(4)
+    net = TinyMixNet().eval()
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)
+        net.head.bias.mul_(30.0)
+    x, y = torch.rand(16, 12), torch.randint(0, 5, (16,))
+
+    def value(bf16: bool) -> float:
+        m = build_metric(cfg(name="jacobian", norm="2", estimator="frobenius_sq_fd", fd_step=1e-2,
+                             projections=2))
+        m.generator = torch.Generator().manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, extra = metric_forward(net, m, x, y)
+            assert (extra is None) == bf16             # fused in fp32, its own forward under bf16
+            r, _ = m(net, x, y, logits=logits, extra=extra)
+        (g,) = torch.autograd.grad(r, [net.alpha])
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        return float(r.detach())
+
+    assert value(True) == pytest.approx(value(False), rel=1e-5)
+
+
 def test_frobenius_sq_metric_scale_and_gradient_flow():
     torch.manual_seed(3)
     net = TinyMixNet().double()
