@@ -1,16 +1,15 @@
 """Why the finite-difference Jacobian estimate (DSRNA-Jacobian fast) runs in fp32 under autocast.
 
-On trained grid nets (pbn, seed 0), the estimate of ||J(x_i)||_F^2 from differences of bf16 logits
+On three trained grid nets (pbn, seed 0; the ones BENCHMARKS records), the estimate of ||J(x_i)||_F^2 from differences of bf16 logits
 (what the fused path did under `mixed_precision: bf16`) against the same differences in fp32, at
 two steps h; and the library's `frobenius_sq_fd` under bf16 autocast, which must equal fp32.
 CPU autocast (bf16 conv / linear), one thread:
 
-    OMP_NUM_THREADS=1 python bench/fd_bf16.py [--nets 3] [--n 64]
+    OMP_NUM_THREADS=1 python bench/fd_bf16.py [--nets 3fe52b6e22_s0 ...] [--n 64]
 """
 from __future__ import annotations
 
 import argparse
-import glob
 
 import torch
 
@@ -30,13 +29,13 @@ def differences(net: torch.nn.Module, x: torch.Tensor, h: float, bf16: bool) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nets", type=int, default=3)
+    ap.add_argument("--nets", nargs="+", default=["3fe52b6e22_s0", "82f0d2a530_s0", "8de21812fc_s0"])
     ap.add_argument("--n", type=int, default=64)
     a = ap.parse_args()
     torch.set_num_threads(1)
     print("| net | h | mean |logit| | mean fp32 | mean bf16 | per-example rel. error, median / max | frobenius_sq_fd under bf16 = fp32 |")
     print("|---|---|---|---|---|---|---|")
-    for ck in sorted(glob.glob("results/grid/net/pbn/*_s0/train/checkpoints/best.pt"))[:a.nets]:
+    for ck in (f"results/grid/net/pbn/{n}/train/checkpoints/best.pt" for n in a.nets):
         cfg = load_config(EvalConfig, "configs/eval/fmnist_small_grid.yaml", {"checkpoint": ck, "data.test_subset": a.n})
         plan = preflight(cfg)
         net = plan.model.eval()

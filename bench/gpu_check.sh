@@ -61,7 +61,7 @@ for log in sorted(pathlib.Path(sys.argv[1]).glob("*/search.log")):  # img/s per 
     print(log.parent.name, "img/s per epoch:", " | ".join(r.replace(" img/s", "") for r in rates))
 PY
 # 3. torch.compile of the retrained network (GPU only path), last because it may be slow
-[ "${COMPILE:-1}" = 1 ] && want compile && step train_compile "${TR[@]}" -m dsrna_dist.train --config configs/train/fmnist_tiny.yaml \
+want compile && step train_compile "${TR[@]}" -m dsrna_dist.train --config configs/train/fmnist_tiny.yaml \
   --model.genotype="$GENOTYPE" --data.root="$DATA" --dist.mixed_precision="$PREC" \
   --dist.compile=true --run.out_dir="$RUNS" --run.name=train_compile
 

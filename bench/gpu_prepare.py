@@ -17,20 +17,18 @@ import struct
 import subprocess
 import sys
 
+from dsrna_dist.data.idx import parse_idx, read_bytes
+
 
 def truncate_idx(src: pathlib.Path, dst: pathlib.Path, n: int) -> None:
-    """Write the first ``n`` records of an idx(.gz) file with its header count set to ``n``."""
-    raw = gzip.open(src).read()
-    ndim = raw[3]
-    dims = list(struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim]))
-    if n > dims[0]:
-        raise SystemExit(f"{src}: holds {dims[0]} records, fewer than {n}")
-    per = 1
-    for d in dims[1:]:
-        per *= d
-    head = raw[:4] + struct.pack(f">{ndim}I", n, *dims[1:])
+    """Write the first ``n`` records of an idx(.gz) file with its header count set to ``n``
+    (read and validated by the loader's own IDX reader)."""
+    raw = read_bytes(str(src))
+    arr = parse_idx(raw, str(src), raw[3])
+    if n > len(arr):
+        raise SystemExit(f"{src}: holds {len(arr)} records, fewer than {n}")
     with gzip.open(dst, "wb") as f:
-        f.write(head + raw[4 + 4 * ndim:4 + 4 * ndim + n * per])
+        f.write(raw[:4] + struct.pack(f">{arr.ndim}I", n, *arr.shape[1:]) + arr[:n].tobytes())
 
 
 def main() -> None:

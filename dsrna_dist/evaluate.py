@@ -45,6 +45,7 @@ from torch import nn
 
 from .attacks import Attack, AttackError, attack_label, build_attack
 from .config import AttackConfig, ConfigError, EvalConfig, parse_cli, to_dict
+from .engine.logs import LOGGER_NAME
 
 PROG = "python -m dsrna_dist.evaluate"
 STOP_ENV = "DSRNA_EVAL_STOP_AFTER_CHUNKS"
@@ -64,7 +65,7 @@ class Plan:
     data: Any = None  # the TestSet, opened by preflight (a missing dataset fails before any write)
 
 
-_log = logging.getLogger("dsrna_dist")   # the runtime's logger: INFO on rank 0 only
+_log = logging.getLogger(LOGGER_NAME)   # the runtime's logger: INFO on rank 0 only
 
 
 def _sha256(path: str) -> str:
@@ -295,25 +296,25 @@ class TestSet:
 
 
 def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int],
-                   batch: int, cpu_s: Optional[Dict[str, float]] = None,
-                   wall_s: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
-    """One record per example per attack; ``cpu_s`` (label -> process CPU seconds) and ``wall_s``
-    (label -> wall seconds, device synchronised by reading the predictions) accumulate what each
-    attack cost, so the summary can say which attack the evaluation time went to (CPU seconds
-    alone miss a GPU's work). Each attack on each batch is logged: a stage that stalls on one
-    device says on which attack."""
+                   batch: int, cost: Optional[Dict[str, List[float]]] = None) -> List[Dict[str, Any]]:
+    """One record per example per attack; ``cost`` (label -> [process CPU s, wall s]) accumulates
+    what each attack cost, so the summary can say which attack the evaluation time went to (the
+    wall clock stops once the predictions are read back, so a GPU's work counts; CPU seconds
+    alone miss it). Each attack on each batch is logged: a stage that stalls on one device says
+    on which attack."""
     recs: List[Dict[str, Any]] = []
     for s in range(0, len(idx), batch):
         xb, yb, ib = x[s:s + batch], y[s:s + batch], list(idx[s:s + batch])
         with torch.no_grad():
-            clean = model(xb).argmax(1)
+            clean = model(xb).argmax(1).tolist()   # host lists: one device read per batch, not per example
+        truth = yb.tolist()
         for label, atk, meta in attacks:
             sel = [k for k, i in enumerate(ib) if runs_on(meta, i)]
             if not sel:
                 continue
             if len(sel) < len(ib):  # a check attack on the first N examples only
                 recs += attack_records(model, [(label, atk, {**meta, "max_index": None})], xb[sel], yb[sel],
-                                       [ib[k] for k in sel], batch, cpu_s, wall_s)
+                                       [ib[k] for k in sel], batch, cost)
                 continue
             if atk is None:
                 adv = clean
@@ -321,18 +322,17 @@ def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, 
                 t0, w0 = time.process_time(), time.perf_counter()
                 xa = atk(model, xb, yb, ib)
                 with torch.no_grad():
-                    adv = model(xa).argmax(1).cpu()   # the copy waits for the device
+                    adv = model(xa).argmax(1).tolist()   # reading the predictions waits for the device
                 dt, dw = time.process_time() - t0, time.perf_counter() - w0
-                if cpu_s is not None:
-                    cpu_s[label] = cpu_s.get(label, 0.0) + dt
-                if wall_s is not None:
-                    wall_s[label] = wall_s.get(label, 0.0) + dw
+                if cost is not None:
+                    acc = cost.setdefault(label, [0.0, 0.0])
+                    acc[0] += dt
+                    acc[1] += dw
                 _log.info("attack %s on %d examples: %.2f s wall, %.2f s CPU", label, len(ib), dw, dt)
-            for k, i in enumerate(ib):
-                c, a, t = int(clean[k]), int(adv[k]), int(yb[k])
+            for i, c, a, t in zip(ib, clean, adv, truth):
                 recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
                              "eps": meta["eps"], "norm": meta["norm"], "adv_pred": a,
-                             "correct": bool(c == t and a == t)})
+                             "correct": c == t and a == t})
     return recs
 
 
@@ -516,14 +516,12 @@ def run_eval(rt: Any, plan: Plan) -> int:
     todo = [i for i in range(n) if i not in done_att]
     chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
     all_att = [r for i in sorted(done_att) for r in done_att[i]]
-    cpu_s: Dict[str, float] = {}
-    wall_s: Dict[str, float] = {}
+    cost: Dict[str, List[float]] = {}
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
         x, y = data.x(idx, rt.device), data.y(idx, rt.device)
-        recs = (attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cpu_s, wall_s)
-                if idx else [])
+        recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cost) if idx else []
         recs = gather_objects(recs, key=None)
         order = {lab: k for k, lab in enumerate(labels_wanted)}
         recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
@@ -532,9 +530,9 @@ def run_eval(rt: Any, plan: Plan) -> int:
         all_att += recs
         tick()
     t_att = time.perf_counter() - t0
-    per_rank = gather_objects([(cpu_s, wall_s)], key=None)   # COLLECTIVE: every rank
-    att_cpu, att_wall = ({lab: sum(d[k].get(lab, 0.0) for d in per_rank) for lab in labels_wanted
-                          if any(lab in d[k] for d in per_rank)} for k in (0, 1))
+    per_rank = gather_objects([cost], key=None)   # COLLECTIVE: every rank
+    att_cpu, att_wall = ({lab: sum(d[lab][k] for d in per_rank if lab in d) for lab in labels_wanted
+                          if any(lab in d for d in per_rank)} for k in (0, 1))
 
     # ---- phase 2: certification of the first N correctly classified examples
     cert_recs: List[Dict[str, Any]] = [r for i in sorted(done_cert) for r in done_cert[i]]

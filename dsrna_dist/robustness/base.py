@@ -91,9 +91,7 @@ def metric_forward(model: nn.Module, metric: Optional[RobustnessMetric], x: torc
     """
     if metric is None:
         return model(x), None
-    # under autocast the objective's forward is reduced precision: a metric differencing its
-    # outputs (finite differences) runs its own fp32 forward instead of riding along
-    extra_in = None if torch.is_autocast_enabled(x.device.type) else metric.extra_inputs(x, y)
+    extra_in = metric.extra_inputs(x, y)
     with metric.forward_context(model):
         out = model(x if extra_in is None else torch.cat([x, extra_in]))
     if extra_in is None:

@@ -223,8 +223,10 @@ class JacobianMetric(RobustnessMetric):
 
     def extra_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """frobenius_sq_fd with ``fd_fused``: the perturbed copies of the metric's examples,
-        to ride along the caller's forward (the clean rows are the caller's own)."""
-        if not self._fused():
+        to ride along the caller's forward (the clean rows are the caller's own). None under
+        autocast: differencing the caller's reduced-precision logits swamps the difference, so
+        the call then runs its own fp32 forward (:func:`frobenius_sq_fd`)."""
+        if not self._fused() or torch.is_autocast_enabled(x.device.type):
             return None
         xs = batch_subset(x, y, self.cfg.batch_fraction)[0].detach()
         return fd_inputs(xs, self.cfg.jacobian.projections, self.cfg.jacobian.fd_step, generator=self.generator)
