@@ -354,7 +354,7 @@ def test_two_ranks_equal_one_rank(tmp_path, full_run, ckpt):
     s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (run, full_run[1]))
     assert s2["world_size"] == 2
     assert jsonl(run / "attacks.jsonl") == jsonl(full_run[1] / "attacks.jsonl")   # 37 examples: uneven
-    # the per-attack costs are gathered over ranks: every attack, each rank's share counted
+    # the per-attack costs gathered over ranks: a positive cost for every attack the 1-rank run timed
     for k in ("attack_cpu_s", "attack_wall_s"):
         assert set(s2["timing"][k]) == set(s1["timing"][k]) and all(v > 0 for v in s2["timing"][k].values())
     assert results_of(jsonl(run / "certify.jsonl")) == results_of(jsonl(full_run[1] / "certify.jsonl"))
