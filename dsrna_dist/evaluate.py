@@ -517,13 +517,13 @@ def run_eval(rt: Any, plan: Plan) -> int:
     chunks, n_chunks = _chunks(todo, rt.rank, rt.world_size, size)
     all_att = [r for i in sorted(done_att) for r in done_att[i]]
     cost: Dict[str, List[float]] = {}
+    order = {lab: k for k, lab in enumerate(labels_wanted)}
     t0 = time.perf_counter()
     for c in rt.progress(range(n_chunks), total=n_chunks, desc="attacks"):
         idx = chunks[c]
         x, y = data.x(idx, rt.device), data.y(idx, rt.device)
         recs = attack_records(model, plan.attacks, x, y, idx, cfg.data.eval_batch_size, cost) if idx else []
         recs = gather_objects(recs, key=None)
-        order = {lab: k for k, lab in enumerate(labels_wanted)}
         recs.sort(key=lambda r: (r["index"], order[r["attack"]]))
         if rt.is_main:
             append_records(att_path, recs)
