@@ -310,30 +310,34 @@ def attack_records(model: nn.Module, attacks, x: torch.Tensor, y: torch.Tensor, 
         truth = yb.tolist()
         for label, atk, meta in attacks:
             sel = [k for k, i in enumerate(ib) if runs_on(meta, i)]
-            if not sel:
-                continue
-            if len(sel) < len(ib):  # a check attack on the first N examples only
-                recs += attack_records(model, [(label, atk, {**meta, "max_index": None})], xb[sel], yb[sel],
-                                       [ib[k] for k in sel], batch, cost)
-                continue
-            if atk is None:
-                adv = clean
-            else:
-                t0, w0 = time.process_time(), time.perf_counter()
-                xa = atk(model, xb, yb, ib)
-                with torch.no_grad():
-                    adv = model(xa).argmax(1).tolist()   # reading the predictions waits for the device
-                dt, dw = time.process_time() - t0, time.perf_counter() - w0
-                if cost is not None:
-                    acc = cost.setdefault(label, [0.0, 0.0])
-                    acc[0] += dt
-                    acc[1] += dw
-                _log.info("attack %s on %d examples: %.2f s wall, %.2f s CPU", label, len(ib), dw, dt)
-            for i, c, a, t in zip(ib, clean, adv, truth):
-                recs.append({"index": int(i), "label": t, "clean_pred": c, "attack": label,
-                             "eps": meta["eps"], "norm": meta["norm"], "adv_pred": a,
-                             "correct": c == t and a == t})
+            if len(sel) == len(ib):
+                recs += _attack_batch(model, label, atk, meta, xb, yb, ib, clean, truth, cost)
+            elif sel:  # a check attack on the first N examples only; their clean pass is reused
+                recs += _attack_batch(model, label, atk, meta, xb[sel], yb[sel], [ib[k] for k in sel],
+                                      [clean[k] for k in sel], [truth[k] for k in sel], cost)
     return recs
+
+
+def _attack_batch(model: nn.Module, label: str, atk, meta: Dict[str, Any], xb: torch.Tensor, yb: torch.Tensor,
+                  ib: List[int], clean: List[int], truth: List[int],
+                  cost: Optional[Dict[str, List[float]]]) -> List[Dict[str, Any]]:
+    """One attack on one batch whose clean predictions are known: its records, its cost added."""
+    if atk is None:
+        adv = clean
+    else:
+        t0, w0 = time.process_time(), time.perf_counter()
+        xa = atk(model, xb, yb, ib)
+        with torch.no_grad():
+            adv = model(xa).argmax(1).tolist()   # reading the predictions waits for the device
+        dt, dw = time.process_time() - t0, time.perf_counter() - w0
+        if cost is not None:
+            acc = cost.setdefault(label, [0.0, 0.0])
+            acc[0] += dt
+            acc[1] += dw
+        _log.info("attack %s on %d examples: %.2f s wall, %.2f s CPU", label, len(ib), dw, dt)
+    return [{"index": int(i), "label": t, "clean_pred": c, "attack": label, "eps": meta["eps"],
+             "norm": meta["norm"], "adv_pred": a, "correct": c == t and a == t}
+            for i, c, a, t in zip(ib, clean, adv, truth)]
 
 
 def _chunks(todo: Sequence[int], rank: int, world: int, size: int) -> Tuple[List[List[int]], int]:

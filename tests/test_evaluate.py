@@ -572,3 +572,43 @@ def test_runs_from_before_the_extra_passes_resume_unless_they_are_asked_for():
     assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "crown_extra_margin": 0.9}}) is None
     assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "batch_size": 1}}) is None
     assert fingerprint_diff(old, {**new, "certify": {**new["certify"], "crown_extra_passes": 3}}) == "certify"
+
+
+def test_check_attack_prefix_reuses_the_batch_clean_pass():
+    """A check attack on the first N examples (a batch straddles N) gives the records it gives run
+    on that prefix alone, and the batch's clean forward is not run again for the prefix."""
+    from dsrna_dist.evaluate import attack_records
+
+    torch.manual_seed(0)
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.net(x)
+
+    model = Counting().eval()
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    shift = lambda m, xb, yb, ib: (xb + 0.3 * torch.sign(torch.randn_like(xb))).clamp(0, 1)  # noqa: E731
+    full = ("noise", shift, {"eps": 0.3, "norm": "inf", "max_index": None})
+    check = ("mask/noise", shift, {"eps": 0.3, "norm": "inf", "max_index": 3})
+    torch.manual_seed(1)
+    recs = attack_records(model, [full, check], x, y, list(range(6)), batch=4)
+    # batches [0..3] and [4, 5]: 2 clean passes, 2 full-attack passes, 1 check pass on indices 0..2
+    assert model.calls == 5
+    by = {(r["attack"], r["index"]): r for r in recs}
+    assert sorted(i for a, i in by if a == "mask/noise") == [0, 1, 2]
+    assert sorted(i for a, i in by if a == "noise") == list(range(6))
+    torch.manual_seed(1)
+    alone = attack_records(model, [full], x[:4], y[:4], list(range(4)), batch=4)
+    alone += attack_records(model, [(check[0], shift, {**check[2], "max_index": None})], x[:3], y[:3],
+                            [0, 1, 2], batch=4)
+    for r in alone:
+        assert by[(r["attack"], r["index"])] == r
+    with torch.no_grad():
+        clean = model(x).argmax(1).tolist()
+    assert all(r["clean_pred"] == clean[r["index"]] for r in recs)
