@@ -309,8 +309,7 @@ def paper_tables(data: Dict[str, Dict[str, List[Dict[str, Any]]]], srows: List[D
             out += [f"| {m} | " + " | ".join(c) + " |" for m, c in rows.items()]
     bounds = []
     for recipe, per in data.items():
-        keys = {k for rs in per.values() for r in rs for k in r if k.startswith("radius") and "target" not in k}
-        bounds += [(recipe, k) for k in sorted(keys)]
+        bounds += [(recipe, k) for k in radius_keys(per)]
     if bounds:
         out += ["", "**Tables 5-6 form** (averaged certified lower bounds, untargeted; bound method and "
                 "examples per network named in the row):", "",

@@ -414,6 +414,8 @@ def test_report_tables_and_tests_from_finished_cells(out):
     assert row[head.index("radius crown l_inf bracket (median)")].startswith("1.25 (n=1)")
     assert "| nat | dsrna_cb | pcdarts | radius crown l_inf (n=5) |" in text      # the radius is tested,
     assert "pcdarts | radius crown l_inf margin left" not in text                  # its resolution is not
+    five = text[text.index("**Tables 5-6 form**"):].split("\n\n")[1].splitlines()[2:]
+    assert [ln.split(" | ")[1] for ln in five if ln.startswith("| nat |")] == ["crown l_inf (n=5)"]  # nor tabled
     assert "Converged per method: pcdarts 2 of 2; dsrna_cb 1 of 2." in text
     assert "## Retrained with certified (IBP) training" in text
     assert "| dsrna_cb (1 not converged) | 68.00 ± 4.24 (n=2) | 64.00 ± 4.24 (n=2) | 63.00 ± 4.24 (n=2) |" in text
