@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from dsrna_dist import genotype as G  # noqa: E402
 from dsrna_dist import stats  # noqa: E402
-from dsrna_dist.engine.io import read_jsonl  # noqa: E402
+from dsrna_dist.engine.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from dsrna_dist.strategies.convergence import alpha_stats, record_alphas, run_convergence  # noqa: E402
 from grid import METHODS, OUT, RECIPES, genotype_hash  # noqa: E402
 import replication  # noqa: E402
@@ -59,7 +59,8 @@ def searches() -> List[Dict[str, Any]]:
             margin = final_margin(d) if c else None
             geno = load(d / "genotype.json") or {}
             cells = {k: geno[k] for k in G.FIELDS if k in geno}
-            free = list(G.from_dict(cells).param_free_ops()) if cells else [0, 0]
+            # a genotype file without cells has no count (None), not zero parameter-free ops
+            free = list(G.from_dict(cells).param_free_ops()) if cells else None
             rows.append({"method": method, "seed": int(seed), "ghash": genotype_hash(d / "genotype.json"),
                          "param_free": free,
                          "late_changes": late_changes, "late_diff": late_diff, "margin": margin,
@@ -326,7 +327,7 @@ def radius_keys(per: Dict[str, List[Dict[str, Any]]]) -> List[str]:
 
 def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
     """(method, seed) -> (cell hash, convolutions among the cell's 12 ops)."""
-    return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows}
+    return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows if r["param_free"]}
 
 
 def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple], key: str) -> List[tuple]:
@@ -529,6 +530,25 @@ def seeds_for_80(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return tests
 
 
+def test_row(t: Dict[str, Any]) -> str:
+    """One row of the tests table. 'n' is each side's count (Welch's test uses them all); where
+    fewer seeds are common to both, the paired test's pairs follow in brackets."""
+    def p(v: Optional[float]) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return "0*" if v == 0 and t.get("no_spread") else f"{v:.3g}"
+
+    if t.get("seeds_80") is not None:
+        seeds = str(t["seeds_80"])
+    else:
+        seeds = ">30" if welch_tested(t) and t["diff"] != 0 else "-"
+    n = f"{t['n'][0]} vs {t['n'][1]}"
+    if t.get("pairs") is not None and t["pairs"] < min(t["n"]):
+        n += f" ({t['pairs']} paired)"
+    return (f"| {t['recipe']} | {t['dsrna']} | {t['baseline']} | {t['metric']} | {t['diff']:+.3g} | "
+            f"{p(t['welch_p'])} | {p(t['welch_p_holm'])} | {p(t['paired_p'])} | {n} | {seeds} |")
+
+
 def methods_by_net(srows: List[Dict[str, Any]]) -> Dict[tuple, List[str]]:
     """(genotype hash, seed) -> the methods whose search found that cell with that seed."""
     methods: Dict[tuple, List[str]] = {}
@@ -644,7 +664,8 @@ def param_free_series(rows: List[Dict[str, Any]]) -> Dict[str, Dict[int, float]]
     """method -> seed -> parameter-free ops in the found cell (of 12): the search-level metric."""
     out: Dict[str, Dict[int, float]] = {}
     for r in rows:
-        out.setdefault(r["method"], {})[r["seed"]] = float(sum(r["param_free"]))
+        if r["param_free"]:
+            out.setdefault(r["method"], {})[r["seed"]] = float(sum(r["param_free"]))
     return out
 
 
@@ -696,7 +717,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += ["", f"![mean max softmax(alpha) per epoch]({figs['search']})"]
     free: Dict[str, List[List[int]]] = {}
     for r in srows:
-        free.setdefault(r["method"], []).append(r["param_free"])
+        if r["param_free"]:
+            free.setdefault(r["method"], []).append(r["param_free"])
     lines += ["", "Parameter-free ops (pools, skip) in the found cells, normal / reduction cell (of 6 each), "
               "mean ± std over seeds: " + "; ".join(
                   f"{m} {fmt([float(v[0]) for v in vs], 1)} / {fmt([float(v[1]) for v in vs], 1)}"
@@ -737,7 +759,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for res in rs:
                 cols += [k for k in res if k not in cols and k not in ("seed", "converged", "masking_flagged")]
         lines += ["", f"## Retrained with {names[recipe]}: accuracy (%) / mean certified radius", "",
-                  "| method | " + " | ".join(cols) + " | masking flags |", "|---" * (len(cols) + 2) + "|"]
+                  "| method | " + " | ".join(cols) + " | masking flags (eval-stage checks) |", "|---" * (len(cols) + 2) + "|"]
         for method in METHODS:
             rs = per.get(method)
             if not rs:
@@ -784,20 +806,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "run: the seeds per method at which Welch's test reaches 80% power at 0.05 / m (m = the "
                   "family's tests; Holm's first threshold) if the observed difference and sds were the truth "
                   "(simulated, `stats.seeds_for_power`); '>30' past 30. The observed values are themselves "
-                  "uncertain at n = 3, so read it as an order of magnitude.", "",
+                  "uncertain at n = 3, so read it as an order of magnitude. 'n': each side's seeds (Welch uses "
+                  "all); '(k paired)' where only k seeds are common to both (the paired test's).", "",
                   "| recipe | DSRNA | baseline | metric | diff | Welch p | Holm | paired p | n | seeds for 80% |",
                   "|---" * 10 + "|"]
-        def seeds(t: Dict[str, Any]) -> str:
-            if t.get("seeds_80") is not None:
-                return str(t["seeds_80"])
-            return ">30" if welch_tested(t) and t["diff"] != 0 else "-"
-
-        for t in tests:
-            p = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v))
-                 else "0*" if v == 0 and t.get("no_spread") else f"{v:.3g}")
-            lines.append(f"| {t['recipe']} | {t['dsrna']} | {t['baseline']} | {t['metric']} | {t['diff']:+.3g} | "
-                         f"{p(t['welch_p'])} | {p(t['welch_p_holm'])} | {p(t['paired_p'])} | {t['n'][0]} vs {t['n'][1]} | "
-                         f"{seeds(t)} |")
+        lines += [test_row(t) for t in tests]
     lines += paper_tables(data, srows)
     rconv = radius_vs_convs(data, srows)
     lines += radius_conv_lines(rconv)
@@ -860,11 +873,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"{sum(cpu):.1f} | {stats.mean(wall):.1f} | {sum(wall):.1f} |")
         codes = sorted({r.get("code", "?") for r in recs})
         lines += ["", f"Code versions the tasks ran at: {', '.join(codes)} (per task in grid_log.jsonl)."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    (OUT / "grid.json").write_text(json.dumps({"searches": allrows, "nets": data, "tests": tests, "rebuild_noise": noise,
-                                             "precise_bn": pbn, "replication": rep_rows,
-                                             "radius_vs_convs": rconv, "metrics_vs_convs": mconv, "log_radius": logr,
-                                             "replication_nets": fresh_data}, indent=1) + "\n")
+    # atomically (a report cut off mid-write never replaces the last whole one); --out's folder is made
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    atomic_write_json(str(OUT / "grid.json"), {"searches": allrows, "nets": data, "tests": tests, "rebuild_noise": noise,
+                                              "precise_bn": pbn, "replication": rep_rows,
+                                              "radius_vs_convs": rconv, "metrics_vs_convs": mconv, "log_radius": logr,
+                                              "replication_nets": fresh_data})
     print(f"report: {args.out}")
     return 0
 

@@ -404,8 +404,8 @@ def test_report_tables_and_tests_from_finished_cells(out):
     (ctl / "train" / "summary.json").write_text(json.dumps({"params": 11318, "best_top1": 77.0, "test_top1": 76.5}))
     (ctl / "eval").mkdir()
     (ctl / "eval" / "summary.json").write_text(json.dumps({"clean_acc": 77.25, "robust_acc": {"PGD-20": 1.5}}))
-    assert grid_report.main(["--out", str(out / "r.md")]) == 0
-    text = (out / "r.md").read_text()
+    assert grid_report.main(["--out", str(out / "new" / "r.md")]) == 0  # its folder is made
+    text = (out / "new" / "r.md").read_text()
     assert "| dsrna_cb (1 not converged) | 86.50 ± 2.12 (n=2) | 36.50 ± 2.12 (n=2) |" in text
     assert "| pcdarts_s0_c4 | 11.32 | 77.00 | 76.50 | 77.25 | 1.50 |" in text
     head = next(ln for ln in text.splitlines() if ln.startswith("| method |") and "margin left" in ln).split(" | ")
@@ -461,6 +461,25 @@ def test_seeds_for_80_plans_at_holms_first_level_per_family():
     assert got[1] == stats.seeds_for_power(19.5, 7.7, 11.1, alpha=0.025)
     assert got[2] is None and got[3] == got[0] and got[4] is None  # 0.05 sd apart: past 30
     assert got[5] is None  # a NaN p is no test and does not count in m (PGD-20 stays a family of two)
+
+
+def test_tests_table_row_names_the_paired_count_when_fewer_seeds_are_common():
+    t = {"recipe": "adv", "dsrna": "dsrna_cb", "baseline": "darts", "metric": "clean", "diff": 1.5,
+         "welch_p": 0.2, "welch_p_holm": 0.4, "paired_p": 0.5, "n": [3, 2], "pairs": 1, "seeds_80": 7}
+    assert grid_report.test_row(t) == "| adv | dsrna_cb | darts | clean | +1.5 | 0.2 | 0.4 | 0.5 | 3 vs 2 (1 paired) | 7 |"
+    t.update(n=[3, 3], pairs=3, paired_p=0.0, no_spread=True, seeds_80=None)
+    assert grid_report.test_row(t).endswith("| 0.2 | 0.4 | 0* | 3 vs 3 | >30 |")  # every seed paired: no note
+    t.update(welch_p=float("nan"), welch_p_holm=None, diff=0.0)
+    assert grid_report.test_row(t).endswith("| +0 | - | - | 0* | 3 vs 3 | - |")
+
+
+def test_a_genotype_without_cells_has_no_parameter_free_count(out):
+    found(out, "pcdarts", 0, CELL_A)
+    found(out, "pcdarts", 1, {})  # a genotype file that lost its cells: no count, not zero ops
+    rows = grid_report.searches()
+    assert [r["param_free"] for r in rows] == [[1, 2], None]  # skip; two max pools
+    assert grid_report.param_free_series(rows) == {"pcdarts": {0: 3.0}}
+    assert list(grid_report.cell_convs(rows)) == [("pcdarts", 0)]
 
 
 def test_holm_families_are_one_recipe_and_one_metric():
