@@ -325,9 +325,14 @@ def radius_keys(per: Dict[str, List[Dict[str, Any]]]) -> List[str]:
     return sorted({k for rs in per.values() for r in rs for k in r if is_mean_radius(k)})
 
 
+def counted(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The search rows whose genotype had cells to count (``param_free`` not None)."""
+    return [r for r in rows if r["param_free"] is not None]
+
+
 def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
     """(method, seed) -> (cell hash, convolutions among the cell's 12 ops)."""
-    return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in srows if r["param_free"]}
+    return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in counted(srows)}
 
 
 def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple], key: str) -> List[tuple]:
@@ -663,9 +668,8 @@ def margin_text(m: Optional[Dict[str, Any]]) -> str:
 def param_free_series(rows: List[Dict[str, Any]]) -> Dict[str, Dict[int, float]]:
     """method -> seed -> parameter-free ops in the found cell (of 12): the search-level metric."""
     out: Dict[str, Dict[int, float]] = {}
-    for r in rows:
-        if r["param_free"]:
-            out.setdefault(r["method"], {})[r["seed"]] = float(sum(r["param_free"]))
+    for r in counted(rows):
+        out.setdefault(r["method"], {})[r["seed"]] = float(sum(r["param_free"]))
     return out
 
 
@@ -716,9 +720,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "search" in figs:
         lines += ["", f"![mean max softmax(alpha) per epoch]({figs['search']})"]
     free: Dict[str, List[List[int]]] = {}
-    for r in srows:
-        if r["param_free"]:
-            free.setdefault(r["method"], []).append(r["param_free"])
+    for r in counted(srows):
+        free.setdefault(r["method"], []).append(r["param_free"])
     lines += ["", "Parameter-free ops (pools, skip) in the found cells, normal / reduction cell (of 6 each), "
               "mean ± std over seeds: " + "; ".join(
                   f"{m} {fmt([float(v[0]) for v in vs], 1)} / {fmt([float(v[1]) for v in vs], 1)}"

@@ -692,12 +692,9 @@ def _network(size, ch, layers=3, classes=10):
 
 # the supernets at 32x32x3 are `make test-all` (~45 s): 28x28x1 (the offline default's shape) runs
 # every supernet op here, and the derived network covers 3-channel 32x32 input
-_SLOW_CIFAR = pytest.mark.slow
-
-
 @pytest.mark.parametrize("kind,size,ch", [("supernet", 28, 1), ("pcdarts", 28, 1), ("network", 28, 1),
-                                          ("network", 32, 3), pytest.param("supernet", 32, 3, marks=_SLOW_CIFAR),
-                                          pytest.param("pcdarts", 32, 3, marks=_SLOW_CIFAR)])
+                                          ("network", 32, 3), pytest.param("supernet", 32, 3, marks=pytest.mark.slow),
+                                          pytest.param("pcdarts", 32, 3, marks=pytest.mark.slow)])
 def test_real_networks_exact_at_zero_and_differentiable(kind, size, ch):
     net = {"supernet": lambda: _supernet(size, ch), "pcdarts": lambda: _supernet(size, ch, 2, True),
            "network": lambda: _network(size, ch)}[kind]()
