@@ -35,6 +35,7 @@ SECTIONS: Dict[str, str] = {
     "The paper's tables in its form": "The paper's tables in its form",
     "Certified radius against the cell's convolutions": "Certified radius against the cell's convolutions",
     "Certified radius on the log scale": "Certified radius on the log scale",
+    "Certified radius against accuracy and robustness": "Certified radius against accuracy and robustness",
     "Accuracy and robustness against the cell's convolutions": "Accuracy and robustness against the cell's convolutions",
 }
 

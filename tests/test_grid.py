@@ -774,9 +774,52 @@ def test_log_radius_tests_use_logs_skip_uncertified_nets_and_match_scipy():
     geo = math.prod(cb) ** (1 / 3) / math.prod(darts) ** (1 / 3)
     assert r["ratio"] == pytest.approx(geo)
     assert r["mann_whitney_p"] == pytest.approx(0.1)  # complete separation, 3 against 3
+    assert r["welch_p_log_holm"] == pytest.approx(r["welch_p_log"])  # a family of one
     lines = "\n".join(grid_report.log_radius_lines(rows))
-    assert f"| pbn | crown l_inf (n=5) | dsrna_cb | darts | {geo:.3g}x |" in lines
+    assert f"| pbn | crown l_inf (n=5) | dsrna_cb | darts | {geo:.3g}x | {r['welch_p_log']:.2g} | " \
+           f"{r['welch_p_log']:.2g} |" in lines
     assert grid_report.log_radius_lines([]) == []
+    # a second certifying baseline and a second recipe: Holm within one recipe's one radius only
+    sd = [2.0e-4, 1.5e-4, 2.7e-4]
+    data["pbn"]["sdarts_adv"] = [{"seed": s, key: v} for s, v in enumerate(sd)]
+    data["adv"] = {"dsrna_cb": [{"seed": s, key: 10 * v} for s, v in enumerate(cb)],
+                   "darts": [{"seed": s, key: v} for s, v in enumerate(darts)]}
+    rows = {(r["recipe"], r["baseline"]): r for r in grid_report.log_radius_tests(data)}
+    p_d = st.ttest_ind(la, lb, equal_var=False).pvalue
+    p_s = st.ttest_ind(la, [math.log10(v) for v in sd], equal_var=False).pvalue
+    lo, hi = sorted([p_d, p_s])
+    holm = {lo: min(1, 2 * lo), hi: max(min(1, 2 * lo), min(1, hi))}
+    assert rows[("pbn", "darts")]["welch_p_log_holm"] == pytest.approx(holm[p_d])
+    assert rows[("pbn", "sdarts_adv")]["welch_p_log_holm"] == pytest.approx(holm[p_s])
+    adv = rows[("adv", "darts")]
+    assert adv["welch_p_log_holm"] == pytest.approx(adv["welch_p_log"])  # its own family of one
+
+
+def test_radius_against_robustness_counts_each_net_once_and_matches_scipy():
+    from scipy import stats as st
+    cells = {("darts", 0): ("aa", 4), ("pcdarts", 0): ("aa", 4), ("darts", 1): ("bb", 6),
+             ("dsrna_cb", 0): ("cc", 11), ("dsrna_cb", 1): ("dd", 9), ("robnet", 0): ("ee", 7)}
+    srows = [{"method": m, "seed": s, "ghash": g, "param_free": [pf, 0]} for (m, s), (g, pf) in cells.items()]
+    key, aa = "radius crown l_inf (n=5)", "AutoAttack @0.02 (200)"
+    vals = {("darts", 0): (4e-4, 30.0), ("pcdarts", 0): (4e-4, 30.0), ("darts", 1): (7e-5, 20.0),
+            ("dsrna_cb", 0): (6.9e-3, 50.0), ("dsrna_cb", 1): (5.6e-3, 38.0), ("robnet", 0): (1.3e-3, 12.0)}
+    data = {"pbn": {}}
+    for (m, s), (rad, acc) in vals.items():
+        row = {"seed": s, key: rad, "clean": 90.0 - s}
+        if m != "darts" or s != 1:  # one net without AutoAttack: absent from that row only
+            row[aa] = acc
+        data["pbn"].setdefault(m, []).append(row)
+    rows = {r["metric"]: r for r in grid_report.radius_vs_robustness(data, srows)}
+    assert set(rows) == {"clean", aa} and all(r["radius"] == key for r in rows.values())
+    r = rows[aa]
+    assert r["n"] == 4  # the cell darts and pcdarts share with seed 0 once; darts seed 1 has no AutoAttack
+    radii, accs = [4e-4, 6.9e-3, 5.6e-3, 1.3e-3], [30.0, 50.0, 38.0, 12.0]
+    want = st.spearmanr(radii, accs)
+    assert r["spearman_r"] == pytest.approx(want.statistic) and r["p"] == pytest.approx(want.pvalue)
+    assert rows["clean"]["n"] == 5
+    text = "\n".join(grid_report.radius_robustness_lines(list(rows.values())))
+    assert f"| pbn | crown l_inf (n=5) | {aa} | 4 | {r['spearman_r']:+.2f} | {r['p']:.2g} |" in text
+    assert grid_report.radius_robustness_lines([]) == []
 
 
 def test_metrics_against_convolutions_count_each_net_once_and_match_scipy():
