@@ -19,7 +19,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -335,16 +335,22 @@ def cell_convs(srows: List[Dict[str, Any]]) -> Dict[tuple, tuple]:
     return {(r["method"], r["seed"]): (r["ghash"], 12 - sum(r["param_free"])) for r in counted(srows)}
 
 
-def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple], key: str) -> List[tuple]:
-    """(convolutions, value of ``key``, parameters in k or None) per distinct net of a recipe: a
-    cell two methods found with one seed is one net, counted once."""
+def distinct_rows(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple],
+                  keys: Sequence[str]) -> List[tuple]:
+    """(convolutions, [values of ``keys``], parameters in k or None) per distinct net of a recipe
+    that has every key: a cell two methods found with one seed is one net, counted once."""
     nets: Dict[tuple, tuple] = {}
     for method, rs in per.items():
         for r in rs:
             ghash, c = convs.get((method, r["seed"]), (None, None))
-            if ghash is not None and isinstance(r.get(key), (int, float)):
-                nets[(ghash, r["seed"])] = (c, float(r[key]), r.get("params (k)"))
+            if ghash is not None and all(isinstance(r.get(k), (int, float)) for k in keys):
+                nets[(ghash, r["seed"])] = (c, [float(r[k]) for k in keys], r.get("params (k)"))
     return list(nets.values())
+
+
+def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple], key: str) -> List[tuple]:
+    """(convolutions, value of ``key``, parameters in k or None) per distinct net of a recipe."""
+    return [(c, vs[0], p) for c, vs, p in distinct_rows(per, convs, [key])]
 
 
 #: the accuracy columns read against the cell's convolutions (with any AutoAttack column)
@@ -445,13 +451,8 @@ def radius_vs_robustness(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
         metrics = [k for k in CONV_METRICS if k in cols] + sorted(k for k in cols if k.startswith("AutoAttack"))
         for radius in radius_keys(per):
             for k in metrics:
-                nets: Dict[tuple, tuple] = {}
-                for method, rs in per.items():
-                    for r in rs:
-                        ghash = convs.get((method, r["seed"]), (None, None))[0]
-                        if ghash is not None and all(isinstance(r.get(c), (int, float)) for c in (radius, k)):
-                            nets[(ghash, r["seed"])] = (float(r[radius]), float(r[k]))
-                rho = stats.spearman([a for a, _ in nets.values()], [b for _, b in nets.values()])
+                nets = [vs for _, vs, _ in distinct_rows(per, convs, [radius, k])]
+                rho = stats.spearman([a for a, _ in nets], [b for _, b in nets])
                 if rho is not None:
                     out.append({"recipe": recipe, "radius": radius, "metric": k, "n": len(nets),
                                 "spearman_r": rho.diff, "p": rho.p})
