@@ -19,7 +19,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -357,6 +357,12 @@ def distinct_nets(per: Dict[str, List[Dict[str, Any]]], convs: Dict[tuple, tuple
 CONV_METRICS = ("test_top1 final (10k)", "clean", "PGD-20", "PGD-20 @0.02", "C&W")
 
 
+def accuracy_keys(per: Dict[str, List[Dict[str, Any]]]) -> List[str]:
+    """A recipe's accuracy columns of :data:`CONV_METRICS`, then its AutoAttack ones, sorted."""
+    cols = {k for rs in per.values() for r in rs for k in r}
+    return [k for k in CONV_METRICS if k in cols] + sorted(k for k in cols if k.startswith("AutoAttack"))
+
+
 def metrics_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
                      srows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per recipe and accuracy column: Spearman's r of a net's value against its cell's
@@ -367,9 +373,7 @@ def metrics_vs_convs(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
     convs = cell_convs(srows)
     out = []
     for recipe, per in data.items():
-        cols = {k for rs in per.values() for r in rs for k in r}
-        keys = [k for k in CONV_METRICS if k in cols] + sorted(k for k in cols if k.startswith("AutoAttack"))
-        for k in keys:
+        for k in accuracy_keys(per):
             nets = distinct_nets(per, convs, k)
             by_c = stats.spearman([c for c, _, _ in nets], [v for _, v, _ in nets])
             if by_c is None:
@@ -447,10 +451,8 @@ def radius_vs_robustness(data: Dict[str, Dict[str, List[Dict[str, Any]]]],
     convs = cell_convs(srows)
     out = []
     for recipe, per in data.items():
-        cols = {k for rs in per.values() for r in rs for k in r}
-        metrics = [k for k in CONV_METRICS if k in cols] + sorted(k for k in cols if k.startswith("AutoAttack"))
         for radius in radius_keys(per):
-            for k in metrics:
+            for k in accuracy_keys(per):
                 nets = [vs for _, vs, _ in distinct_rows(per, convs, [radius, k])]
                 rho = stats.spearman([a for a, _ in nets], [b for _, b in nets])
                 if rho is not None:
@@ -496,12 +498,7 @@ def log_radius_tests(data: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> List[D
                     out.append({"recipe": recipe, "radius": k, "dsrna": d, "baseline": b, "n": [len(va), len(vb)],
                                 "ratio": 10 ** w.diff, "welch_p_log": w.p,
                                 "mann_whitney_p": stats.mann_whitney_exact(va, vb)})
-    family: Dict[tuple, List[Dict[str, Any]]] = {}  # Holm within one recipe's one radius, as the planned tests
-    for r in out:
-        family.setdefault((r["recipe"], r["radius"]), []).append(r)
-    for group in family.values():
-        for r, h in zip(group, stats.holm([r["welch_p_log"] for r in group])):
-            r["welch_p_log_holm"] = h
+    add_holm(out, lambda r: (r["recipe"], r["radius"]), lambda r: r["welch_p_log"], "welch_p_log_holm")
     return out
 
 
@@ -561,16 +558,23 @@ def welch_tested(t: Dict[str, Any]) -> bool:
     return t["welch_p"] is not None and not math.isnan(t["welch_p"])
 
 
+def add_holm(rows: List[Dict[str, Any]], family: Callable[[Dict[str, Any]], tuple],
+             p_of: Callable[[Dict[str, Any]], Optional[float]], out: str) -> None:
+    """Set ``row[out]``: the p of ``p_of`` Holm-adjusted among the rows of one ``family`` key
+    (a None p stays None and is not counted)."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(family(r), []).append(r)
+    for group in groups.values():
+        for r, h in zip(group, stats.holm([p_of(r) for r in group])):
+            r[out] = h
+
+
 def holm_by_family(tests: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Add ``welch_p_holm``: Welch's p adjusted (Holm) within its family, one recipe's one metric
     (every DSRNA variant against every baseline), the comparisons one claim rests on."""
-    family: Dict[tuple, List[Dict[str, Any]]] = {}
-    for t in tests:
-        family.setdefault((t["recipe"], t["metric"]), []).append(t)
-    for group in family.values():
-        ps = [t["welch_p"] if welch_tested(t) else None for t in group]
-        for t, h in zip(group, stats.holm(ps)):
-            t["welch_p_holm"] = h
+    add_holm(tests, lambda t: (t["recipe"], t["metric"]), lambda t: t["welch_p"] if welch_tested(t) else None,
+             "welch_p_holm")
     return tests
 
 
@@ -934,7 +938,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     atomic_write_json(str(OUT / "grid.json"), {"searches": allrows, "nets": data, "tests": tests, "rebuild_noise": noise,
                                               "precise_bn": pbn, "replication": rep_rows,
-                                              "radius_vs_convs": rconv, "metrics_vs_convs": mconv, "log_radius": logr, "radius_vs_robustness": rrob,
+                                              "radius_vs_convs": rconv, "metrics_vs_convs": mconv, "log_radius": logr,
+                                              "radius_vs_robustness": rrob,
                                               "replication_nets": fresh_data})
     print(f"report: {args.out}")
     return 0
