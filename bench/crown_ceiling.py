@@ -68,7 +68,7 @@ def table(grid: Path, recipe: str) -> List[str]:
             caps.add(cap)
             per[meth].append((int(net.rsplit("_s", 1)[1]), at, n))
     lines = [f"recipe {recipe}; ceiling {', '.join(f'{c:.3g}' for c in sorted(caps))}",
-             "| method | nets | images at the ceiling | per net (seed: at / images) |", "|---|---|---|---|"]
+             "| method | nets | images certified at the ceiling or above | per net (seed: at / images) |", "|---|---|---|---|"]
     for meth, v in sorted(per.items()):
         lines.append(f"| {meth} | {len(v)} | {sum(a for _, a, _ in v)} of {sum(n for _, _, n in v)} | "
                      + ", ".join(f"{s}: {a}/{n}" for s, a, n in sorted(v)) + " |")
