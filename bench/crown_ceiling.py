@@ -14,7 +14,6 @@ that eps, of the stage's correctly classified images).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,10 @@ from typing import Dict, List, Tuple
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dsrna_dist.bounds.certify import _SMALL_STEP  # noqa: E402  (the step cap on a flat margin)
+from dsrna_dist.engine.io import read_jsonl  # noqa: E402
+
 GRID = ROOT / "results" / "grid"
 
 
@@ -31,7 +34,7 @@ def ceiling(config: Path) -> float:
     cert = (yaml.safe_load(config.read_text()) or {}).get("certify") or {}
     try:
         passes = int(cert["crown_passes"]) + int(cert.get("crown_extra_passes", 0))
-        return float(cert["eps_init"]) * 2.0 ** (passes - 1)
+        return float(cert["eps_init"]) * _SMALL_STEP ** (passes - 1)
     except (KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"crown_ceiling: {config}: certify.eps_init / crown_passes missing or bad ({e})")
 
@@ -40,8 +43,7 @@ def net_counts(run: Path) -> Tuple[int, int, float]:
     """(images, images certified at or above the ceiling, ceiling) of one net's crown stage."""
     cap = ceiling(run / "config.yaml")
     n = at = 0
-    for line in (run / "certify.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(run / "certify.jsonl", missing_ok=False):
         if r.get("method") == "crown" and r.get("norm") == "inf":
             n += 1
             at += r["radius"] >= cap * (1 - 1e-6)  # stored as float32: 6.4e-3 reads 6.3999998e-3
@@ -51,8 +53,7 @@ def net_counts(run: Path) -> Tuple[int, int, float]:
 def methods_by_net(grid: Path, recipe: str) -> Dict[str, str]:
     """'<hash>_s<seed>' -> method, from the crown tasks of the grid's log (one method per net)."""
     out = {}
-    for line in (grid / "grid_log.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(grid / "grid_log.jsonl", missing_ok=False):
         if r.get("stage") == "crown" and r.get("recipe") == recipe and r.get("rc") == 0:
             out[f"{r['genotype_hash']}_s{r['seed']}"] = r["methods"][0]
     return out
